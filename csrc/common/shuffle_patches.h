@@ -1,0 +1,129 @@
+// Index maths and argument checks for ppml::shuffle_patches, shared by the CPU and CUDA kernels.
+//
+// Both kernels see the images as `planes` planes of H rows, each row W * K elements long, where
+//   NCHW contiguous:  planes = B * C, K = 1  (one plane per channel; perm row = plane / C)
+//   NHWC contiguous:  planes = B,     K = C  (channels interleaved; a patch row is p * C contiguous elements)
+// so a patch row is always one contiguous run of p * K elements and the op is a gather of such runs. The kernels
+// move bytes, not typed values, so one code path serves every dtype: all sizes below are in "units", a unit being
+// the widest power-of-two byte chunk that divides a run (see pick_unit_bytes).
+#pragma once
+
+#include <c10/macros/Macros.h>
+#include <cstdint>
+
+#ifndef __CUDACC_RTC__
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <sstream>
+#include <string>
+#endif
+
+namespace ppml::ops {
+
+struct ShuffleGeometry {
+  int64_t planes;           // number of planes
+  int64_t planes_per_perm;  // consecutive planes sharing one permutation row (C for NCHW, 1 for NHWC)
+  int64_t height;           // H
+  int64_t row_units;        // one image row of a plane, W * K elements
+  int64_t run_units;        // one patch row, p * K elements
+  int64_t patch;            // p
+  int64_t tiles_x;          // W / p
+  int64_t num_tiles;        // N = (H / p) * (W / p)
+};
+
+// Offset (in units) of the first unit of output row `y` of `plane`.
+C10_HOST_DEVICE inline int64_t shuffle_row_offset(const ShuffleGeometry& g, int64_t plane, int64_t y) {
+  return (plane * g.height + y) * g.row_units;
+}
+
+// Position in the permutation row of the output tile holding row `y`, tile column `tx`.
+C10_HOST_DEVICE inline int64_t shuffle_tile_index(const ShuffleGeometry& g, int64_t y, int64_t tx) {
+  return (y / g.patch) * g.tiles_x + tx;
+}
+
+// Offset (in units) of the source run for output row `y` of `plane` when the tile there comes from `src_tile`.
+C10_HOST_DEVICE inline int64_t shuffle_source_offset(const ShuffleGeometry& g, int64_t plane, int64_t y,
+                                                     int64_t src_tile) {
+  const int64_t r = y % g.patch;
+  const int64_t sy = src_tile / g.tiles_x;
+  const int64_t sx = src_tile - sy * g.tiles_x;
+  return shuffle_row_offset(g, plane, sy * g.patch + r) + sx * g.run_units;
+}
+
+#ifndef __CUDACC_RTC__
+
+// "int32 [8, 196] on cpu": the wording ppml/ops/_common.py::describe uses too.
+inline std::string describe(const at::Tensor& t) {
+  const char* name = nullptr;
+  switch (t.scalar_type()) {
+    case at::kByte: name = "uint8"; break;
+    case at::kChar: name = "int8"; break;
+    case at::kShort: name = "int16"; break;
+    case at::kInt: name = "int32"; break;
+    case at::kLong: name = "int64"; break;
+    case at::kHalf: name = "float16"; break;
+    case at::kBFloat16: name = "bfloat16"; break;
+    case at::kFloat: name = "float32"; break;
+    case at::kDouble: name = "float64"; break;
+    case at::kBool: name = "bool"; break;
+    default: name = c10::toString(t.scalar_type());
+  }
+  std::ostringstream os;
+  os << name << " " << t.sizes() << " on " << t.device();
+  return os.str();
+}
+
+// The same checks, with the same wording, as ppml/ops/shuffle_patches.py::_check (which the fake kernel and the
+// public function use); these guard direct calls of torch.ops.ppml.shuffle_patches.
+inline void check_shuffle_args(const at::Tensor& images, const at::Tensor& perm, int64_t p) {
+  TORCH_CHECK_VALUE(images.dim() == 4, "ppml.shuffle_patches: images must be 4-D [B, C, H, W], got ", describe(images));
+  const auto st = images.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kByte || st == at::kHalf || st == at::kBFloat16 || st == at::kFloat || st == at::kDouble,
+              "ppml.shuffle_patches: images must be uint8, float16, bfloat16, float32 or float64, got ",
+              describe(images));
+  const int64_t B = images.size(0), H = images.size(2), W = images.size(3);
+  TORCH_CHECK_VALUE(p > 0, "ppml.shuffle_patches: patch_size must be a positive integer, got ", p);
+  TORCH_CHECK_VALUE(H % p == 0 && W % p == 0, "ppml.shuffle_patches: patch_size must divide H and W, got patch_size=", p,
+              " for H=", H, ", W=", W);
+  const int64_t N = (H / p) * (W / p);
+  TORCH_CHECK_VALUE(perm.scalar_type() == at::kLong && perm.dim() == 2 && perm.size(0) == B && perm.size(1) == N,
+              "ppml.shuffle_patches: perm must be int64 [B, N] with B=", B, " and N=(H/p)*(W/p)=", N, ", got ",
+              describe(perm));
+  TORCH_CHECK_VALUE(perm.device() == images.device(), "ppml.shuffle_patches: perm must be on the images' device ",
+              images.device(), ", got ", describe(perm));
+}
+
+// Memory layout the kernels work in and return: channels_last stays channels_last, everything else is made
+// contiguous. ppml/ops/shuffle_patches.py::_output_is_channels_last is the Python twin (used by the fake kernel).
+inline bool shuffle_use_channels_last(const at::Tensor& images) {
+  return !images.is_contiguous() && images.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+inline ShuffleGeometry make_shuffle_geometry(const at::Tensor& dense, bool channels_last, int64_t p,
+                                             int64_t unit_bytes) {
+  const int64_t B = dense.size(0), C = dense.size(1), H = dense.size(2), W = dense.size(3);
+  const int64_t K = channels_last ? C : 1;
+  ShuffleGeometry g;
+  g.planes = channels_last ? B : B * C;
+  g.planes_per_perm = channels_last ? 1 : C;
+  g.height = H;
+  const int64_t elem = static_cast<int64_t>(dense.element_size());
+  g.row_units = W * K * elem / unit_bytes;
+  g.run_units = p * K * elem / unit_bytes;
+  g.patch = p;
+  g.tiles_x = W / p;
+  g.num_tiles = (H / p) * (W / p);
+  return g;
+}
+
+// Widest power-of-two chunk (<= max_bytes) dividing both a patch row's byte length and the data pointers' alignment.
+inline int64_t pick_unit_bytes(int64_t run_bytes, const void* a, const void* b, int64_t max_bytes) {
+  int64_t u = max_bytes;
+  const auto addr = reinterpret_cast<uintptr_t>(a) | reinterpret_cast<uintptr_t>(b);
+  while (u > 1 && (run_bytes % u != 0 || addr % static_cast<uintptr_t>(u) != 0)) u /= 2;
+  return u;
+}
+
+#endif  // __CUDACC_RTC__
+
+}  // namespace ppml::ops

@@ -1,0 +1,105 @@
+// CPU kernel of ppml::shuffle_patches: a parallel gather of contiguous patch rows, one memcpy-sized move each.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstring>
+#include <vector>
+
+#include "common/shuffle_patches.h"
+
+namespace ppml::ops {
+namespace {
+
+// Every row of perm must be a permutation of 0..N-1: anything else would read outside the image (or duplicate
+// tiles, which the backward pass cannot undo).
+void check_perm_rows(const at::Tensor& perm) {
+  const int64_t B = perm.size(0), N = perm.size(1);
+  const int64_t* data = perm.const_data_ptr<int64_t>();
+  std::atomic<int64_t> bad_row{-1};
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> seen(static_cast<size_t>(N));
+    for (int64_t b = begin; b < end && bad_row.load(std::memory_order_relaxed) < 0; ++b) {
+      std::fill(seen.begin(), seen.end(), 0);
+      const int64_t* row = data + b * N;
+      for (int64_t i = 0; i < N; ++i) {
+        const int64_t v = row[i];
+        if (v < 0 || v >= N || seen[v]) {
+          int64_t expected = -1;
+          bad_row.compare_exchange_strong(expected, b);
+          break;
+        }
+        seen[v] = 1;
+      }
+    }
+  });
+  const int64_t b = bad_row.load();
+  TORCH_CHECK_VALUE(b < 0, "ppml.shuffle_patches: every row of perm must be a permutation of 0..", N - 1,
+              " (N=(H/p)*(W/p)=", N, "), row ", b, " is not");
+}
+
+// Copies one patch row of Bytes bytes; a compile-time size lets memcpy become a few vector moves.
+template <int64_t Bytes>
+inline void copy_run(char* dst, const char* src) {
+  std::memcpy(dst, src, Bytes);
+}
+
+template <int64_t Bytes>
+void gather_rows(const ShuffleGeometry& g, const int64_t* perm, const char* src, char* dst, int64_t run_bytes) {
+  const int64_t rows = g.planes * g.height;
+  // ~64 KiB of output per task: large enough to amortise scheduling, small enough to balance two cores.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, g.row_units));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t plane = row / g.height;
+      const int64_t y = row - plane * g.height;
+      const int64_t* prow = perm + (plane / g.planes_per_perm) * g.num_tiles;
+      char* out = dst + shuffle_row_offset(g, plane, y);
+      for (int64_t tx = 0; tx < g.tiles_x; ++tx) {
+        const char* in = src + shuffle_source_offset(g, plane, y, prow[shuffle_tile_index(g, y, tx)]);
+        if constexpr (Bytes > 0) {
+          copy_run<Bytes>(out + tx * Bytes, in);
+        } else {
+          std::memcpy(out + tx * run_bytes, in, run_bytes);
+        }
+      }
+    }
+  });
+}
+
+at::Tensor shuffle_patches_cpu(const at::Tensor& images, const at::Tensor& perm, int64_t patch_size) {
+  check_shuffle_args(images, perm, patch_size);
+  const bool cl = shuffle_use_channels_last(images);
+  const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const at::Tensor src = images.contiguous(fmt);
+  at::Tensor out = at::empty(src.sizes(), src.options().memory_format(fmt));
+  if (out.numel() == 0) return out;
+  const at::Tensor perm_c = perm.contiguous();
+  check_perm_rows(perm_c);
+
+  // Units are bytes here: the CPU path copies whole runs with memcpy, so no alignment is needed.
+  const ShuffleGeometry g = make_shuffle_geometry(src, cl, patch_size, 1);
+  const int64_t run_bytes = g.run_units;
+  const char* s = static_cast<const char*>(src.const_data_ptr());
+  char* d = static_cast<char*>(out.mutable_data_ptr());
+  const int64_t* pp = perm_c.const_data_ptr<int64_t>();
+  switch (run_bytes) {
+    case 16: gather_rows<16>(g, pp, s, d, run_bytes); break;
+    case 32: gather_rows<32>(g, pp, s, d, run_bytes); break;
+    case 48: gather_rows<48>(g, pp, s, d, run_bytes); break;
+    case 64: gather_rows<64>(g, pp, s, d, run_bytes); break;
+    case 128: gather_rows<128>(g, pp, s, d, run_bytes); break;
+    default: gather_rows<0>(g, pp, s, d, run_bytes); break;
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ppml, CPU, m) {
+  m.impl("shuffle_patches", &shuffle_patches_cpu);
+}
+
+}  // namespace ppml::ops

@@ -1,0 +1,27 @@
+"""ppml: privacy-preserving vision learning on encrypted images.
+
+Import order matters: the op modules define the schemas first, then ppml._C (if built for this torch) registers its
+C++ kernels, and only for the ops it did not cover is the reference registered as the kernel.
+"""
+
+from . import _extension
+from .ops import _common  # noqa: F401  (defines the ppml op library)
+from .ops import shuffle_patches as _shuffle_mod
+
+_extension.load()
+_shuffle_mod.register_fallback_kernels()
+
+from ._dispatch import backend_info  # noqa: E402
+from .keys import invert_permutations, random_permutations  # noqa: E402
+from .ops.shuffle_patches import PatchShuffle, shuffle_patches, unshuffle_patches  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PatchShuffle",
+    "backend_info",
+    "invert_permutations",
+    "random_permutations",
+    "shuffle_patches",
+    "unshuffle_patches",
+]

@@ -1,0 +1,77 @@
+"""The one place a backend is chosen.
+
+Per op, an ordered list of backends: ``native`` (the C++ kernel of ``ppml::<op>``, CPU or CUDA), ``triton``
+(``ppml::<op>_triton``), ``reference`` (plain PyTorch). Each answers "not supported because …" for a device. The
+choice comes from the call's ``backend=``, else the ``PPML_BACKEND`` environment variable, else ``auto``. Auto takes
+the first backend that can run, quietly; an explicit request either runs or raises with every reason. Triton on CPU
+tensors (``TRITON_INTERPRET=1``) is for tests and is never chosen by auto.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+
+from . import _extension
+
+BACKENDS = ("native", "triton", "reference")
+_IMPLS: dict[str, dict[str, Callable]] = {}
+
+
+def register(op: str, *, native: Callable, triton: Callable, reference: Callable) -> None:
+    """Called once by each op module (ppml/ops/<op>.py)."""
+    _IMPLS[op] = {"native": native, "triton": triton, "reference": reference}
+
+
+def unavailable_reason(op: str, backend: str, device_type: str) -> str | None:
+    """None when `backend` can run `op` on `device_type`, else why not."""
+    if backend == "native":
+        return _extension.native_reason(device_type, op)
+    if backend == "triton":
+        return _extension.triton_reason(device_type)
+    if backend == "reference":
+        return None
+    raise ValueError(f"ppml: unknown backend {backend!r}; expected one of None, 'auto', {', '.join(map(repr, BACKENDS))}")
+
+
+def requested_backend(backend: str | None) -> str:
+    name = backend if backend is not None else os.environ.get("PPML_BACKEND", "auto")
+    name = (name or "auto").strip().lower()
+    if name != "auto" and name not in BACKENDS:
+        src = "backend=" if backend is not None else "PPML_BACKEND="
+        raise ValueError(f"ppml: unknown backend {src}{name!r}; expected one of None, 'auto', {', '.join(BACKENDS)}")
+    return name
+
+
+def choose(op: str, device: torch.device, backend: str | None = None) -> tuple[str, Callable]:
+    """Returns ``(backend name, callable)`` for `op` on `device`."""
+    impls = _IMPLS[op]
+    name = requested_backend(backend)
+    if name != "auto":
+        why = unavailable_reason(op, name, device.type)
+        if why is not None:
+            raise RuntimeError(f"ppml.{op}: backend {name!r} cannot run on {device.type}: {why}")
+        return name, impls[name]
+    for cand in BACKENDS:
+        if cand == "triton" and device.type != "cuda":
+            continue
+        if unavailable_reason(op, cand, device.type) is None:
+            return cand, impls[cand]
+    raise AssertionError("unreachable: the reference backend always runs")
+
+
+def backend_info(op: str | None = None) -> dict:
+    """Which backends can run each op on CPU and CUDA here, and why not: ``{op: {backend: {device: reason|None}}}``
+    plus ``torch``, ``build`` (what ppml._C was built against) and ``native`` (why _C is not loaded, or None)."""
+    ops = [op] if op is not None else sorted(_IMPLS)
+    table = {
+        o: {b: {d: unavailable_reason(o, b, d) for d in ("cpu", "cuda")} for b in BACKENDS} for o in ops
+    }
+    return {
+        "torch": torch.__version__,
+        "native": _extension.native_reason("cpu", ops[0]) if ops else None,
+        "build": _extension.build_info(),
+        "ops": table,
+    }

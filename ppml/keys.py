@@ -1,0 +1,53 @@
+"""Keys of the encryptions: per-image patch permutations, from OS entropy unless the caller asks for a seed.
+
+A predictable seed was part of how InstaHide fell, so the default never touches torch's Mersenne Twister: the sort
+keys come from os.urandom. Pass a seeded torch.Generator only where reproducibility matters more than secrecy.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+
+def random_permutations(
+    batch: int,
+    num_patches: int,
+    *,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Draws one uniformly random permutation of ``0..num_patches-1`` per image.
+
+    Args:
+        batch: number of permutations B (>= 0).
+        num_patches: N, the length of each permutation (>= 1).
+        device: where the result lives (default: the generator's device, else CPU).
+        generator: a seeded ``torch.Generator`` for reproducible keys; ``None`` (default) uses OS entropy.
+
+    Returns:
+        Tensor[B, N] int64, each row a permutation (row i is the key of image i).
+    """
+    if not isinstance(batch, int) or batch < 0:
+        raise ValueError(f"ppml.random_permutations: batch must be an int >= 0, got {batch!r}")
+    if not isinstance(num_patches, int) or num_patches < 1:
+        raise ValueError(f"ppml.random_permutations: num_patches must be an int >= 1, got {num_patches!r}")
+    if generator is None:
+        # 63-bit keys from the OS CSPRNG; ties (probability ~N^2/2^64) only fall back to index order.
+        raw = np.frombuffer(os.urandom(8 * batch * num_patches), dtype=np.int64).reshape(batch, num_patches)
+        keys = torch.from_numpy(raw & np.int64(0x7FFFFFFFFFFFFFFF))
+        perm = torch.argsort(keys, dim=1, stable=True)
+        return perm.to(device) if device is not None else perm
+    gen_device = generator.device
+    keys = torch.randint(0, 2**62, (batch, num_patches), generator=generator, device=gen_device, dtype=torch.int64)
+    perm = torch.argsort(keys, dim=1, stable=True)
+    return perm.to(device) if device is not None else perm
+
+
+def invert_permutations(perm: torch.Tensor) -> torch.Tensor:
+    """Inverse of each row of a valid permutation batch: ``inv[b, perm[b, i]] = i``. Differentiable-free, O(B·N)."""
+    inv = torch.empty_like(perm)
+    ar = torch.arange(perm.shape[-1], device=perm.device, dtype=perm.dtype).expand_as(perm)
+    return inv.scatter_(-1, perm, ar)

@@ -1,0 +1,220 @@
+"""RS encryption: ``ppml::shuffle_patches`` and its Triton twin — schema, checks, fake, autograd, public API."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .. import _dispatch
+from ..keys import invert_permutations, random_permutations
+from ..reference import shuffle_patches as _reference_shuffle
+from ._common import IMAGE_DTYPES, describe, empty_output, lib
+
+OP = "ppml.shuffle_patches"
+
+lib.define("shuffle_patches(Tensor images, Tensor perm, int patch_size) -> Tensor")
+
+
+def _check(images: Tensor, perm: Tensor | None, patch_size: int, op: str = OP) -> int:
+    """Shape, dtype and device checks (no data reads, so fake tensors pass through). Returns N."""
+    if not isinstance(images, Tensor) or images.dim() != 4:
+        raise ValueError(f"{op}: images must be 4-D [B, C, H, W], got {describe(images)}")
+    if images.dtype not in IMAGE_DTYPES:
+        raise TypeError(
+            f"{op}: images must be uint8, float16, bfloat16, float32 or float64, got {describe(images)}"
+        )
+    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size <= 0:
+        raise ValueError(f"{op}: patch_size must be a positive integer, got {patch_size!r}")
+    B, _, H, W = images.shape
+    if H % patch_size or W % patch_size:
+        raise ValueError(f"{op}: patch_size must divide H and W, got patch_size={patch_size} for H={H}, W={W}")
+    n = (H // patch_size) * (W // patch_size)
+    if perm is not None:
+        if (
+            not isinstance(perm, Tensor)
+            or perm.dtype != torch.int64
+            or perm.dim() != 2
+            or tuple(perm.shape) != (B, n)
+        ):
+            raise ValueError(f"{op}: perm must be int64 [B, N] with B={B} and N=(H/p)*(W/p)={n}, got {describe(perm)}")
+        if perm.device != images.device:
+            raise ValueError(f"{op}: perm must be on the images' device {images.device}, got {describe(perm)}")
+    return n
+
+
+def _check_perm_values(perm: Tensor, op: str = OP) -> None:
+    """Every row a permutation of 0..N-1 (reads the data: one sync on CUDA)."""
+    if perm.numel() == 0:
+        return
+    n = perm.shape[1]
+    expected = torch.arange(n, device=perm.device, dtype=perm.dtype)
+    if not bool((perm.sort(dim=1).values == expected).all()):
+        raise ValueError(f"{op}: every row of perm must be a permutation of 0..{n - 1} (N=(H/p)*(W/p)={n}), got one that is not")
+
+
+@torch.library.register_fake("ppml::shuffle_patches")
+def _fake(images: Tensor, perm: Tensor, patch_size: int) -> Tensor:
+    _check(images, perm, patch_size)
+    return empty_output(images, images.shape)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    _, perm, patch_size = inputs
+    ctx.save_for_backward(perm)
+    ctx.patch_size = patch_size
+
+
+def _backward(ctx, grad: Tensor):
+    (perm,) = ctx.saved_tensors
+    # Shuffling is a permutation of tiles, so its adjoint is the same op with the inverse permutation.
+    return torch.ops.ppml.shuffle_patches(grad, invert_permutations(perm), ctx.patch_size), None, None
+
+
+torch.library.register_autograd("ppml::shuffle_patches", _backward, setup_context=_setup_context)
+
+
+def _reference_kernel(images: Tensor, perm: Tensor, patch_size: int) -> Tensor:
+    """The reference as a kernel: same checks and output layout as the C++ kernels."""
+    _check(images, perm, patch_size)
+    _check_perm_values(perm)
+    out = empty_output(images, images.shape)
+    out.copy_(_reference_shuffle(images, perm, patch_size))
+    return out
+
+
+# ---- Triton twin -------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("ppml::shuffle_patches_triton", mutates_args=())
+def shuffle_patches_triton(images: Tensor, perm: Tensor, patch_size: int) -> Tensor:
+    """Triton kernel of :func:`shuffle_patches` (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``)."""
+    _check(images, perm, patch_size, op="ppml.shuffle_patches_triton")
+    _check_perm_values(perm, op="ppml.shuffle_patches_triton")
+    from ppml.kernels.shuffle_patches import shuffle_patches_triton as launch
+
+    return launch(images, perm, patch_size)
+
+
+@shuffle_patches_triton.register_fake
+def _fake_triton(images: Tensor, perm: Tensor, patch_size: int) -> Tensor:
+    _check(images, perm, patch_size, op="ppml.shuffle_patches_triton")
+    return empty_output(images, images.shape)
+
+
+def _backward_triton(ctx, grad: Tensor):
+    (perm,) = ctx.saved_tensors
+    return torch.ops.ppml.shuffle_patches_triton(grad, invert_permutations(perm), ctx.patch_size), None, None
+
+
+shuffle_patches_triton.register_autograd(_backward_triton, setup_context=_setup_context)
+
+
+def _reference_backend(images: Tensor, perm: Tensor, patch_size: int) -> Tensor:
+    if not torch.compiler.is_compiling():
+        _check_perm_values(perm)
+    return _reference_shuffle(images, perm, patch_size)
+
+
+_dispatch.register(
+    "shuffle_patches",
+    native=torch.ops.ppml.shuffle_patches,
+    triton=torch.ops.ppml.shuffle_patches_triton,
+    reference=_reference_backend,
+)
+
+
+# ---- public API --------------------------------------------------------------------------------------------------
+
+
+def shuffle_patches(
+    images: Tensor,
+    patch_size: int = 16,
+    perm: Tensor | None = None,
+    *,
+    backend: str | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """RS encryption: shuffle the p×p patches of each image with its own permutation.
+
+    Args:
+        images (Tensor[B, C, H, W]): uint8, float16, bfloat16, float32 or float64, any strides; p divides H and W.
+        patch_size: p (the paper uses 16).
+        perm (Tensor[B, N] int64, optional): the keys, N = (H/p)·(W/p); a fresh one per image from OS entropy
+            (or from ``generator``) when omitted.
+        backend: ``None``/``"auto"``, ``"native"``, ``"triton"`` or ``"reference"`` (default: ``PPML_BACKEND``).
+        generator: seeds the permutations when ``perm`` is omitted (reproducible, not secret).
+
+    Returns:
+        ``(encrypted, perm)``: ``encrypted[b, :, tile i] = images[b, :, tile perm[b, i]]`` (tiles row-major), same
+        shape and dtype, channels_last kept; keep ``perm`` to decrypt. Differentiable in ``images``.
+    """
+    n = _check(images, perm, patch_size)
+    if perm is None:
+        perm = random_permutations(images.shape[0], n, device=images.device, generator=generator)
+    _, fn = _dispatch.choose("shuffle_patches", images.device, backend)
+    return fn(images, perm, patch_size), perm
+
+
+def unshuffle_patches(
+    encrypted: Tensor, perm: Tensor, patch_size: int = 16, *, backend: str | None = None
+) -> Tensor:
+    """Decrypts :func:`shuffle_patches`: ``unshuffle_patches(shuffle_patches(x, p, perm)[0], perm, p) == x``.
+
+    Args:
+        encrypted (Tensor[B, C, H, W]): RS ciphertext.
+        perm (Tensor[B, N] int64): the permutations used to encrypt.
+        patch_size: p.
+        backend: as in :func:`shuffle_patches`.
+
+    Returns:
+        Tensor[B, C, H, W], the plain images. Differentiable in ``encrypted``.
+    """
+    _check(encrypted, perm, patch_size, op="ppml.unshuffle_patches")
+    if not torch.compiler.is_compiling():
+        _check_perm_values(perm, op="ppml.unshuffle_patches")
+    _, fn = _dispatch.choose("shuffle_patches", encrypted.device, backend)
+    return fn(encrypted, invert_permutations(perm), patch_size)
+
+
+class PatchShuffle(nn.Module):
+    """RS encryption as a module or a DataLoader transform.
+
+    Takes ``Tensor[B, C, H, W]`` or one image ``Tensor[C, H, W]`` and returns the encrypted tensor of the same
+    shape, with fresh OS-entropy keys on every call (or keys from ``generator``). With ``return_perm=True`` it
+    returns ``(encrypted, perm)`` so the data owner can keep the keys.
+    """
+
+    def __init__(
+        self,
+        patch_size: int = 16,
+        *,
+        return_perm: bool = False,
+        backend: str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size <= 0:
+            raise ValueError(f"ppml.PatchShuffle: patch_size must be a positive integer, got {patch_size!r}")
+        self.patch_size = patch_size
+        self.return_perm = return_perm
+        self.backend = backend
+        self.generator = generator
+
+    def forward(self, images: Tensor):
+        single = isinstance(images, Tensor) and images.dim() == 3
+        batch = images.unsqueeze(0) if single else images
+        out, perm = shuffle_patches(batch, self.patch_size, backend=self.backend, generator=self.generator)
+        if single:
+            out, perm = out.squeeze(0), perm.squeeze(0)
+        return (out, perm) if self.return_perm else out
+
+    def extra_repr(self) -> str:
+        return f"patch_size={self.patch_size}"
+
+
+def register_fallback_kernels() -> None:
+    """Registers the reference as the kernel of ``ppml::shuffle_patches`` for CPU and CUDA where ppml._C did not
+    register one (called by ppml/__init__.py after trying to load _C: one kernel per (op, key), never two)."""
+    for key in ("CPU", "CUDA"):
+        if not torch._C._dispatch_has_kernel_for_dispatch_key("ppml::shuffle_patches", key):
+            lib.impl("shuffle_patches", _reference_kernel, key)

@@ -1,0 +1,122 @@
+"""Builds ppml._C: the CPU C++ kernels always, the CUDA kernels when CUDA is usable (or FORCE_CUDA=1).
+
+`pip install .` needs no environment variables: CUDA_HOME defaults to /usr/local/cuda when nvcc is there, and the
+CUDA headers that pip's CUDA build of torch ships (site-packages/nvidia/cu13/include, where cusparse.h lives) are put
+on the include path. Set FORCE_CUDA=0 to skip the CUDA kernels, PPML_CUDA_ARCH to choose the architectures
+(default: sm_75;80;86;89;90 plus PTX for 90, as far as the toolkit supports them).
+"""
+
+import glob
+import json
+import os
+import shutil
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _find_cuda_home():
+    for cand in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if cand and os.path.exists(os.path.join(cand, "bin", "nvcc")):
+            return cand
+    nvcc = shutil.which("nvcc")
+    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None
+
+
+# torch.utils.cpp_extension reads CUDA_HOME at import time, so it must be set before that import.
+_cuda_home = _find_cuda_home()
+if _cuda_home and not os.environ.get("CUDA_HOME"):
+    os.environ["CUDA_HOME"] = _cuda_home
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def _want_cuda():
+    force = os.environ.get("FORCE_CUDA")
+    if force is not None and force.strip() not in ("", "1"):
+        return False, "FORCE_CUDA=%s" % force
+    if force == "1":
+        return True, "FORCE_CUDA=1"
+    if torch.version.cuda is None:
+        return False, "torch %s is a CPU build" % torch.__version__
+    if _cuda_home is None:
+        return False, "nvcc not found (set CUDA_HOME)"
+    return True, "torch %s has CUDA %s and nvcc is at %s" % (torch.__version__, torch.version.cuda, _cuda_home)
+
+
+def _torch_cuda_includes():
+    """Headers pip's CUDA build of torch ships next to it (nvidia/cu13/include etc.); torch's headers need them."""
+    site = os.path.dirname(os.path.dirname(torch.__file__))
+    return sorted(d for d in glob.glob(os.path.join(site, "nvidia", "*", "include")) if os.path.isdir(d))
+
+
+def _cuda_arch_flags():
+    archs = os.environ.get("PPML_CUDA_ARCH", "75;80;86;89;90").replace(",", ";").split(";")
+    flags = ["-gencode=arch=compute_%s,code=sm_%s" % (a, a) for a in archs if a]
+    last = archs[-1]
+    flags.append("-gencode=arch=compute_%s,code=compute_%s" % (last, last))
+    return flags
+
+
+def _extensions():
+    cpu_sources = sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/module.cpp"]
+    cxx = ["-O3", "-fopenmp", "-std=c++20"]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    use_cuda, why = _want_cuda()
+    print("ppml: CUDA kernels %s (%s)" % ("ON" if use_cuda else "OFF", why))
+    if use_cuda:
+        include_dirs += _torch_cuda_includes()
+        return use_cuda, why, [
+            CUDAExtension(
+                "ppml._C",
+                cpu_sources + sorted(glob.glob("csrc/cuda/*.cu")),
+                include_dirs=include_dirs,
+                define_macros=[("PPML_WITH_CUDA", "1")],
+                extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20"] + _cuda_arch_flags()},
+                extra_link_args=["-fopenmp"],
+            )
+        ]
+    return use_cuda, why, [
+        CppExtension(
+            "ppml._C",
+            cpu_sources,
+            include_dirs=include_dirs,
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=["-fopenmp"],
+        )
+    ]
+
+
+class _BuildExt(BuildExtension):
+    """Records what _C was built against, so ppml can refuse a _C built for another torch instead of crashing."""
+
+    def run(self):
+        super().run()
+        info = {
+            "torch": torch.__version__,
+            "cuda": bool(self.distribution.ppml_with_cuda),
+            "cuda_reason": self.distribution.ppml_cuda_reason,
+            "torch_cuda": torch.version.cuda,
+        }
+        for base in {self.build_lib, ROOT} if self.inplace else {self.build_lib}:
+            path = os.path.join(base, "ppml", "_build_info.json")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
+                json.dump(info, f)
+
+
+_with_cuda, _why, _ext = _extensions()
+
+from setuptools import Distribution  # noqa: E402
+
+Distribution.ppml_with_cuda = _with_cuda
+Distribution.ppml_cuda_reason = _why
+
+setup(
+    packages=find_packages(include=["ppml", "ppml.*"]) + ["ppml.kernels"],
+    package_dir={"ppml.kernels": "kernels"},
+    ext_modules=_ext,
+    cmdclass={"build_ext": _BuildExt.with_options(use_ninja=True)},
+)
