@@ -11,6 +11,10 @@ from .ops import shuffle_patches as _shuffle_mod
 _extension.load()
 _shuffle_mod.register_fallback_kernels()
 
+from . import _dispatch  # noqa: E402
+
+_dispatch.refresh()
+
 from ._dispatch import backend_info  # noqa: E402
 from .keys import invert_permutations, random_permutations  # noqa: E402
 from .ops.shuffle_patches import PatchShuffle, shuffle_patches, unshuffle_patches  # noqa: E402

@@ -25,8 +25,28 @@ def register(op: str, *, native: Callable, triton: Callable, reference: Callable
     _IMPLS[op] = {"native": native, "triton": triton, "reference": reference}
 
 
+# (op, backend, device type) -> reason or None. Filled by refresh() once ppml._C has been tried: nothing changes after
+# that, and a plain dict lookup is something torch.compile can trace (the dispatcher queries behind it are not).
+_REASONS: dict[tuple[str, str, str], str | None] = {}
+
+
+def refresh() -> None:
+    _REASONS.clear()
+    for op in _IMPLS:
+        for backend in BACKENDS:
+            for device_type in ("cpu", "cuda"):
+                _REASONS[(op, backend, device_type)] = _compute_reason(op, backend, device_type)
+
+
 def unavailable_reason(op: str, backend: str, device_type: str) -> str | None:
     """None when `backend` can run `op` on `device_type`, else why not."""
+    key = (op, backend, device_type)
+    if key in _REASONS:
+        return _REASONS[key]
+    return _compute_reason(op, backend, device_type)
+
+
+def _compute_reason(op: str, backend: str, device_type: str) -> str | None:
     if backend == "native":
         return _extension.native_reason(device_type, op)
     if backend == "triton":
@@ -71,7 +91,7 @@ def backend_info(op: str | None = None) -> dict:
     }
     return {
         "torch": torch.__version__,
-        "native": _extension.native_reason("cpu", ops[0]) if ops else None,
+        "native": _extension.load_reason(),
         "build": _extension.build_info(),
         "ops": table,
     }

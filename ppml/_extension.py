@@ -66,6 +66,11 @@ def native_loaded() -> bool:
     return _state.loaded
 
 
+def load_reason() -> str | None:
+    """Why ppml._C is not loaded, or None when it is."""
+    return _state.reason
+
+
 def native_reason(device_type: str, op: str) -> str | None:
     """None when the C++ kernel of ppml::<op> serves `device_type`, else why it does not."""
     if not _state.loaded:

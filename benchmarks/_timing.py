@@ -1,0 +1,232 @@
+"""Timing helpers shared by the ppml benchmarks: one way to time, one environment record, one copy bound.
+
+CPU: warm-up, then the median of wall-clock repetitions (``time.perf_counter``), as many as fit a time budget but never
+fewer than ``min_reps``. CUDA: CUDA events around each call with the L2 cache flushed between repetitions (a 256 MiB
+buffer is written), median of the repetitions, the same method as ``triton.testing.do_bench``. Every result is in
+milliseconds. Numbers from different machines (or different processes, for the copy bound) are never compared.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Bigger than the L2 of any current GPU (H100: 50 MiB, H200: 60 MiB, B200: 126 MiB) so a write evicts it all.
+_L2_FLUSH_BYTES = 256 * 1024 * 1024
+_flush_buffer: dict[torch.device, torch.Tensor] = {}
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Waits for the work queued on `device` (a no-op on CPU, where every op is synchronous)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_cpu(
+    fn: Callable[[], object], *, budget_s: float = 1.0, min_reps: int = 5, max_reps: int = 1000, warmup: int = 2
+) -> dict:
+    """Median wall-clock time of ``fn()`` on the CPU.
+
+    Args:
+        fn: the work to time, called with no arguments; its result is dropped.
+        budget_s: rough time to spend on the timed repetitions (the warm-up is extra).
+        min_reps: the fewest timed repetitions, whatever the budget: a median of fewer is noise.
+        max_reps: the most timed repetitions (small kernels would otherwise run thousands of times).
+        warmup: untimed calls first, so first-touch page faults, allocator growth and lazy init are not timed.
+
+    Returns:
+        ``{"ms": median, "min_ms": fastest, "reps": timed repetitions}``.
+    """
+    est = []
+    for _ in range(max(1, warmup)):
+        t0 = time.perf_counter()
+        fn()
+        est.append(time.perf_counter() - t0)
+    # The fastest warm-up call is the best estimate of the steady state (the first one pays the lazy init).
+    per_call = max(min(est), 1e-7)
+    reps = int(min(max_reps, max(min_reps, budget_s / per_call)))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return {"ms": statistics.median(times) * 1e3, "min_ms": min(times) * 1e3, "reps": reps}
+
+
+def time_cuda(
+    fn: Callable[[], object],
+    *,
+    device: torch.device | str = "cuda",
+    budget_s: float = 1.0,
+    min_reps: int = 10,
+    max_reps: int = 1000,
+    warmup: int = 3,
+    flush_l2: bool = True,
+) -> dict:
+    """Median device time of ``fn()`` from CUDA events, with a cold L2 before each repetition.
+
+    Args:
+        fn: enqueues the work on the current stream; called with no arguments.
+        device: the CUDA device the work runs on.
+        budget_s: rough time to spend on the timed repetitions (the flush time counts too).
+        min_reps: the fewest timed repetitions.
+        max_reps: the most timed repetitions.
+        warmup: untimed calls first (Triton compiles on the first call; the caching allocator grows).
+        flush_l2: write a 256 MiB buffer before each repetition, so a batch that fits in L2 is not read from a warm
+            cache the real pipeline would not have.
+
+    Returns:
+        ``{"ms": median, "min_ms": fastest, "reps": timed repetitions}``.
+    """
+    device = torch.device(device)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    cache = None
+    if flush_l2:
+        cache = _flush_buffer.get(device)
+        if cache is None:
+            cache = _flush_buffer[device] = torch.empty(_L2_FLUSH_BYTES, dtype=torch.int8, device=device)
+    for _ in range(max(1, warmup)):
+        fn()
+    torch.cuda.synchronize(device)
+    # Estimate from a few flushed, event-timed calls so the budget accounts for the flush as well.
+    probe_start, probe_end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    probe_start.record()
+    for _ in range(3):
+        if cache is not None:
+            cache.zero_()
+        fn()
+    probe_end.record()
+    torch.cuda.synchronize(device)
+    per_call_s = max(probe_start.elapsed_time(probe_end) / 3 / 1e3, 1e-7)
+    reps = int(min(max_reps, max(min_reps, budget_s / per_call_s)))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        if cache is not None:
+            cache.zero_()
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize(device)
+    times = [s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)]
+    return {"ms": statistics.median(times), "min_ms": min(times), "reps": reps}
+
+
+def time_fn(fn: Callable[[], object], device: torch.device | str, **kwargs) -> dict:
+    """:func:`time_cuda` for a CUDA device, else :func:`time_cpu`; keyword arguments are passed on."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return time_cuda(fn, device=device, **kwargs)
+    if device.type != "cpu":
+        raise ValueError(f"time_fn: no timer for device type {device.type!r}")
+    return time_cpu(fn, **kwargs)
+
+
+def copy_bound_ms(x: torch.Tensor, **kwargs) -> dict:
+    """The memory-bandwidth bound of an op that reads ``x`` once and writes a tensor like it once.
+
+    Times ``out.copy_(x)`` into a preallocated ``out`` in this process (same allocator, same thread count, same
+    clocks as the rows it is compared with). Keyword arguments are passed on to :func:`time_fn`.
+
+    Args:
+        x (Tensor[...]): the input of the op being bounded, on its device.
+
+    Returns:
+        The :func:`time_fn` result for the copy.
+    """
+    out = torch.empty_like(x)
+    return time_fn(lambda: out.copy_(x), x.device, **kwargs)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _git_commit() -> str | None:
+    """The ppml commit benchmarked, with ``-dirty`` when the working tree has changes (None outside a checkout)."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("-dirty" if dirty else "") if head else None
+
+
+def environment(device: torch.device | str) -> dict:
+    """What a result row needs to be interpreted: the machine, the versions, the commit, the date.
+
+    Args:
+        device: the device the benchmark runs on.
+
+    Returns:
+        A JSON-serialisable dict (``device_name`` is the GPU name on CUDA, the CPU model on CPU).
+    """
+    device = torch.device(device)
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        affinity = os.cpu_count()
+    env = {
+        "device": device.type,
+        "device_name": None,
+        "cpu": _cpu_model(),
+        "cores": affinity,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "numpy": _version("numpy"),
+        "ppml": _version("ppml"),
+        "ppml_commit": _git_commit(),
+        "cuda": torch.version.cuda,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+    }
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
+        env["device_name"] = torch.cuda.get_device_name(index)
+        env["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
+        env["gpu_sms"] = props.multi_processor_count
+    else:
+        env["device_name"] = env["cpu"]
+    return env

@@ -1,0 +1,343 @@
+"""ppml::shuffle_patches: reference vs hand-worked cases, every backend vs the reference (bit-exact), round trips,
+opcheck, gradcheck, torch.compile, meta, bad inputs and hypothesis fuzzing. Triton has its own file
+(test_shuffle_patches_triton.py), run under TRITON_INTERPRET=1 here and natively on a GPU."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+import torch
+from conftest import ALL_DTYPES, DEVICES, LAYOUTS, backends_for, make_images, make_perm
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import ppml
+from ppml.reference import shuffle_patches as ref_shuffle
+
+
+def _tiles(x: torch.Tensor, p: int) -> list[torch.Tensor]:
+    """Row-major list of the p×p tiles of a [C, H, W] image (an independent, loop-based oracle)."""
+    C, H, W = x.shape
+    return [x[:, i : i + p, j : j + p] for i in range(0, H, p) for j in range(0, W, p)]
+
+
+# ---- reference vs hand-worked cases ------------------------------------------------------------------------------
+
+
+def test_reference_hand_worked_4x4():
+    x = torch.arange(16).reshape(1, 1, 4, 4)
+    # tiles (p=2), row-major: t0=[[0,1],[4,5]] t1=[[2,3],[6,7]] t2=[[8,9],[12,13]] t3=[[10,11],[14,15]]
+    perm = torch.tensor([[2, 0, 3, 1]])
+    expected = torch.tensor([[8, 9, 0, 1], [12, 13, 4, 5], [10, 11, 2, 3], [14, 15, 6, 7]]).reshape(1, 1, 4, 4)
+    assert torch.equal(ref_shuffle(x, perm, 2), expected)
+
+
+def test_reference_matches_tile_loop_non_square_multichannel():
+    x = make_images((3, 2, 6, 9), torch.float32)
+    perm = make_perm(3, 6, seed=5)  # 2 x 3 tiles of p=3
+    out = ref_shuffle(x, perm, 3)
+    for b in range(3):
+        src, dst = _tiles(x[b], 3), _tiles(out[b], 3)
+        for i in range(6):
+            assert torch.equal(dst[i], src[perm[b, i]])
+
+
+# ---- every backend vs the reference, bit-exact ---------------------------------------------------------------------
+
+SHAPES_AND_P = [
+    ((2, 3, 16, 16), 4),
+    ((1, 1, 8, 8), 1),  # p = 1: pixel shuffle
+    ((2, 3, 8, 8), 8),  # p = H = W: one tile
+    ((3, 2, 12, 20), 4),  # non-square
+    ((2, 3, 32, 48), 16),
+    ((1, 4, 6, 10), 2),
+    ((0, 3, 8, 8), 4),  # empty batch
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("shape,p", SHAPES_AND_P, ids=lambda v: str(v))
+def test_backends_match_reference(device, dtype, layout, shape, p):
+    x = make_images(shape, dtype, device, layout, seed=sum(shape) + p)
+    n = (shape[2] // p) * (shape[3] // p)
+    perm = make_perm(shape[0], n, device, seed=p)
+    expected = ref_shuffle(x, perm, p)
+    for backend in backends_for(device):
+        out, used = ppml.shuffle_patches(x, p, perm, backend=backend)
+        assert used is perm
+        assert out.shape == x.shape and out.dtype == x.dtype and out.device == x.device
+        assert torch.equal(out, expected), backend
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_native_keeps_channels_last_and_makes_others_contiguous(device):
+    if "native" not in backends_for(device):
+        pytest.skip(ppml.backend_info()["ops"]["shuffle_patches"]["native"][device])
+    perm = make_perm(2, 4, device)
+    x = make_images((2, 3, 8, 8), torch.float32, device, "channels_last")
+    assert torch.ops.ppml.shuffle_patches(x, perm, 4).is_contiguous(memory_format=torch.channels_last)
+    x = make_images((2, 3, 8, 8), torch.float32, device, "sliced")
+    assert torch.ops.ppml.shuffle_patches(x, perm, 4).is_contiguous()
+
+
+def test_nan_payloads_and_infs_move_bit_exactly():
+    bits = torch.tensor([0x7FC00001, 0xFFC01234, 0x7F800000, 0xFF800000], dtype=torch.int64).to(torch.int32)
+    x = bits.view(torch.float32).repeat(16).reshape(1, 1, 8, 8)
+    perm = make_perm(1, 16, seed=3)
+    for backend in backends_for("cpu"):
+        out, _ = ppml.shuffle_patches(x, 2, perm, backend=backend)
+        assert torch.equal(out.view(torch.int32), ref_shuffle(x.view(torch.int32), perm, 2))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_round_trip_is_exact(device, dtype):
+    x = make_images((4, 3, 32, 32), dtype, device)
+    for backend in backends_for(device):
+        enc, perm = ppml.shuffle_patches(x, 8, backend=backend)
+        assert not torch.equal(enc, x) or perm.eq(torch.arange(16, device=device)).all()
+        assert torch.equal(ppml.unshuffle_patches(enc, perm, 8, backend=backend), x)
+
+
+def test_large_images_use_64bit_offsets_correctly():
+    # 3 x 1024 x 1024 float32 per image: the byte offsets exceed 2**31 over the batch.
+    x = torch.empty((180, 3, 1024, 1024), dtype=torch.uint8)
+    x.view(-1)[:: 1 << 20] = 7
+    perm = make_perm(180, 16, seed=1)
+    if "native" not in backends_for("cpu"):
+        pytest.skip("native backend unavailable")
+    out = torch.ops.ppml.shuffle_patches(x[-2:], perm[-2:], 256)
+    assert torch.equal(out, ref_shuffle(x[-2:], perm[-2:], 256))
+
+
+# ---- torch.library integration -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8], ids=str)
+def test_opcheck(device, layout, dtype):
+    x = make_images((2, 3, 8, 12), dtype, device, layout)
+    if dtype.is_floating_point:
+        x.requires_grad_(True)
+    perm = make_perm(2, 6, device)
+    torch.library.opcheck(torch.ops.ppml.shuffle_patches, (x, perm, 4))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck(device):
+    x = make_images((2, 2, 6, 9), torch.float64, device).requires_grad_(True)
+    perm = make_perm(2, 6, device)
+    assert torch.autograd.gradcheck(lambda t: torch.ops.ppml.shuffle_patches(t, perm, 3), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: torch.ops.ppml.shuffle_patches(t, perm, 3), (x,))
+    for backend in backends_for(device):
+        assert torch.autograd.gradcheck(lambda t, b=backend: ppml.shuffle_patches(t, 3, perm, backend=b)[0], (x,))
+
+
+def test_torch_compile_fullgraph():
+    x = make_images((2, 3, 16, 16), torch.float32)
+    perm = make_perm(2, 16)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def encrypt_then_scale(t, k):
+        return torch.ops.ppml.shuffle_patches(t, k, 4) * 2.0
+
+    @torch.compile(fullgraph=True, backend="aot_eager", dynamic=True)
+    def round_trip(t, k):
+        enc, _ = ppml.shuffle_patches(t, 4, k)
+        return ppml.unshuffle_patches(enc, k, 4)
+
+    assert torch.equal(encrypt_then_scale(x, perm), ref_shuffle(x, perm, 4) * 2.0)
+    assert torch.equal(round_trip(x, perm), x)
+
+
+def test_torch_compile_inductor_with_backward():
+    x = make_images((2, 3, 8, 8), torch.float32).requires_grad_(True)
+    perm = make_perm(2, 4)
+    w = torch.randn(2, 3, 8, 8)
+
+    @torch.compile(fullgraph=True)
+    def loss_fn(t):
+        return (torch.ops.ppml.shuffle_patches(t, perm, 4) * w).sum()
+
+    loss_fn(x).backward()
+    # d/dx sum(shuffle(x) * w) = unshuffle(w)
+    assert torch.equal(x.grad, ppml.unshuffle_patches(w, perm, 4, backend="reference"))
+
+
+def test_meta_device_shapes_and_strides():
+    x = torch.empty((5, 3, 224, 224), device="meta")
+    perm = torch.empty((5, 196), dtype=torch.int64, device="meta")
+    out = torch.ops.ppml.shuffle_patches(x, perm, 16)
+    assert out.device.type == "meta" and out.shape == x.shape and out.is_contiguous()
+    out = torch.ops.ppml.shuffle_patches(x.contiguous(memory_format=torch.channels_last), perm, 16)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="perm must be int64"):
+        torch.ops.ppml.shuffle_patches(x, perm[:, :10], 16)
+
+
+# ---- bad input: clear errors naming op, argument, expectation and what came ---------------------------------------
+
+BAD_CASES = [
+    # (images, perm, patch_size, exception, regex)
+    (torch.zeros(3, 8, 8), torch.zeros(1, 4, dtype=torch.int64), 4, ValueError, r"images must be 4-D .*got float32 \[3, 8, 8\]"),
+    (torch.zeros(1, 3, 8, 8, dtype=torch.int32), None, 4, TypeError, r"images must be uint8.*got int32"),
+    (torch.zeros(1, 3, 8, 8), None, 0, ValueError, r"patch_size must be a positive integer, got 0"),
+    (torch.zeros(1, 3, 8, 8), None, -4, ValueError, r"patch_size must be a positive integer, got -4"),
+    (torch.zeros(1, 3, 8, 12), None, 5, ValueError, r"patch_size must divide H and W, got patch_size=5 for H=8, W=12"),
+    (torch.zeros(2, 3, 8, 8), torch.zeros(2, 4, dtype=torch.int32), 4, ValueError,
+     r"perm must be int64 \[B, N\] with B=2 and N=\(H/p\)\*\(W/p\)=4, got int32 \[2, 4\]"),
+    (torch.zeros(2, 3, 8, 8), torch.zeros(2, 5, dtype=torch.int64), 4, ValueError, r"N=\(H/p\)\*\(W/p\)=4, got int64 \[2, 5\]"),
+    (torch.zeros(2, 3, 8, 8), torch.zeros(3, 4, dtype=torch.int64), 4, ValueError, r"B=2 .*got int64 \[3, 4\]"),
+    (torch.zeros(2, 3, 8, 8), torch.zeros(8, dtype=torch.int64), 4, ValueError, r"got int64 \[8\]"),
+    (torch.zeros(1, 3, 8, 8), torch.tensor([[0, 1, 2, 4]]), 4, ValueError, r"every row of perm must be a permutation of 0\.\.3"),
+    (torch.zeros(1, 3, 8, 8), torch.tensor([[0, 1, 2, -1]]), 4, ValueError, r"every row of perm must be a permutation"),
+    (torch.zeros(1, 3, 8, 8), torch.tensor([[0, 1, 1, 3]]), 4, ValueError, r"every row of perm must be a permutation"),
+    (torch.zeros(2, 3, 8, 8), torch.tensor([[0, 1, 2, 3], [3, 3, 3, 3]]), 4, ValueError, r"permutation"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(BAD_CASES)))
+def test_bad_input_public_function(case):
+    images, perm, p, exc, pattern = BAD_CASES[case]
+    for backend in backends_for("cpu"):
+        with pytest.raises(exc, match=r"ppml\.shuffle_patches: .*" + pattern):
+            ppml.shuffle_patches(images, p, perm, backend=backend)
+
+
+@pytest.mark.parametrize("case", [i for i, c in enumerate(BAD_CASES) if c[1] is not None])
+def test_bad_input_raw_op(case):
+    # Direct calls of the op go straight to the C++ kernel (or the registered reference): same checks, same words.
+    images, perm, p, exc, pattern = BAD_CASES[case]
+    with pytest.raises(exc, match=r"ppml\.shuffle_patches: .*" + pattern):
+        torch.ops.ppml.shuffle_patches(images, perm, p)
+
+
+def test_bad_input_unshuffle_names_itself():
+    with pytest.raises(ValueError, match=r"ppml\.unshuffle_patches: every row of perm must be a permutation"):
+        ppml.unshuffle_patches(torch.zeros(1, 1, 4, 4), torch.tensor([[0, 0, 1, 2]]), 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_perm_on_other_device_is_refused():
+    with pytest.raises(ValueError, match=r"perm must be on the images' device"):
+        ppml.shuffle_patches(torch.zeros(1, 3, 8, 8, device="cuda"), 4, torch.zeros(1, 4, dtype=torch.int64))
+
+
+# ---- keys, module, dispatch -----------------------------------------------------------------------------------------
+
+
+def test_random_permutations_are_permutations_and_fresh():
+    a = ppml.random_permutations(64, 196)
+    assert a.dtype == torch.int64 and a.shape == (64, 196)
+    assert torch.equal(a.sort(1).values, torch.arange(196).expand(64, 196))
+    b = ppml.random_permutations(64, 196)
+    assert not torch.equal(a, b), "OS entropy must give fresh keys on every call"
+    assert ppml.random_permutations(0, 5).shape == (0, 5)
+
+
+def test_random_permutations_seeded_and_uniform():
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    assert torch.equal(ppml.random_permutations(8, 10, generator=g1), ppml.random_permutations(8, 10, generator=g2))
+    # Where element 0 lands over 6000 draws of N=3: each position ~1/3 (chi-square, 2 dof, p ≈ 1e-6 cut-off).
+    perm = ppml.random_permutations(6000, 3)
+    counts = (perm == 0).float().sum(0)
+    chi2 = float(((counts - 2000) ** 2 / 2000).sum())
+    assert chi2 < 27.6, counts
+
+
+def test_random_permutations_bad_args():
+    with pytest.raises(ValueError, match=r"ppml\.random_permutations: num_patches must be an int >= 1, got 0"):
+        ppml.random_permutations(2, 0)
+    with pytest.raises(ValueError, match=r"batch must be an int >= 0, got -1"):
+        ppml.random_permutations(-1, 4)
+
+
+def test_patch_shuffle_module_and_transform():
+    img = make_images((3, 32, 32), torch.uint8)
+    enc = ppml.PatchShuffle(8)(img)
+    assert enc.shape == img.shape and enc.dtype == torch.uint8
+    enc, perm = ppml.PatchShuffle(8, return_perm=True)(img)
+    assert perm.shape == (16,)
+    assert torch.equal(ppml.unshuffle_patches(enc[None], perm[None], 8)[0], img)
+    batch = make_images((4, 3, 32, 32), torch.float32)
+    g = torch.Generator().manual_seed(0)
+    out, perm = ppml.PatchShuffle(16, return_perm=True, generator=g)(batch)
+    assert torch.equal(out, ref_shuffle(batch, perm, 16))
+    assert "patch_size=16" in repr(ppml.PatchShuffle(16))
+    with pytest.raises(ValueError, match="ppml.PatchShuffle: patch_size"):
+        ppml.PatchShuffle(0)
+
+
+def test_dispatch_explicit_auto_and_env(monkeypatch):
+    x = make_images((1, 3, 8, 8), torch.float32)
+    with pytest.raises(ValueError, match=r"unknown backend backend='cuda-magic'"):
+        ppml.shuffle_patches(x, 4, backend="cuda-magic")
+    if not os.environ.get("TRITON_INTERPRET"):
+        with pytest.raises(RuntimeError, match=r"backend 'triton' cannot run on cpu: .*TRITON_INTERPRET=1"):
+            ppml.shuffle_patches(x, 4, backend="triton")
+    from ppml import _dispatch
+
+    expected = "native" if "native" in backends_for("cpu") else "reference"
+    assert _dispatch.choose("shuffle_patches", x.device)[0] == expected
+    monkeypatch.setenv("PPML_BACKEND", "reference")
+    assert _dispatch.choose("shuffle_patches", x.device)[0] == "reference"
+    monkeypatch.setenv("PPML_BACKEND", "bogus")
+    with pytest.raises(ValueError, match=r"PPML_BACKEND='bogus'"):
+        ppml.shuffle_patches(x, 4)
+
+
+def test_backend_info_reports_every_backend_and_device():
+    info = ppml.backend_info()
+    table = info["ops"]["shuffle_patches"]
+    assert set(table) == {"native", "triton", "reference"}
+    assert table["reference"] == {"cpu": None, "cuda": None}
+    if not torch.cuda.is_available():
+        assert "cuda" in table["native"]["cuda"].lower()
+
+
+# ---- hypothesis fuzzing: >= 200 cases per backend -------------------------------------------------------------------
+
+
+@st.composite
+def shuffle_cases(draw, max_c=4, max_tiles=5, max_p=6):
+    b = draw(st.integers(0, 3))
+    c = draw(st.integers(1, max_c))
+    p = draw(st.integers(1, max_p))
+    th, tw = draw(st.integers(1, max_tiles)), draw(st.integers(1, max_tiles))
+    dtype = draw(st.sampled_from(ALL_DTYPES))
+    layout = draw(st.sampled_from(list(LAYOUTS)))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return (b, c, th * p, tw * p), p, dtype, layout, seed
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@settings(max_examples=200, deadline=None)
+@given(case=shuffle_cases())
+def test_fuzz_backend_vs_reference(backend, case):
+    if backend not in backends_for("cpu"):
+        pytest.skip(f"{backend} unavailable")
+    shape, p, dtype, layout, seed = case
+    x = make_images(shape, dtype, "cpu", layout, seed)
+    perm = make_perm(shape[0], (shape[2] // p) * (shape[3] // p), seed=seed)
+    out, _ = ppml.shuffle_patches(x, p, perm, backend=backend)
+    expected = torch.stack([torch.cat([torch.cat(row, 2) for row in _rows(x[i], perm[i], p)], 1) for i in range(shape[0])]) if shape[0] else x
+    assert torch.equal(out, expected)
+    assert torch.equal(ppml.unshuffle_patches(out, perm, p, backend=backend), x)
+
+
+def _rows(img: torch.Tensor, perm_row: torch.Tensor, p: int):
+    """The shuffled image as rows of tiles, assembled by the loop oracle (independent of the reference)."""
+    src = _tiles(img, p)
+    tw = img.shape[2] // p
+    placed = [src[int(k)] for k in perm_row]
+    return [placed[r * tw : (r + 1) * tw] for r in range(len(placed) // tw)]
+
+
+def test_every_dtype_layout_pair_is_covered():
+    # Guard against a parametrisation shrinking silently.
+    assert len(list(itertools.product(ALL_DTYPES, LAYOUTS))) == 20
