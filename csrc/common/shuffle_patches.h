@@ -31,23 +31,25 @@ struct ShuffleGeometry {
   int64_t num_tiles;        // N = (H / p) * (W / p)
 };
 
-// Offset (in units) of the first unit of output row `y` of `plane`.
-C10_HOST_DEVICE inline int64_t shuffle_row_offset(const ShuffleGeometry& g, int64_t plane, int64_t y) {
-  return (plane * g.height + y) * g.row_units;
+// Offset (in units) of the first unit of row `y` of `plane`.
+template <typename Index>
+C10_HOST_DEVICE inline Index shuffle_row_offset(const ShuffleGeometry& g, Index plane, Index y) {
+  return (plane * static_cast<Index>(g.height) + y) * static_cast<Index>(g.row_units);
 }
 
-// Position in the permutation row of the output tile holding row `y`, tile column `tx`.
-C10_HOST_DEVICE inline int64_t shuffle_tile_index(const ShuffleGeometry& g, int64_t y, int64_t tx) {
-  return (y / g.patch) * g.tiles_x + tx;
+// Offset (in units) of row `r` (0 <= r < p) of source tile (sy, sx) in `plane`: where output row ty*p + r of the
+// tile that perm maps to (sy, sx) = divmod(perm[...], tiles_x) reads from. Callers do the divisions (the CUDA kernel
+// with precomputed fast dividers).
+template <typename Index>
+C10_HOST_DEVICE inline Index shuffle_source_offset(const ShuffleGeometry& g, Index plane, Index r, Index sy, Index sx) {
+  return shuffle_row_offset<Index>(g, plane, sy * static_cast<Index>(g.patch) + r) + sx * static_cast<Index>(g.run_units);
 }
 
-// Offset (in units) of the source run for output row `y` of `plane` when the tile there comes from `src_tile`.
-C10_HOST_DEVICE inline int64_t shuffle_source_offset(const ShuffleGeometry& g, int64_t plane, int64_t y,
-                                                     int64_t src_tile) {
-  const int64_t r = y % g.patch;
-  const int64_t sy = src_tile / g.tiles_x;
-  const int64_t sx = src_tile - sy * g.tiles_x;
-  return shuffle_row_offset(g, plane, sy * g.patch + r) + sx * g.run_units;
+// Clamp of a tile index into [0, N): perm is validated before any kernel runs, so this never changes a valid key; it
+// only guarantees that no corrupted key can make a kernel read outside the image.
+template <typename Index>
+C10_HOST_DEVICE inline Index clamp_tile(Index tile, Index num_tiles) {
+  return tile < 0 ? Index(0) : (tile >= num_tiles ? num_tiles - 1 : tile);
 }
 
 #ifndef __CUDACC_RTC__

@@ -55,10 +55,14 @@ void gather_rows(const ShuffleGeometry& g, const int64_t* perm, const char* src,
     for (int64_t row = begin; row < end; ++row) {
       const int64_t plane = row / g.height;
       const int64_t y = row - plane * g.height;
-      const int64_t* prow = perm + (plane / g.planes_per_perm) * g.num_tiles;
-      char* out = dst + shuffle_row_offset(g, plane, y);
+      const int64_t ty = y / g.patch;
+      const int64_t r = y - ty * g.patch;
+      const int64_t* tiles = perm + (plane / g.planes_per_perm) * g.num_tiles + ty * g.tiles_x;
+      char* out = dst + shuffle_row_offset<int64_t>(g, plane, y);
       for (int64_t tx = 0; tx < g.tiles_x; ++tx) {
-        const char* in = src + shuffle_source_offset(g, plane, y, prow[shuffle_tile_index(g, y, tx)]);
+        const int64_t tile = tiles[tx];
+        const int64_t sy = tile / g.tiles_x;
+        const char* in = src + shuffle_source_offset<int64_t>(g, plane, r, sy, tile - sy * g.tiles_x);
         if constexpr (Bytes > 0) {
           copy_run<Bytes>(out + tx * Bytes, in);
         } else {

@@ -1,6 +1,7 @@
 // CUDA kernel of ppml::shuffle_patches: each thread moves one aligned chunk (up to 16 bytes) of a patch row.
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/detail/IntegerDivider.cuh>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -23,21 +24,30 @@ __global__ void check_perm_rows_kernel(const int64_t* perm, int32_t* seen, int32
   }
 }
 
-template <typename Unit>
+// Divisions by the geometry, precomputed once per launch: 32-bit magic-number division where every offset fits
+// (the common case), plain 64-bit division otherwise. Four divmods per 16-byte move would otherwise bound the kernel.
+template <typename Index>
+struct ShuffleDividers {
+  at::cuda::detail::IntDivider<Index> row_units, height, run_units, patch, planes_per_perm, tiles_x;
+  explicit ShuffleDividers(const ShuffleGeometry& g)
+      : row_units(g.row_units), height(g.height), run_units(g.run_units), patch(g.patch),
+        planes_per_perm(g.planes_per_perm), tiles_x(g.tiles_x) {}
+};
+
+template <typename Unit, typename Index>
 __global__ void shuffle_patches_kernel(const Unit* __restrict__ src, Unit* __restrict__ dst,
-                                       const int64_t* __restrict__ perm, ShuffleGeometry g) {
-  const int64_t total = g.planes * g.height * g.row_units;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t row = i / g.row_units;
-    const int64_t x = i - row * g.row_units;
-    const int64_t plane = row / g.height;
-    const int64_t y = row - plane * g.height;
-    const int64_t tx = x / g.run_units;
-    int64_t tile = perm[(plane / g.planes_per_perm) * g.num_tiles + shuffle_tile_index(g, y, tx)];
-    // perm was validated on the host; the clamp only keeps a corrupted index from ever reading out of bounds.
-    tile = tile < 0 ? 0 : (tile >= g.num_tiles ? g.num_tiles - 1 : tile);
-    dst[i] = src[shuffle_source_offset(g, plane, y, tile) + (x - tx * g.run_units)];
+                                       const int64_t* __restrict__ perm, ShuffleGeometry g,
+                                       ShuffleDividers<Index> d, Index total) {
+  const Index stride = static_cast<Index>(gridDim.x) * blockDim.x;
+  for (Index i = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
+    const auto row_x = d.row_units.divmod(i);          // (plane * H + y, unit within the row)
+    const auto plane_y = d.height.divmod(row_x.div);   // (plane, y)
+    const auto tx_k = d.run_units.divmod(row_x.mod);   // (tile column, unit within the patch row)
+    const auto ty_r = d.patch.divmod(plane_y.mod);     // (tile row, row within the patch)
+    const Index n = static_cast<Index>(g.num_tiles);
+    const Index key = d.planes_per_perm.div(plane_y.div) * n + ty_r.div * static_cast<Index>(g.tiles_x) + tx_k.div;
+    const auto sy_sx = d.tiles_x.divmod(clamp_tile<Index>(static_cast<Index>(__ldg(perm + key)), n));
+    dst[i] = src[shuffle_source_offset<Index>(g, plane_y.div, ty_r.mod, sy_sx.div, sy_sx.mod) + tx_k.mod];
   }
 }
 
@@ -57,15 +67,27 @@ void check_perm_rows_cuda(const at::Tensor& perm) {
               " (N=(H/p)*(W/p)=", N, "), at least one row is not");
 }
 
+template <typename Unit, typename Index>
+void launch_indexed(const at::Tensor& src, at::Tensor& out, const at::Tensor& perm, const ShuffleGeometry& g) {
+  const int64_t total = g.planes * g.height * g.row_units;
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  // Enough resident blocks to cover the memory latency; the grid-stride loop does the rest.
+  const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, static_cast<int64_t>(sms) * 32);
+  shuffle_patches_kernel<Unit, Index><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      static_cast<const Unit*>(src.const_data_ptr()), static_cast<Unit*>(out.mutable_data_ptr()),
+      perm.const_data_ptr<int64_t>(), g, ShuffleDividers<Index>(g), static_cast<Index>(total));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename Unit>
 void launch(const at::Tensor& src, at::Tensor& out, const at::Tensor& perm, const ShuffleGeometry& g) {
   const int64_t total = g.planes * g.height * g.row_units;
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, static_cast<int64_t>(sms) * 32);
-  shuffle_patches_kernel<Unit><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      static_cast<const Unit*>(src.const_data_ptr()), static_cast<Unit*>(out.mutable_data_ptr()),
-      perm.const_data_ptr<int64_t>(), g);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // uint32 indices (and fast division) while every index, the grid-stride overshoot included, stays below 2^31.
+  if (total < (int64_t{1} << 31) && g.num_tiles * (g.planes / g.planes_per_perm) < (int64_t{1} << 31)) {
+    launch_indexed<Unit, uint32_t>(src, out, perm, g);
+  } else {
+    launch_indexed<Unit, int64_t>(src, out, perm, g);
+  }
 }
 
 at::Tensor shuffle_patches_cuda(const at::Tensor& images, const at::Tensor& perm, int64_t patch_size) {
