@@ -44,7 +44,8 @@ def time_cpu(
         budget_s: rough time to spend on the timed repetitions (the warm-up is extra).
         min_reps: the fewest timed repetitions, whatever the budget: a median of fewer is noise.
         max_reps: the most timed repetitions (small kernels would otherwise run thousands of times).
-        warmup: untimed calls first, so first-touch page faults, allocator growth and lazy init are not timed.
+        warmup: untimed calls first, so lazy init and one-off allocator growth are not timed (an op that returns a
+            fresh tensor large enough to come from mmap still pays its page faults on every call, as it would in use).
 
     Returns:
         ``{"ms": median, "min_ms": fastest, "reps": timed repetitions}``.
@@ -151,6 +152,55 @@ def copy_bound_ms(x: torch.Tensor, **kwargs) -> dict:
     return time_fn(lambda: out.copy_(x), x.device, **kwargs)
 
 
+def _proc_ticks() -> tuple[int, int] | None:
+    """(busy ticks of the whole machine, ticks of this process) from /proc; None where /proc is missing."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        with open("/proc/self/stat") as f:
+            # The command name may contain spaces, so the fields are counted after its closing parenthesis.
+            own = f.read().rsplit(")", 1)[1].split()
+    except (OSError, ValueError, IndexError):
+        return None
+    # user nice system idle iowait irq softirq steal: steal counts as busy, the hypervisor gave the core away.
+    busy = sum(fields[:8]) - fields[3] - fields[4]
+    return busy, int(own[11]) + int(own[12])  # utime + stime of all this process's threads
+
+
+_MIN_OTHER_TICKS = 3
+
+
+class CpuContention:
+    """How much of the machine's CPU time other processes (or the hypervisor) took while a block ran.
+
+    A benchmark on a shared or virtual machine is only as good as its quietest moment: OpenMP kernels in particular
+    wait a whole scheduler tick for a preempted thread. Use as ``with CpuContention() as c: ...`` and read
+    ``c.other_share`` (0 = nobody else ran, 1 = others had every core the whole time; None where /proc is missing).
+    Resolution is one clock tick (10 ms): fewer than 3 ticks taken by others read as 0, so contention during a block
+    of a few milliseconds goes unseen, and a short block's share is coarse.
+    """
+
+    other_share: float | None = None
+
+    def __enter__(self) -> CpuContention:
+        self._t0 = time.monotonic()
+        self._ticks0 = _proc_ticks()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        ticks1 = _proc_ticks()
+        elapsed = time.monotonic() - self._t0
+        if self._ticks0 is None or ticks1 is None or elapsed <= 0:
+            return
+        other = (ticks1[0] - self._ticks0[0]) - (ticks1[1] - self._ticks0[1])
+        # Ticks are sampled, so one or two stray ones say nothing about a block of a few milliseconds.
+        if other < _MIN_OTHER_TICKS:
+            self.other_share = 0.0
+            return
+        capacity = elapsed * os.sysconf("SC_CLK_TCK") * (os.cpu_count() or 1)
+        self.other_share = min(1.0, other / capacity)
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -220,6 +270,7 @@ def environment(device: torch.device | str) -> dict:
         "cuda": torch.version.cuda,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "host": platform.node(),
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()

@@ -19,6 +19,8 @@ if [[ -n "$OUT" ]]; then
     exec > >(tee -a "$OUT/gpu_check.log") 2>&1
 fi
 
+# Python block-buffers stdout into a pipe: without this the log interleaves stdout and stderr out of order.
+export PYTHONUNBUFFERED=1
 BUDGET_S="${GPU_CHECK_BUDGET_S:-470}"
 START=$SECONDS
 FAILED=()
@@ -79,7 +81,7 @@ sanitize() {
     cs="$(command -v compute-sanitizer || true)"
     [[ -z "$cs" && -x /usr/local/cuda/bin/compute-sanitizer ]] && cs=/usr/local/cuda/bin/compute-sanitizer
     if [[ -z "$cs" ]]; then
-        echo "compute-sanitizer not found (PATH, /usr/local/cuda/bin): memcheck not run"
+        echo "memcheck NOT RUN: compute-sanitizer not found (PATH, /usr/local/cuda/bin)"
         return 0
     fi
     # Without the caching allocator every tensor is its own cudaMalloc, so an overrun past a small tensor is caught
@@ -131,6 +133,8 @@ else
     step "build ppml._C (sm_90)" 240 build
 fi
 step "backend_info" 60 python -c "import json, ppml; print(json.dumps(ppml.backend_info(), indent=2))"
+# Here ppml._C was just built: a _C that does not load must fail the tests, not skip them.
+export PPML_REQUIRE_NATIVE=1
 step "pytest tests" 150 python -m pytest -q -x tests
 # The Triton tests on the GPU itself: the interpreter would test Python semantics, not the compiled kernels.
 step "pytest -m triton (GPU, no interpreter)" 120 env -u TRITON_INTERPRET python -m pytest -q -m triton tests

@@ -10,6 +10,14 @@ Prints a Markdown table per section (with the device and the versions), then the
 and writes the rows plus the environment record to ``benchmarks/results/throughput-<device>-<timestamp>.{csv,json}``.
 Every provider's output is checked bit for bit against ``ppml.reference`` before it is timed; a mismatch aborts.
 
+Providers (shuffle): ``copy`` (``out.copy_(x)`` into a preallocated ``out``: the bound), ``clone`` (allocate and
+copy: the bound for any op returning a fresh tensor, far below ``copy`` where first-touch page faults are slow),
+``loop`` (the paper code: a ``torch.randperm`` and an index per image, keys included in the time), ``vectorised``
+(unfold -> ``take_along_dim`` -> fold), ``compiled`` (``torch.compile(ppml.reference.shuffle_patches)``, full runs
+only), ``native`` (``torch.ops.ppml.shuffle_patches``) and ``triton`` (GPU only). A provider whose backend cannot run
+here is skipped with the reason from ``ppml._dispatch.unavailable_reason``. Rows timed while other processes took
+more than 10% of the CPU are marked †.
+
 A section is a function ``(Config) -> list[row dict]`` registered in :data:`SECTIONS` (``shuffle`` now; ``mix`` and
 ``anchor`` later), with its targets in :data:`TARGETS`.
 """
@@ -29,7 +37,7 @@ from pathlib import Path
 import torch
 
 # Run as a script, so benchmarks/ is on sys.path and the shared helpers import by their module name.
-from _timing import copy_bound_ms, environment, synchronize, time_fn
+from _timing import CpuContention, copy_bound_ms, environment, synchronize, time_fn
 
 import ppml
 from ppml import reference
@@ -48,6 +56,7 @@ CSV_FIELDS = [
     "ms",
     "min_ms",
     "reps",
+    "other_cpu",
     "gb_per_s",
     "share_of_copy",
     "speedup_vs_loop",
@@ -135,6 +144,7 @@ class Provider:
         backend: the ppml backend whose ``unavailable_reason`` decides whether it runs here.
         gpu_only: skipped on CPU (Triton on CPU exists only under the interpreter, which says nothing about speed).
         skip_quick: why it is left out of ``--quick`` runs, if it is.
+        quick_max_batch: the largest batch it is timed at in ``--quick`` runs (None: every batch).
         optional: a failure to run (not a wrong result) skips it with the error instead of aborting, because it
             says something about this machine (no C++ compiler for inductor...) rather than about ppml.
     """
@@ -145,6 +155,7 @@ class Provider:
     backend: str | None = None
     gpu_only: bool = False
     skip_quick: str | None = None
+    quick_max_batch: int | None = None
     optional: bool = False
 
     def timed_fn(self, x: torch.Tensor, perm: torch.Tensor, p: int) -> Callable[[], object]:
@@ -239,7 +250,14 @@ def _shuffle_providers() -> list[Provider]:
         # Allocating the output and copying: the bound for any op that returns a fresh tensor. On a CPU where the
         # first touch of fresh pages is slow (large tensors come straight from mmap) it is far below `copy`.
         Provider("clone", None, lambda x, perm, p: x.clone),
-        Provider("loop", lambda x, perm, p: shuffle_loop(x, p, perm), lambda x, perm, p: lambda: shuffle_loop(x, p)),
+        # B=256 of the Python loop costs more of a --quick minute than all the other rows together (and seconds per
+        # call when another process holds a core), while B=64 already gives the speedup vs loop.
+        Provider(
+            "loop",
+            lambda x, perm, p: shuffle_loop(x, p, perm),
+            lambda x, perm, p: lambda: shuffle_loop(x, p),
+            quick_max_batch=64,
+        ),
         Provider("vectorised", shuffle_vectorised),
         Provider(
             "compiled",
@@ -276,6 +294,13 @@ def section_shuffle(cfg: Config) -> list[dict]:
             expected = reference.shuffle_patches(x, perm, p)
             shape_rows = []
             for prov in list(runnable):
+                if cfg.quick and prov.quick_max_batch is not None and B > prov.quick_max_batch:
+                    why = f"--quick times it up to B={prov.quick_max_batch} (the full run includes B={B})"
+                    log(f"[shuffle] skipping {prov.name} {dname} B={B}: {why}")
+                    note = f"skipped shuffle_patches/{prov.name} at B={B}: {why}"
+                    if note not in cfg.notes:  # once, not once per dtype
+                        cfg.notes.append(note)
+                    continue
                 if prov.run is not None:
                     try:
                         got = prov.run(x, perm, p)
@@ -294,11 +319,16 @@ def section_shuffle(cfg: Config) -> list[dict]:
                             f"[{B}, {C}, {H}, {W}] p={p} on {device}: refusing to time a wrong result"
                         )
                     del got
-                if prov.name == "copy":
-                    res = copy_bound_ms(x, budget_s=cfg.budget_s, warmup=cfg.warmup)
-                else:
-                    res = time_fn(prov.timed_fn(x, perm, p), device, budget_s=cfg.budget_s, warmup=cfg.warmup)
-                log(f"[shuffle] {prov.name:<10} {dname:<8} B={B:<4} {res['ms']:10.3f} ms  ({res['reps']} reps)")
+                with CpuContention() as contention:
+                    if prov.name == "copy":
+                        res = copy_bound_ms(x, budget_s=cfg.budget_s, warmup=cfg.warmup)
+                    else:
+                        res = time_fn(prov.timed_fn(x, perm, p), device, budget_s=cfg.budget_s, warmup=cfg.warmup)
+                busy = contention.other_share
+                log(
+                    f"[shuffle] {prov.name:<10} {dname:<8} B={B:<4} {res['ms']:10.3f} ms  ({res['reps']} reps"
+                    + (f", other processes took {busy:.0%} of the CPU)" if busy and busy > 0.02 else ")")
+                )
                 shape_rows.append(
                     {
                         "section": "shuffle_patches",
@@ -312,6 +342,7 @@ def section_shuffle(cfg: Config) -> list[dict]:
                         "ms": res["ms"],
                         "min_ms": res["min_ms"],
                         "reps": res["reps"],
+                        "other_cpu": contention.other_share,
                     }
                 )
             derive(shape_rows, nbytes=2 * x.numel() * x.element_size())
@@ -351,31 +382,43 @@ TARGETS: dict[str, list[Target]] = {
 SECTIONS: dict[str, Callable[[Config], list[dict]]] = {
     "shuffle": section_shuffle,
 }
-SECTION_OPS = {"shuffle": "shuffle_patches"}
 
 
 def check_targets(name: str, rows: list[dict], device: torch.device) -> list[str]:
-    """One line per target of section `name` that applies to `device`: value, threshold, met / NOT met / n/a."""
+    """One line per target of section `name` (whose rows are `rows`) that applies to `device`: value, threshold,
+    met / NOT met / n/a."""
     lines = []
     for t in TARGETS.get(name, []):
         if device.type not in t.devices:
             continue
-        key = (SECTION_OPS[name], t.provider, t.dtype, t.B)
-        hit = [r for r in rows if (r["section"], r["provider"], r["dtype"], r["B"]) == key]
+        hit = [r for r in rows if (r["provider"], r["dtype"], r["B"]) == (t.provider, t.dtype, t.B)]
         value = hit[0].get(t.metric) if hit else None
         if value is None:
             lines.append(f"- {t.label}: n/a (not measured here) (target >= {t.minimum:g})")
             continue
         verdict = "met" if value >= t.minimum else "NOT met"
-        lines.append(f"- {t.label}: {value:.2f} (target >= {t.minimum:g}) {verdict}")
+        # A ratio is as unreliable as either of its rows: the provider's and the baseline's at the same shape.
+        baseline = "copy" if t.metric == "share_of_copy" else t.metric.removeprefix("speedup_vs_")
+        pair = hit + [r for r in rows if (r["provider"], r["dtype"], r["B"]) == (baseline, t.dtype, t.B)]
+        mark = " †" if any(_contended(r) for r in pair) else ""
+        lines.append(f"- {t.label}: {value:.2f} (target >= {t.minimum:g}) {verdict}{mark}")
     return lines
 
 
 # ---- output -------------------------------------------------------------------------------------------------------
 
 
+def _contended(row: dict) -> str:
+    busy = row.get("other_cpu")
+    return " †" if busy is not None and busy > CONTENTION_LIMIT else ""
+
+
 def _fmt(value, spec: str, suffix: str = "") -> str:
     return "—" if value is None else format(value, spec) + suffix
+
+
+# Above this share of the CPU taken by other processes while a row was timed, the row is marked unreliable.
+CONTENTION_LIMIT = 0.10
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -384,12 +427,21 @@ def markdown_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|---|---|" + "---:|" * (len(cols) - 2)]
     for r in rows:
         lines.append(
-            f"| {r['provider']} | {r['dtype']} | {r['B']} | {_fmt(r['ms'], '.3f')} | {_fmt(r['gb_per_s'], '.1f')} "
+            f"| {r['provider']} | {r['dtype']} | {r['B']} | {_fmt(r['ms'], '.3f')}{_contended(r)} "
+            f"| {_fmt(r['gb_per_s'], '.1f')} "
             f"| {_fmt(r['share_of_copy'], '.2f')} | {_fmt(r['speedup_vs_loop'], '.1f', '×')} "
             f"| {_fmt(r['speedup_vs_vectorised'], '.2f', '×')} | {_fmt(r['speedup_vs_compiled'], '.2f', '×')} "
             f"| {_fmt(r['images_per_s'], ',.0f')} |"
         )
     return "\n".join(lines)
+
+
+def section_title(rows: list[dict]) -> str:
+    """``shuffle_patches [B, 3, 224, 224] p=16``, from the rows themselves so a new section needs no title table."""
+    if not rows:
+        return "(no rows)"
+    r = rows[0]
+    return f"{r['section']} [B, {r['C']}, {r['H']}, {r['W']}] p={r['patch_size']}"
 
 
 def env_line(env: dict) -> str:
@@ -461,8 +513,13 @@ def main(argv: list[str] | None = None) -> int:
         except BenchmarkMismatch as exc:
             print(f"\nMISMATCH — aborting: {exc}", file=sys.stderr)
             return 1
-        print(f"\n## {SECTION_OPS[name]} [B, 3, 224, 224] p=16 on {env['device_name']}\n")
+        print(f"\n## {section_title(rows)} on {env['device_name']}\n")
         print(markdown_table(rows))
+        if any(_contended(r) for r in rows):
+            print(
+                f"\n† other processes took more than {CONTENTION_LIMIT:.0%} of the CPU while this row was timed: "
+                "rerun on a quiet machine before trusting it"
+            )
         if cfg.notes:
             print("\n" + "\n".join(cfg.notes))
             cfg.notes.clear()

@@ -5,11 +5,10 @@ C++ kernels, and only for the ops it did not cover is the reference registered a
 """
 
 from . import _extension
-from .ops import _common  # noqa: F401  (defines the ppml op library)
-from .ops import shuffle_patches as _shuffle_mod
+from .ops import _common  # defines the ppml op library, then each op module its schema
 
 _extension.load()
-_shuffle_mod.register_fallback_kernels()
+_common.register_fallback_kernels()
 
 from . import _dispatch  # noqa: E402
 
@@ -17,14 +16,18 @@ _dispatch.refresh()
 
 from ._dispatch import backend_info  # noqa: E402
 from .keys import invert_permutations, random_permutations  # noqa: E402
+from .ops.mix_subpatches import SubpatchMix, mix_subpatches, random_mixing_weights  # noqa: E402
 from .ops.shuffle_patches import PatchShuffle, shuffle_patches, unshuffle_patches  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PatchShuffle",
+    "SubpatchMix",
     "backend_info",
     "invert_permutations",
+    "mix_subpatches",
+    "random_mixing_weights",
     "random_permutations",
     "shuffle_patches",
     "unshuffle_patches",

@@ -24,6 +24,8 @@ class _State:
 
 
 _state = _State()
+# (op, dispatch key) pairs whose kernel is the Python reference, registered because _C provided none.
+fallback_registered: set[tuple[str, str]] = set()
 
 
 def _build_info() -> dict:
@@ -84,7 +86,7 @@ def native_reason(device_type: str, op: str) -> str | None:
         if not torch.cuda.is_available():
             return "torch.cuda.is_available() is False"
     key = "CPU" if device_type == "cpu" else "CUDA"
-    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"ppml::{op}", key):
+    if (op, key) in fallback_registered or not torch._C._dispatch_has_kernel_for_dispatch_key(f"ppml::{op}", key):
         return f"ppml._C registers no {key} kernel for ppml::{op}"
     return None
 

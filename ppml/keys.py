@@ -51,3 +51,28 @@ def invert_permutations(perm: torch.Tensor) -> torch.Tensor:
     inv = torch.empty_like(perm)
     ar = torch.arange(perm.shape[-1], device=perm.device, dtype=perm.dtype).expand_as(perm)
     return inv.scatter_(-1, perm, ar)
+
+
+def random_simplex(
+    batch: int,
+    rows: int,
+    k: int,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """``[batch, rows, k]`` points uniform on the probability simplex (non-negative, each row summing to 1): normalised
+    Exp(1) draws. OS entropy unless a seeded generator is given."""
+    if not isinstance(batch, int) or batch < 0 or not isinstance(rows, int) or rows < 0:
+        raise ValueError(f"ppml.random_mixing_weights: batch and num_patches must be ints >= 0, got {batch!r}, {rows!r}")
+    if generator is None:
+        # 53-bit uniforms in (0, 1] from the OS CSPRNG.
+        raw = np.frombuffer(os.urandom(8 * batch * rows * k), dtype=np.uint64).reshape(batch, rows, k)
+        u = ((raw >> np.uint64(11)).astype(np.float64) + 1.0) / float(2**53)
+        e = torch.from_numpy(-np.log(u))
+    else:
+        u = torch.rand((batch, rows, k), generator=generator, device=generator.device, dtype=torch.float64)
+        e = -torch.log1p(-u)  # u in [0, 1): 1 - u in (0, 1]
+    w = e / e.sum(-1, keepdim=True)
+    return w.to(device=device if device is not None else e.device, dtype=dtype)

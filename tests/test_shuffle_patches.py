@@ -125,7 +125,52 @@ def test_opcheck(device, layout, dtype):
     if dtype.is_floating_point:
         x.requires_grad_(True)
     perm = make_perm(2, 6, device)
-    torch.library.opcheck(torch.ops.ppml.shuffle_patches, (x, perm, 4))
+    torch.library.opcheck(torch.ops.ppml.shuffle_patches.default, (x, perm, 4))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_opcheck_out_variant(device, layout):
+    x = make_images((2, 3, 8, 12), torch.float32, device, "sliced")
+    out = LAYOUTS[layout](torch.empty(2, 3, 8, 12, device=device))
+    torch.library.opcheck(torch.ops.ppml.shuffle_patches.out, (x, make_perm(2, 6, device), 4), {"out": out})
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("out_layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32], ids=str)
+def test_out_variant_matches_and_reuses_buffer(device, out_layout, dtype):
+    x = make_images((3, 3, 16, 16), dtype, device, "contiguous")
+    perm = make_perm(3, 16, device)
+    out = LAYOUTS[out_layout](torch.empty(3, 3, 16, 16, dtype=dtype, device=device))
+    for backend in backends_for(device):
+        res, _ = ppml.shuffle_patches(x, 4, perm, backend=backend, out=out)
+        assert res is out and torch.equal(out, ref_shuffle(x, perm, 4))
+        out.zero_()
+
+
+@pytest.mark.parametrize(
+    "out,pattern",
+    [
+        (torch.empty(2, 3, 8, 8, dtype=torch.float64), r"out must be float32 \[2, 3, 8, 8\] on cpu, got float64"),
+        (torch.empty(2, 3, 8, 4), r"out must be float32 \[2, 3, 8, 8\] on cpu, got float32 \[2, 3, 8, 4\]"),
+        (torch.empty(2, 3, 8, 16)[..., ::2], r"out must be contiguous or channels_last"),
+    ],
+)
+def test_out_variant_bad_out(out, pattern):
+    x = make_images((2, 3, 8, 8), torch.float32)
+    perm = make_perm(2, 4)
+    with pytest.raises(ValueError, match=r"ppml\.shuffle_patches: " + pattern):
+        torch.ops.ppml.shuffle_patches.out(x, perm, 4, out=out)
+    for backend in backends_for("cpu"):
+        with pytest.raises(ValueError, match=r"ppml\.shuffle_patches: " + pattern):
+            ppml.shuffle_patches(x, 4, perm, backend=backend, out=out)
+
+
+def test_out_variant_refuses_aliasing_images():
+    x = make_images((2, 3, 8, 8), torch.float32)
+    with pytest.raises(ValueError, match=r"ppml\.shuffle_patches: out must not share memory with images"):
+        torch.ops.ppml.shuffle_patches.out(x, make_perm(2, 4), 4, out=x)
 
 
 @pytest.mark.parametrize("device", DEVICES)

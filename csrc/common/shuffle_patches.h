@@ -54,24 +54,26 @@ C10_HOST_DEVICE inline Index clamp_tile(Index tile, Index num_tiles) {
 
 #ifndef __CUDACC_RTC__
 
+inline const char* dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kByte: return "uint8";
+    case at::kChar: return "int8";
+    case at::kShort: return "int16";
+    case at::kInt: return "int32";
+    case at::kLong: return "int64";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    case at::kFloat: return "float32";
+    case at::kDouble: return "float64";
+    case at::kBool: return "bool";
+    default: return c10::toString(t);
+  }
+}
+
 // "int32 [8, 196] on cpu": the wording ppml/ops/_common.py::describe uses too.
 inline std::string describe(const at::Tensor& t) {
-  const char* name = nullptr;
-  switch (t.scalar_type()) {
-    case at::kByte: name = "uint8"; break;
-    case at::kChar: name = "int8"; break;
-    case at::kShort: name = "int16"; break;
-    case at::kInt: name = "int32"; break;
-    case at::kLong: name = "int64"; break;
-    case at::kHalf: name = "float16"; break;
-    case at::kBFloat16: name = "bfloat16"; break;
-    case at::kFloat: name = "float32"; break;
-    case at::kDouble: name = "float64"; break;
-    case at::kBool: name = "bool"; break;
-    default: name = c10::toString(t.scalar_type());
-  }
   std::ostringstream os;
-  os << name << " " << t.sizes() << " on " << t.device();
+  os << dtype_name(t.scalar_type()) << " " << t.sizes() << " on " << t.device();
   return os.str();
 }
 
@@ -99,6 +101,20 @@ inline void check_shuffle_args(const at::Tensor& images, const at::Tensor& perm,
 // contiguous. ppml/ops/shuffle_patches.py::_output_is_channels_last is the Python twin (used by the fake kernel).
 inline bool shuffle_use_channels_last(const at::Tensor& images) {
   return !images.is_contiguous() && images.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// Checks an `out=` tensor for ops whose output has the shape `sizes` and dtype `dtype`, and returns whether the kernel
+// should work in channels_last (out is channels_last) or contiguous (out is contiguous) layout. An out sharing storage
+// with the images would make the gather read what it already wrote, so it is refused.
+inline bool check_out(const char* op, const at::Tensor& out, at::IntArrayRef sizes, at::ScalarType dtype,
+                      const at::Tensor& images) {
+  TORCH_CHECK_VALUE(out.sizes() == sizes && out.scalar_type() == dtype && out.device() == images.device(), op,
+                    ": out must be ", dtype_name(dtype), " ", sizes, " on ", images.device(), ", got ", describe(out));
+  const bool contiguous = out.is_contiguous();
+  const bool cl = !contiguous && out.is_contiguous(at::MemoryFormat::ChannelsLast);
+  TORCH_CHECK_VALUE(contiguous || cl, op, ": out must be contiguous or channels_last, got strides ", out.strides());
+  TORCH_CHECK_VALUE(!out.numel() || !out.is_alias_of(images), op, ": out must not share memory with images");
+  return cl;
 }
 
 inline ShuffleGeometry make_shuffle_geometry(const at::Tensor& dense, bool channels_last, int64_t p,

@@ -46,40 +46,47 @@ inline void copy_run(char* dst, const char* src) {
   std::memcpy(dst, src, Bytes);
 }
 
+// One task unit is a tile row of one plane (p image rows): its tiles' source offsets are computed once, so the inner
+// loop is nothing but run copies (a division per 16-byte uint8 run would cost more than the copy).
 template <int64_t Bytes>
-void gather_rows(const ShuffleGeometry& g, const int64_t* perm, const char* src, char* dst, int64_t run_bytes) {
-  const int64_t rows = g.planes * g.height;
-  // ~64 KiB of output per task: large enough to amortise scheduling, small enough to balance two cores.
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, g.row_units));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t plane = row / g.height;
-      const int64_t y = row - plane * g.height;
-      const int64_t ty = y / g.patch;
-      const int64_t r = y - ty * g.patch;
+void gather_tile_rows(const ShuffleGeometry& g, const int64_t* perm, const char* src, char* dst, int64_t run_bytes) {
+  const int64_t tiles_y = g.height / g.patch;
+  const int64_t units = g.planes * tiles_y;
+  // ~64 KiB of output per task: large enough to amortise scheduling, small enough to balance the cores.
+  const int64_t unit_bytes = std::max<int64_t>(1, g.patch * g.row_units);
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / unit_bytes);
+  at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
+    std::vector<const char*> from(static_cast<size_t>(g.tiles_x));
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t plane = unit / tiles_y;
+      const int64_t ty = unit - plane * tiles_y;
       const int64_t* tiles = perm + (plane / g.planes_per_perm) * g.num_tiles + ty * g.tiles_x;
-      char* out = dst + shuffle_row_offset<int64_t>(g, plane, y);
       for (int64_t tx = 0; tx < g.tiles_x; ++tx) {
-        const int64_t tile = tiles[tx];
-        const int64_t sy = tile / g.tiles_x;
-        const char* in = src + shuffle_source_offset<int64_t>(g, plane, r, sy, tile - sy * g.tiles_x);
-        if constexpr (Bytes > 0) {
-          copy_run<Bytes>(out + tx * Bytes, in);
-        } else {
-          std::memcpy(out + tx * run_bytes, in, run_bytes);
+        const int64_t sy = tiles[tx] / g.tiles_x;
+        from[tx] = src + shuffle_source_offset<int64_t>(g, plane, int64_t{0}, sy, tiles[tx] - sy * g.tiles_x);
+      }
+      for (int64_t r = 0; r < g.patch; ++r) {
+        char* out = dst + shuffle_row_offset<int64_t>(g, plane, ty * g.patch + r);
+        const int64_t shift = r * g.row_units;
+        for (int64_t tx = 0; tx < g.tiles_x; ++tx) {
+          if constexpr (Bytes > 0) {
+            copy_run<Bytes>(out + tx * Bytes, from[tx] + shift);
+          } else {
+            std::memcpy(out + tx * run_bytes, from[tx] + shift, run_bytes);
+          }
         }
       }
     }
   });
 }
 
-at::Tensor shuffle_patches_cpu(const at::Tensor& images, const at::Tensor& perm, int64_t patch_size) {
+// Works in `out`'s layout (contiguous or channels_last): the images are brought to it first if needed.
+void shuffle_patches_out_cpu(const at::Tensor& images, const at::Tensor& perm, int64_t patch_size,
+                    at::Tensor& out) {
   check_shuffle_args(images, perm, patch_size);
-  const bool cl = shuffle_use_channels_last(images);
-  const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  const at::Tensor src = images.contiguous(fmt);
-  at::Tensor out = at::empty(src.sizes(), src.options().memory_format(fmt));
-  if (out.numel() == 0) return out;
+  const bool cl = check_out("ppml.shuffle_patches", out, images.sizes(), images.scalar_type(), images);
+  if (out.numel() == 0) return;
+  const at::Tensor src = images.contiguous(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   const at::Tensor perm_c = perm.contiguous();
   check_perm_rows(perm_c);
 
@@ -90,13 +97,21 @@ at::Tensor shuffle_patches_cpu(const at::Tensor& images, const at::Tensor& perm,
   char* d = static_cast<char*>(out.mutable_data_ptr());
   const int64_t* pp = perm_c.const_data_ptr<int64_t>();
   switch (run_bytes) {
-    case 16: gather_rows<16>(g, pp, s, d, run_bytes); break;
-    case 32: gather_rows<32>(g, pp, s, d, run_bytes); break;
-    case 48: gather_rows<48>(g, pp, s, d, run_bytes); break;
-    case 64: gather_rows<64>(g, pp, s, d, run_bytes); break;
-    case 128: gather_rows<128>(g, pp, s, d, run_bytes); break;
-    default: gather_rows<0>(g, pp, s, d, run_bytes); break;
+    case 16: gather_tile_rows<16>(g, pp, s, d, run_bytes); break;
+    case 32: gather_tile_rows<32>(g, pp, s, d, run_bytes); break;
+    case 48: gather_tile_rows<48>(g, pp, s, d, run_bytes); break;
+    case 64: gather_tile_rows<64>(g, pp, s, d, run_bytes); break;
+    case 128: gather_tile_rows<128>(g, pp, s, d, run_bytes); break;
+    default: gather_tile_rows<0>(g, pp, s, d, run_bytes); break;
   }
+}
+
+at::Tensor shuffle_patches_cpu(const at::Tensor& images, const at::Tensor& perm, int64_t patch_size) {
+  check_shuffle_args(images, perm, patch_size);
+  at::Tensor out = at::empty(images.sizes(), images.options().memory_format(
+                                                 shuffle_use_channels_last(images) ? at::MemoryFormat::ChannelsLast
+                                                                                   : at::MemoryFormat::Contiguous));
+  shuffle_patches_out_cpu(images, perm, patch_size, out);
   return out;
 }
 
@@ -104,6 +119,7 @@ at::Tensor shuffle_patches_cpu(const at::Tensor& images, const at::Tensor& perm,
 
 TORCH_LIBRARY_IMPL(ppml, CPU, m) {
   m.impl("shuffle_patches", &shuffle_patches_cpu);
+  m.impl("shuffle_patches.out", &shuffle_patches_out_cpu);
 }
 
 }  // namespace ppml::ops

@@ -90,14 +90,13 @@ void launch(const at::Tensor& src, at::Tensor& out, const at::Tensor& perm, cons
   }
 }
 
-at::Tensor shuffle_patches_cuda(const at::Tensor& images, const at::Tensor& perm, int64_t patch_size) {
+void shuffle_patches_out_cuda(const at::Tensor& images, const at::Tensor& perm, int64_t patch_size,
+                     at::Tensor& out) {
   check_shuffle_args(images, perm, patch_size);
   const c10::cuda::CUDAGuard guard(images.device());
-  const bool cl = shuffle_use_channels_last(images);
-  const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  const at::Tensor src = images.contiguous(fmt);
-  at::Tensor out = at::empty(src.sizes(), src.options().memory_format(fmt));
-  if (out.numel() == 0) return out;
+  const bool cl = check_out("ppml.shuffle_patches", out, images.sizes(), images.scalar_type(), images);
+  if (out.numel() == 0) return;
+  const at::Tensor src = images.contiguous(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   const at::Tensor perm_c = perm.contiguous();
   check_perm_rows_cuda(perm_c);
 
@@ -111,6 +110,14 @@ at::Tensor shuffle_patches_cuda(const at::Tensor& images, const at::Tensor& perm
     case 2: launch<uint16_t>(src, out, perm_c, g); break;
     default: launch<uint8_t>(src, out, perm_c, g); break;
   }
+}
+
+at::Tensor shuffle_patches_cuda(const at::Tensor& images, const at::Tensor& perm, int64_t patch_size) {
+  check_shuffle_args(images, perm, patch_size);
+  at::Tensor out = at::empty(images.sizes(), images.options().memory_format(
+                                                 shuffle_use_channels_last(images) ? at::MemoryFormat::ChannelsLast
+                                                                                   : at::MemoryFormat::Contiguous));
+  shuffle_patches_out_cuda(images, perm, patch_size, out);
   return out;
 }
 
@@ -118,6 +125,7 @@ at::Tensor shuffle_patches_cuda(const at::Tensor& images, const at::Tensor& perm
 
 TORCH_LIBRARY_IMPL(ppml, CUDA, m) {
   m.impl("shuffle_patches", &shuffle_patches_cuda);
+  m.impl("shuffle_patches.out", &shuffle_patches_out_cuda);
 }
 
 }  // namespace ppml::ops

@@ -1,5 +1,5 @@
 """The ops: each module defines its schema, checks, fake kernel, autograd, public function and nn.Module twin."""
 
-from . import shuffle_patches
+from . import mix_subpatches, shuffle_patches
 
-__all__ = ["shuffle_patches"]
+__all__ = ["mix_subpatches", "shuffle_patches"]

@@ -41,3 +41,41 @@ def empty_output(images: torch.Tensor, shape, dtype=None) -> torch.Tensor:
 
 
 IMAGE_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# (op name, kernel) pairs: the reference-backed kernel each op registers where ppml._C registered none.
+_FALLBACKS: list[tuple[str, object]] = []
+
+
+def fallback_kernel(op: str):
+    """Marks `fn` as ppml::<op>'s kernel for when ppml._C does not provide one (see register_fallback_kernels)."""
+
+    def deco(fn):
+        _FALLBACKS.append((op, fn))
+        return fn
+
+    return deco
+
+
+def register_fallback_kernels() -> None:
+    """Registers each op's reference kernel for CPU and CUDA where ppml._C registered none. Called by
+    ppml/__init__.py after trying to load _C: one kernel per (op, dispatch key), never two (a Python kernel would
+    silently override the C++ one)."""
+    from .. import _extension
+
+    for op, fn in _FALLBACKS:
+        for key in ("CPU", "CUDA"):
+            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"ppml::{op}", key):
+                lib.impl(op, fn, key)
+                _extension.fallback_registered.add((op, key))
+
+
+def check_positive_int(value, op: str, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{op}: {name} must be a positive integer, got {value!r}")
+
+
+def check_images(images, op: str) -> None:
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        raise ValueError(f"{op}: images must be 4-D [B, C, H, W], got {describe(images)}")
+    if images.dtype not in IMAGE_DTYPES:
+        raise TypeError(f"{op}: images must be uint8, float16, bfloat16, float32 or float64, got {describe(images)}")

@@ -4,27 +4,26 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import is_fake
 
 from .. import _dispatch
 from ..keys import invert_permutations, random_permutations
 from ..reference import shuffle_patches as _reference_shuffle
-from ._common import IMAGE_DTYPES, describe, empty_output, lib
+from ._common import check_images, check_positive_int, describe, empty_output, fallback_kernel, lib
 
 OP = "ppml.shuffle_patches"
 
 lib.define("shuffle_patches(Tensor images, Tensor perm, int patch_size) -> Tensor")
+# Writes into a preallocated tensor (contiguous or channels_last; the kernel works in out's layout): a pipeline that
+# encrypts batch after batch reuses one buffer instead of paying fresh-page faults on every call. Not differentiable.
+# It returns nothing: torch.compile cannot functionalise a custom op whose output aliases an input.
+lib.define("shuffle_patches.out(Tensor images, Tensor perm, int patch_size, *, Tensor(a!) out) -> ()")
 
 
 def _check(images: Tensor, perm: Tensor | None, patch_size: int, op: str = OP) -> int:
     """Shape, dtype and device checks (no data reads, so fake tensors pass through). Returns N."""
-    if not isinstance(images, Tensor) or images.dim() != 4:
-        raise ValueError(f"{op}: images must be 4-D [B, C, H, W], got {describe(images)}")
-    if images.dtype not in IMAGE_DTYPES:
-        raise TypeError(
-            f"{op}: images must be uint8, float16, bfloat16, float32 or float64, got {describe(images)}"
-        )
-    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size <= 0:
-        raise ValueError(f"{op}: patch_size must be a positive integer, got {patch_size!r}")
+    check_images(images, op)
+    check_positive_int(patch_size, op, "patch_size")
     B, _, H, W = images.shape
     if H % patch_size or W % patch_size:
         raise ValueError(f"{op}: patch_size must divide H and W, got patch_size={patch_size} for H={H}, W={W}")
@@ -58,6 +57,24 @@ def _fake(images: Tensor, perm: Tensor, patch_size: int) -> Tensor:
     return empty_output(images, images.shape)
 
 
+def _check_out(images: Tensor, out: Tensor, op: str = OP) -> None:
+    """`out` for an op whose result has the images' shape and dtype (twin of csrc/common/shuffle_patches.h::check_out)."""
+    if not isinstance(out, Tensor) or out.shape != images.shape or out.dtype != images.dtype or out.device != images.device:
+        expected = f"{describe(images).split(' ')[0]} {list(images.shape)} on {images.device}"
+        raise ValueError(f"{op}: out must be {expected}, got {describe(out)}")
+    if not (out.is_contiguous() or out.is_contiguous(memory_format=torch.channels_last)):
+        raise ValueError(f"{op}: out must be contiguous or channels_last, got strides {list(out.stride())}")
+    # (fake tensors have no data pointers to compare: the real kernel checks again)
+    if out.numel() and out.device.type != "meta" and not is_fake(out) and out.untyped_storage().data_ptr() == images.untyped_storage().data_ptr():
+        raise ValueError(f"{op}: out must not share memory with images")
+
+
+@torch.library.register_fake("ppml::shuffle_patches.out")
+def _fake_out(images: Tensor, perm: Tensor, patch_size: int, *, out: Tensor) -> None:
+    _check(images, perm, patch_size)
+    _check_out(images, out)
+
+
 def _setup_context(ctx, inputs, output) -> None:
     _, perm, patch_size = inputs
     ctx.save_for_backward(perm)
@@ -73,6 +90,7 @@ def _backward(ctx, grad: Tensor):
 torch.library.register_autograd("ppml::shuffle_patches", _backward, setup_context=_setup_context)
 
 
+@fallback_kernel("shuffle_patches")
 def _reference_kernel(images: Tensor, perm: Tensor, patch_size: int) -> Tensor:
     """The reference as a kernel: same checks and output layout as the C++ kernels."""
     _check(images, perm, patch_size)
@@ -80,6 +98,14 @@ def _reference_kernel(images: Tensor, perm: Tensor, patch_size: int) -> Tensor:
     out = empty_output(images, images.shape)
     out.copy_(_reference_shuffle(images, perm, patch_size))
     return out
+
+
+@fallback_kernel("shuffle_patches.out")
+def _reference_kernel_out(images: Tensor, perm: Tensor, patch_size: int, *, out: Tensor) -> None:
+    _check(images, perm, patch_size)
+    _check_out(images, out)
+    _check_perm_values(perm)
+    out.copy_(_reference_shuffle(images, perm, patch_size))
 
 
 # ---- Triton twin -------------------------------------------------------------------------------------------------
@@ -133,6 +159,7 @@ def shuffle_patches(
     *,
     backend: str | None = None,
     generator: torch.Generator | None = None,
+    out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """RS encryption: shuffle the p×p patches of each image with its own permutation.
 
@@ -143,6 +170,8 @@ def shuffle_patches(
             (or from ``generator``) when omitted.
         backend: ``None``/``"auto"``, ``"native"``, ``"triton"`` or ``"reference"`` (default: ``PPML_BACKEND``).
         generator: seeds the permutations when ``perm`` is omitted (reproducible, not secret).
+        out (Tensor[B, C, H, W], optional): preallocated result (contiguous or channels_last, not overlapping
+            ``images``); saves an allocation per call. Not differentiable.
 
     Returns:
         ``(encrypted, perm)``: ``encrypted[b, :, tile i] = images[b, :, tile perm[b, i]]`` (tiles row-major), same
@@ -151,8 +180,14 @@ def shuffle_patches(
     n = _check(images, perm, patch_size)
     if perm is None:
         perm = random_permutations(images.shape[0], n, device=images.device, generator=generator)
-    _, fn = _dispatch.choose("shuffle_patches", images.device, backend)
-    return fn(images, perm, patch_size), perm
+    name, fn = _dispatch.choose("shuffle_patches", images.device, backend)
+    if out is None:
+        return fn(images, perm, patch_size), perm
+    if name == "native":
+        torch.ops.ppml.shuffle_patches.out(images, perm, patch_size, out=out)
+        return out, perm
+    _check_out(images, out)
+    return out.copy_(fn(images, perm, patch_size)), perm
 
 
 def unshuffle_patches(
@@ -193,8 +228,7 @@ class PatchShuffle(nn.Module):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size <= 0:
-            raise ValueError(f"ppml.PatchShuffle: patch_size must be a positive integer, got {patch_size!r}")
+        check_positive_int(patch_size, "ppml.PatchShuffle", "patch_size")
         self.patch_size = patch_size
         self.return_perm = return_perm
         self.backend = backend
@@ -211,10 +245,3 @@ class PatchShuffle(nn.Module):
     def extra_repr(self) -> str:
         return f"patch_size={self.patch_size}"
 
-
-def register_fallback_kernels() -> None:
-    """Registers the reference as the kernel of ``ppml::shuffle_patches`` for CPU and CUDA where ppml._C did not
-    register one (called by ppml/__init__.py after trying to load _C: one kernel per (op, key), never two)."""
-    for key in ("CPU", "CUDA"):
-        if not torch._C._dispatch_has_kernel_for_dispatch_key("ppml::shuffle_patches", key):
-            lib.impl("shuffle_patches", _reference_kernel, key)
