@@ -64,3 +64,29 @@ def pytest_report_header(config):
 @pytest.fixture(autouse=True)
 def _no_backend_env(monkeypatch):
     monkeypatch.delenv("PPML_BACKEND", raising=False)
+
+
+# ---- tolerances (one table) ----------------------------------------------------------------------------------------
+# Data-movement ops (shuffle) must match bit for bit. Mixing ops may differ from the reference by 1 ulp of the output
+# dtype, plus the rounding a different (but still float32-accumulated) summation order can add when terms cancel:
+# EPS[accumulation dtype] * sum(|terms|).
+EPS = {torch.float32: torch.finfo(torch.float32).eps, torch.float64: torch.finfo(torch.float64).eps}
+
+
+_MANTISSA = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23, torch.float64: 52}
+
+
+def assert_within_ulp(out: torch.Tensor, ref: torch.Tensor, abs_terms: torch.Tensor | None = None, ulps: float = 1.0):
+    """|out - ref| <= ulps * ulp(ref, out.dtype) + EPS[acc] * abs_terms (abs_terms: sum of |terms| per element)."""
+    assert out.shape == ref.shape and out.dtype == ref.dtype, (out.shape, ref.shape, out.dtype, ref.dtype)
+    r = ref.double()
+    spacing = torch.exp2(
+        torch.floor(torch.log2(torch.clamp(r.abs(), min=torch.finfo(out.dtype).tiny))) - _MANTISSA[out.dtype]
+    )
+    tol = ulps * spacing
+    if abs_terms is not None:
+        acc = torch.float64 if out.dtype == torch.float64 else torch.float32
+        tol = tol + EPS[acc] * abs_terms.double()
+    err = (out.double() - r).abs()
+    bad = err > tol
+    assert not bad.any(), f"{int(bad.sum())} elements off; worst err {float(err.max()):.3g} vs tol {float(tol[bad].min()):.3g}"

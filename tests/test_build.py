@@ -19,7 +19,8 @@ def test_native_loaded_when_required():
     if os.environ.get("PPML_REQUIRE_NATIVE", "") != "1":
         pytest.skip("set PPML_REQUIRE_NATIVE=1 to require ppml._C (CI does)")
     assert _extension.native_loaded(), ppml.backend_info()["native"]
-    assert ppml.backend_info()["ops"]["shuffle_patches"]["native"]["cpu"] is None
+    for op, table in ppml.backend_info()["ops"].items():
+        assert table["native"]["cpu"] is None, (op, table["native"]["cpu"])
 
 
 def test_build_info_matches_running_torch():
@@ -31,8 +32,10 @@ def test_build_info_matches_running_torch():
 def test_cuda_kernels_registered_when_built():
     if not _extension.cuda_kernels_built():
         pytest.skip("ppml._C was built without CUDA kernels")
-    # The CUDA kernel is registered even on a machine without a GPU (it just cannot run here).
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("ppml::shuffle_patches", "CUDA")
+    # The CUDA kernels are registered even on a machine without a GPU (they just cannot run here).
+    for op in ("shuffle_patches", "shuffle_patches.out", "mix_subpatches"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ppml::{op}", "CUDA"), op
+        assert (op, "CUDA") not in _extension.fallback_registered
 
 
 def _run_python(code: str, **env) -> dict:

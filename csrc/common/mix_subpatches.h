@@ -23,6 +23,7 @@ struct MixGeometry {
   int64_t grid;              // g
   int64_t sub;               // q = p / g
   int64_t run;               // q * K elements: one sub-patch row
+  int64_t interleave;        // K: elements per pixel in memory order (1 for NCHW, C for NHWC)
   int64_t tiles_x;           // W / p
   int64_t num_tiles;         // N
 };
@@ -33,7 +34,7 @@ C10_HOST_DEVICE inline Index mix_input_offset(const MixGeometry& g, Index plane,
                                               Index u) {
   const Index p = static_cast<Index>(g.patch), q = static_cast<Index>(g.sub);
   const Index row = plane * static_cast<Index>(g.height) + ty * p + i * q + u;
-  return row * static_cast<Index>(g.in_row) + (tx * p + j * q) * (static_cast<Index>(g.run) / q);
+  return row * static_cast<Index>(g.in_row) + (tx * p + j * q) * static_cast<Index>(g.interleave);
 }
 
 // Offset of the weight of sub-patch (i, j) of tile (ty, tx) of `plane`'s image in a contiguous [B, N, g*g] tensor.
@@ -87,6 +88,7 @@ inline MixGeometry make_mix_geometry(const at::Tensor& dense, bool channels_last
   g.grid = grid;
   g.sub = p / grid;
   g.run = (p / grid) * K;
+  g.interleave = K;
   g.tiles_x = W / p;
   g.num_tiles = (H / p) * (W / p);
   return g;
