@@ -7,10 +7,21 @@
 
 #include <c10/macros/Macros.h>
 #include <cstdint>
+#include <type_traits>
 
 #include "common/shuffle_patches.h"
 
+#ifndef __CUDACC_RTC__
+#include <ATen/ops/empty.h>
+#endif
+
 namespace ppml::ops {
+
+// float64 images accumulate in double, all others (uint8, float16, bfloat16, float32) in float; uint8 mixes to float.
+template <typename scalar_t>
+using mix_acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+template <typename scalar_t>
+using mix_out_t = std::conditional_t<std::is_same_v<scalar_t, uint8_t>, float, scalar_t>;
 
 struct MixGeometry {
   int64_t planes;            // number of planes
@@ -92,6 +103,29 @@ inline MixGeometry make_mix_geometry(const at::Tensor& dense, bool channels_last
   g.tiles_x = W / p;
   g.num_tiles = (H / p) * (W / p);
   return g;
+}
+
+// Everything a kernel needs, prepared once for both devices: the images in the working layout (channels_last kept,
+// anything else made contiguous), the empty output in the same layout, the weights as contiguous accumulation-dtype
+// values (undefined when mixing with the plain mean) and the geometry.
+struct MixOperands {
+  at::Tensor src, out, weights;
+  MixGeometry geometry;
+};
+
+inline MixOperands prepare_mix(const at::Tensor& images, int64_t p, int64_t grid,
+                               const c10::optional<at::Tensor>& weights) {
+  check_mix_args(images, p, grid, weights);
+  const bool cl = shuffle_use_channels_last(images);
+  const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  MixOperands m;
+  m.src = images.contiguous(fmt);
+  const auto st = images.scalar_type();
+  m.out = at::empty({m.src.size(0), m.src.size(1), m.src.size(2) / grid, m.src.size(3) / grid},
+                    m.src.options().dtype(st == at::kByte ? at::kFloat : st).memory_format(fmt));
+  if (weights.has_value()) m.weights = weights->to(st == at::kDouble ? at::kDouble : at::kFloat).contiguous();
+  m.geometry = make_mix_geometry(m.src, cl, p, grid);
+  return m;
 }
 
 #endif  // __CUDACC_RTC__

@@ -13,6 +13,7 @@
 
 #ifndef __CUDACC_RTC__
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 #include <sstream>
 #include <string>
@@ -115,6 +116,13 @@ inline bool check_out(const char* op, const at::Tensor& out, at::IntArrayRef siz
   TORCH_CHECK_VALUE(contiguous || cl, op, ": out must be contiguous or channels_last, got strides ", out.strides());
   TORCH_CHECK_VALUE(!out.numel() || !out.is_alias_of(images), op, ": out must not share memory with images");
   return cl;
+}
+
+// The functional op's output: same shape and dtype, in the working layout.
+inline at::Tensor empty_shuffle_output(const at::Tensor& images) {
+  return at::empty(images.sizes(), images.options().memory_format(shuffle_use_channels_last(images)
+                                                                        ? at::MemoryFormat::ChannelsLast
+                                                                        : at::MemoryFormat::Contiguous));
 }
 
 inline ShuffleGeometry make_shuffle_geometry(const at::Tensor& dense, bool channels_last, int64_t p,

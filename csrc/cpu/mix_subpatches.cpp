@@ -2,10 +2,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
-#include <type_traits>
 #include <vector>
 
 #include "common/mix_subpatches.h"
@@ -13,16 +11,11 @@
 namespace ppml::ops {
 namespace {
 
-template <typename scalar_t>
-using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-template <typename scalar_t>
-using out_type = std::conditional_t<std::is_same_v<scalar_t, uint8_t>, float, scalar_t>;
-
 // The sum runs over sub-patches in row-major order (i outer, j inner), one add at a time, as the reference does:
 // the first term is stored, the others added, so float32/float64 results match the reference bit for bit.
 template <typename scalar_t, bool Weighted>
-void mix_rows(const MixGeometry& g, const scalar_t* src, out_type<scalar_t>* dst, const acc_type<scalar_t>* w) {
-  using acc_t = acc_type<scalar_t>;
+void mix_rows(const MixGeometry& g, const scalar_t* src, mix_out_t<scalar_t>* dst, const mix_acc_t<scalar_t>* w) {
+  using acc_t = mix_acc_t<scalar_t>;
   const int64_t rows = g.planes * g.out_rows;
   const acc_t inv = acc_t(1) / static_cast<acc_t>(g.grid * g.grid);
   // ~64 KiB of input per task.
@@ -48,9 +41,9 @@ void mix_rows(const MixGeometry& g, const scalar_t* src, out_type<scalar_t>* dst
           }
         }
       }
-      out_type<scalar_t>* o = dst + row * g.out_row;
+      mix_out_t<scalar_t>* o = dst + row * g.out_row;
       for (int64_t e = 0; e < g.out_row; ++e) {
-        o[e] = static_cast<out_type<scalar_t>>(Weighted ? acc[e] : acc[e] * inv);
+        o[e] = static_cast<mix_out_t<scalar_t>>(Weighted ? acc[e] : acc[e] * inv);
       }
     }
   });
@@ -58,31 +51,18 @@ void mix_rows(const MixGeometry& g, const scalar_t* src, out_type<scalar_t>* dst
 
 at::Tensor mix_subpatches_cpu(const at::Tensor& images, int64_t patch_size, int64_t grid,
                               const c10::optional<at::Tensor>& weights) {
-  check_mix_args(images, patch_size, grid, weights);
-  const bool cl = shuffle_use_channels_last(images);
-  const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  const at::Tensor src = images.contiguous(fmt);
-  const auto out_dtype = images.scalar_type() == at::kByte ? at::kFloat : images.scalar_type();
-  at::Tensor out = at::empty({src.size(0), src.size(1), src.size(2) / grid, src.size(3) / grid},
-                             src.options().dtype(out_dtype).memory_format(fmt));
-  if (out.numel() == 0) return out;
-  const MixGeometry g = make_mix_geometry(src, cl, patch_size, grid);
-  const auto acc_dtype = images.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor w;
-  if (weights.has_value()) w = weights->to(acc_dtype).contiguous();
-
-  AT_DISPATCH_FLOATING_TYPES_AND3(at::kByte, at::kHalf, at::kBFloat16, src.scalar_type(), "mix_subpatches_cpu", [&] {
-    using acc_t = acc_type<scalar_t>;
-    using out_t = out_type<scalar_t>;
-    const scalar_t* s = src.const_data_ptr<scalar_t>();
-    out_t* d = out.mutable_data_ptr<out_t>();
-    if (w.defined()) {
-      mix_rows<scalar_t, true>(g, s, d, w.const_data_ptr<acc_t>());
+  const MixOperands m = prepare_mix(images, patch_size, grid, weights);
+  if (m.out.numel() == 0) return m.out;
+  AT_DISPATCH_FLOATING_TYPES_AND3(at::kByte, at::kHalf, at::kBFloat16, m.src.scalar_type(), "mix_subpatches_cpu", [&] {
+    const scalar_t* s = m.src.const_data_ptr<scalar_t>();
+    auto* d = m.out.mutable_data_ptr<mix_out_t<scalar_t>>();
+    if (m.weights.defined()) {
+      mix_rows<scalar_t, true>(m.geometry, s, d, m.weights.const_data_ptr<mix_acc_t<scalar_t>>());
     } else {
-      mix_rows<scalar_t, false>(g, s, d, nullptr);
+      mix_rows<scalar_t, false>(m.geometry, s, d, nullptr);
     }
   });
-  return out;
+  return m.out;
 }
 
 }  // namespace

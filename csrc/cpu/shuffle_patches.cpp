@@ -108,9 +108,7 @@ void shuffle_patches_out_cpu(const at::Tensor& images, const at::Tensor& perm, i
 
 at::Tensor shuffle_patches_cpu(const at::Tensor& images, const at::Tensor& perm, int64_t patch_size) {
   check_shuffle_args(images, perm, patch_size);
-  at::Tensor out = at::empty(images.sizes(), images.options().memory_format(
-                                                 shuffle_use_channels_last(images) ? at::MemoryFormat::ChannelsLast
-                                                                                   : at::MemoryFormat::Contiguous));
+  at::Tensor out = empty_shuffle_output(images);
   shuffle_patches_out_cpu(images, perm, patch_size, out);
   return out;
 }

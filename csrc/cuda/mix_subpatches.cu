@@ -3,11 +3,9 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/detail/IntegerDivider.cuh>
-#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include <type_traits>
 
 #include "common/mix_subpatches.h"
 
@@ -15,11 +13,6 @@ namespace ppml::ops {
 namespace {
 
 constexpr int kThreads = 256;
-
-template <typename scalar_t>
-using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-template <typename scalar_t>
-using out_type = std::conditional_t<std::is_same_v<scalar_t, uint8_t>, float, scalar_t>;
 
 // Round-to-nearest multiply and add that nvcc may not contract into an FMA: the sum then rounds exactly as the
 // reference's separate multiply and add do.
@@ -35,10 +28,10 @@ struct MixDividers {
 };
 
 template <typename scalar_t, typename Index, bool Weighted>
-__global__ void mix_subpatches_kernel(const scalar_t* __restrict__ src, out_type<scalar_t>* __restrict__ dst,
-                                      const acc_type<scalar_t>* __restrict__ w, MixGeometry g, MixDividers<Index> d,
-                                      Index total, acc_type<scalar_t> inv) {
-  using acc_t = acc_type<scalar_t>;
+__global__ void mix_subpatches_kernel(const scalar_t* __restrict__ src, mix_out_t<scalar_t>* __restrict__ dst,
+                                      const mix_acc_t<scalar_t>* __restrict__ w, MixGeometry g, MixDividers<Index> d,
+                                      Index total, mix_acc_t<scalar_t> inv) {
+  using acc_t = mix_acc_t<scalar_t>;
   const Index stride = static_cast<Index>(gridDim.x) * blockDim.x;
   const Index grid = static_cast<Index>(g.grid);
   for (Index o = static_cast<Index>(blockIdx.x) * blockDim.x + threadIdx.x; o < total; o += stride) {
@@ -56,20 +49,20 @@ __global__ void mix_subpatches_kernel(const scalar_t* __restrict__ src, out_type
         acc = (i == 0 && j == 0) ? term : add_rn(acc, term);
       }
     }
-    dst[o] = static_cast<out_type<scalar_t>>(Weighted ? acc : mul_rn(acc, inv));
+    dst[o] = static_cast<mix_out_t<scalar_t>>(Weighted ? acc : mul_rn(acc, inv));
   }
 }
 
 template <typename scalar_t, typename Index>
 void launch(const at::Tensor& src, at::Tensor& out, const at::Tensor& w, const MixGeometry& g) {
-  using acc_t = acc_type<scalar_t>;
+  using acc_t = mix_acc_t<scalar_t>;
   const int64_t total = out.numel();
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t blocks = std::min<int64_t>((total + kThreads - 1) / kThreads, static_cast<int64_t>(sms) * 32);
   const acc_t inv = acc_t(1) / static_cast<acc_t>(g.grid * g.grid);
   auto stream = at::cuda::getCurrentCUDAStream();
   const scalar_t* s = src.const_data_ptr<scalar_t>();
-  auto* d = out.mutable_data_ptr<out_type<scalar_t>>();
+  auto* d = out.mutable_data_ptr<mix_out_t<scalar_t>>();
   if (w.defined()) {
     mix_subpatches_kernel<scalar_t, Index, true><<<blocks, kThreads, 0, stream>>>(
         s, d, w.const_data_ptr<acc_t>(), g, MixDividers<Index>(g), static_cast<Index>(total), inv);
@@ -82,25 +75,17 @@ void launch(const at::Tensor& src, at::Tensor& out, const at::Tensor& w, const M
 
 at::Tensor mix_subpatches_cuda(const at::Tensor& images, int64_t patch_size, int64_t grid,
                                const c10::optional<at::Tensor>& weights) {
-  check_mix_args(images, patch_size, grid, weights);
   const c10::cuda::CUDAGuard guard(images.device());
-  const bool cl = shuffle_use_channels_last(images);
-  const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  const at::Tensor src = images.contiguous(fmt);
-  const auto out_dtype = images.scalar_type() == at::kByte ? at::kFloat : images.scalar_type();
-  at::Tensor out = at::empty({src.size(0), src.size(1), src.size(2) / grid, src.size(3) / grid},
-                             src.options().dtype(out_dtype).memory_format(fmt));
+  const MixOperands m = prepare_mix(images, patch_size, grid, weights);
+  at::Tensor out = m.out;
   if (out.numel() == 0) return out;
-  const MixGeometry g = make_mix_geometry(src, cl, patch_size, grid);
-  at::Tensor w;
-  if (weights.has_value()) w = weights->to(images.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
   // 32-bit indices while the input (the largest offset) and the grid-stride overshoot stay below 2^31.
-  const bool small = src.numel() < (int64_t{1} << 31) && (!w.defined() || w.numel() < (int64_t{1} << 31));
-  AT_DISPATCH_FLOATING_TYPES_AND3(at::kByte, at::kHalf, at::kBFloat16, src.scalar_type(), "mix_subpatches_cuda", [&] {
+  const bool small = m.src.numel() < (int64_t{1} << 31) && (!m.weights.defined() || m.weights.numel() < (int64_t{1} << 31));
+  AT_DISPATCH_FLOATING_TYPES_AND3(at::kByte, at::kHalf, at::kBFloat16, m.src.scalar_type(), "mix_subpatches_cuda", [&] {
     if (small) {
-      launch<scalar_t, uint32_t>(src, out, w, g);
+      launch<scalar_t, uint32_t>(m.src, out, m.weights, m.geometry);
     } else {
-      launch<scalar_t, int64_t>(src, out, w, g);
+      launch<scalar_t, int64_t>(m.src, out, m.weights, m.geometry);
     }
   });
   return out;
