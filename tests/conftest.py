@@ -73,20 +73,32 @@ def _no_backend_env(monkeypatch):
 EPS = {torch.float32: torch.finfo(torch.float32).eps, torch.float64: torch.finfo(torch.float64).eps}
 
 
-_MANTISSA = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23, torch.float64: 52}
+def ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One ulp of `dtype` at |values| (float64): 2^(exponent - mantissa bits), the subnormal spacing below tiny."""
+    fi = torch.finfo(dtype)
+    v = values.double().abs()
+    _, e = torch.frexp(v)
+    spacing = torch.ldexp(torch.ones_like(v), e - 1).clamp_min(fi.tiny)
+    return torch.where(v == 0, fi.tiny, spacing) * fi.eps
 
 
 def assert_within_ulp(out: torch.Tensor, ref: torch.Tensor, abs_terms: torch.Tensor | None = None, ulps: float = 1.0):
-    """|out - ref| <= ulps * ulp(ref, out.dtype) + EPS[acc] * abs_terms (abs_terms: sum of |terms| per element)."""
+    """|out - ref| <= ulps · ulp(ref, out.dtype) + EPS[acc] · abs_terms elementwise (abs_terms: Σ|terms| per output
+    element, acc: float64 for float64 outputs, else float32); NaN and inf must agree exactly."""
     assert out.shape == ref.shape and out.dtype == ref.dtype, (out.shape, ref.shape, out.dtype, ref.dtype)
-    r = ref.double()
-    spacing = torch.exp2(
-        torch.floor(torch.log2(torch.clamp(r.abs(), min=torch.finfo(out.dtype).tiny))) - _MANTISSA[out.dtype]
-    )
-    tol = ulps * spacing
+    o, r = out.double(), ref.double()
+    assert torch.equal(o.isnan(), r.isnan()), "NaN positions differ"
+    inf = r.isinf()
+    assert torch.equal(o[inf], r[inf]), "infinities differ"
+    tol = ulps * ulp(r, out.dtype)
     if abs_terms is not None:
         acc = torch.float64 if out.dtype == torch.float64 else torch.float32
         tol = tol + EPS[acc] * abs_terms.double()
-    err = (out.double() - r).abs()
-    bad = err > tol
-    assert not bad.any(), f"{int(bad.sum())} elements off; worst err {float(err.max()):.3g} vs tol {float(tol[bad].min()):.3g}"
+    err = (o - r).abs()
+    bad = r.isfinite() & ~(err <= tol)
+    if bad.any():
+        i = int((err - tol).masked_fill(~bad, -1).flatten().argmax())
+        raise AssertionError(
+            f"{int(bad.sum())} of {r.numel()} outside tolerance; worst out={o.flatten()[i].item()!r} "
+            f"ref={r.flatten()[i].item()!r} tol={tol.flatten()[i].item()!r}"
+        )

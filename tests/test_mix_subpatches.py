@@ -164,6 +164,13 @@ def test_opcheck(device, layout, weighted):
     torch.library.opcheck(torch.ops.ppml.mix_subpatches, (xu, 4, 2, None if w is None else w.detach()))
 
 
+@pytest.mark.parametrize("shape,p", [((1, 2, 2, 4), 2), ((1, 2, 4, 4), 2)])
+def test_opcheck_backward_with_one_pixel_subpatches_channels_last(shape, p):
+    # Regression: with q = 1, B = 1 and channels_last, the traced backward's reshape had to be a view it could not be.
+    x = make_images(shape, torch.float32, layout="channels_last").requires_grad_(True)
+    torch.library.opcheck(torch.ops.ppml.mix_subpatches, (x, p, 2, None))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_gradcheck_images_and_weights(device):
     x = make_images((2, 2, 6, 9), torch.float64, device).requires_grad_(True)

@@ -83,7 +83,8 @@ def _backward(ctx, grad: Tensor):
             gi = go.expand(B, C, th, g, q, tw, g, q) * (1.0 / (g * g))
         else:
             gi = go * weights.to(acc_t).reshape(B, th, tw, g, g).permute(0, 1, 3, 2, 4).reshape(B, 1, th, g, 1, tw, g, 1)
-        grad_images = gi.reshape(B, C, Hg * g, Wg * g).to(ctx.images_dtype)
+        # .contiguous(): traced, the reshape becomes a view, which the broadcast product's strides need not allow.
+        grad_images = gi.contiguous().reshape(B, C, Hg * g, Wg * g).to(ctx.images_dtype)
     if ctx.has_weights and ctx.needs_input_grad[3]:
         x = images.to(acc_t).reshape(B, C, th, g, q, tw, g, q)
         gw = torch.einsum("bcaiudjv,bcaudv->badij", x, go.reshape(B, C, th, q, tw, q))
