@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The checks that need a GPU, in one pass on a lent H100/H200 (repository root as cwd, no internet):
 # build ppml._C for sm_90 against the machine's own torch, show the backends, run the tests (CUDA tests are selected
-# by availability, Triton tests without the interpreter), compute-sanitizer memcheck on the CUDA and Triton kernels,
-# then the quick throughput benchmark (GPU rows).
+# by availability, Triton tests without the interpreter), compute-sanitizer memcheck on the CUDA and Triton kernels
+# (shuffle, shuffle out=, mix mean and weighted), then the quick throughput benchmark (GPU rows, shuffle and mix).
 #
 #   bash benchmarks/gpu_check.sh    # OUT=<folder> keeps gpu_check.log, build.log and the benchmark results;
 #                                   # SKIP_BUILD=1 reuses the install of an earlier run on the same (warm) machine
@@ -87,10 +87,26 @@ sanitize() {
     # Without the caching allocator every tensor is its own cudaMalloc, so an overrun past a small tensor is caught
     # instead of landing silently in the same pooled block.
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$cs" --tool memcheck --error-exitcode 99 python - <<'PY'
+import sys
+
 import torch
 
 import ppml
 from ppml import reference
+
+# Every kernel runs under memcheck even when an earlier one gives a wrong result: the mismatches are listed at the end.
+wrong = []
+
+
+def check(label, got, expected):
+    torch.cuda.synchronize()
+    if torch.equal(got, expected):
+        print(f"memcheck {label}: ok")
+    else:
+        wrong.append(label)
+        err = (got.double() - expected.double()).abs().max().item() if got.shape == expected.shape else "shape"
+        print(f"memcheck {label}: DIFFERS from the reference (max abs diff {err})")
+
 
 gen = torch.Generator().manual_seed(0)
 perm = ppml.random_permutations(2, 16, generator=gen).cuda()
@@ -103,10 +119,24 @@ ops = {"native": torch.ops.ppml.shuffle_patches, "triton": torch.ops.ppml.shuffl
 for case, x in cases.items():
     expected = reference.shuffle_patches(x, perm, 8)
     for name, op in ops.items():
-        y = op(x, perm, 8)
-        torch.cuda.synchronize()
-        assert torch.equal(y, expected), f"{name} {case}: differs from the reference"
-        print(f"memcheck {name} {case}: ok")
+        check(f"shuffle {name} {case}", op(x, perm, 8), expected)
+    out = torch.empty_like(x)
+    torch.ops.ppml.shuffle_patches.out(x, perm, 8, out=out)
+    check(f"shuffle native out= {case}", out, expected)
+
+# MI: [2, 3, 32, 32], p = 8, g = 2 (N = 16 patches of 4 sub-patches); float32 output either way, bit-exact expected.
+weights = ppml.random_mixing_weights(2, 16, 2, generator=gen).cuda()
+mix_ops = {"native": torch.ops.ppml.mix_subpatches, "triton": torch.ops.ppml.mix_subpatches_triton}
+for case in ("float32", "uint8"):
+    x = cases[case]
+    for wname, w in (("mean", None), ("weighted", weights)):
+        expected = reference.mix_subpatches(x, 8, 2, w)
+        for name, op in mix_ops.items():
+            check(f"mix {name} {case} {wname}", op(x, 8, 2, w), expected)
+
+if wrong:
+    print(f"{len(wrong)} kernel(s) differ from the reference: {', '.join(wrong)}")
+    sys.exit(1)
 PY
 }
 
@@ -139,7 +169,8 @@ step "pytest tests" 150 python -m pytest -q -x tests
 # The Triton tests on the GPU itself: the interpreter would test Python semantics, not the compiled kernels.
 step "pytest -m triton (GPU, no interpreter)" 120 env -u TRITON_INTERPRET python -m pytest -q -m triton tests
 step "compute-sanitizer memcheck" 150 sanitize
-step "throughput --quick" 180 python benchmarks/throughput.py --quick ${OUT:+--out "$OUT/results"}
+step "throughput --quick (shuffle, mix)" 180 python benchmarks/throughput.py --quick --sections shuffle,mix \
+    ${OUT:+--out "$OUT/results"}
 
 header "summary"
 for s in "${PASSED[@]+"${PASSED[@]}"}"; do echo "ok      $s"; done

@@ -14,12 +14,21 @@ Providers (shuffle): ``copy`` (``out.copy_(x)`` into a preallocated ``out``: the
 copy: the bound for any op returning a fresh tensor, far below ``copy`` where first-touch page faults are slow),
 ``loop`` (the paper code: a ``torch.randperm`` and an index per image, keys included in the time), ``vectorised``
 (unfold -> ``take_along_dim`` -> fold), ``compiled`` (``torch.compile(ppml.reference.shuffle_patches)``, full runs
-only), ``native`` (``torch.ops.ppml.shuffle_patches``) and ``triton`` (GPU only). A provider whose backend cannot run
-here is skipped with the reason from ``ppml._dispatch.unavailable_reason``. Rows timed while other processes took
-more than 10% of the CPU are marked †.
+only), ``native`` (``torch.ops.ppml.shuffle_patches``, a fresh output per call), ``native_out``
+(``torch.ops.ppml.shuffle_patches.out`` into a preallocated ``out=``: the like-for-like comparison with ``copy``) and
+``triton`` (GPU only).
 
-A section is a function ``(Config) -> list[row dict]`` registered in :data:`SECTIONS` (``shuffle`` now; ``mix`` and
-``anchor`` later), with its targets in :data:`TARGETS`.
+Providers (mix): ``bound`` (bytes read + written, the input plus the output in the op's output dtype, at the copy
+bandwidth of ``out.copy_(x)`` for the same input measured in the same run), ``torch`` (what a user would write: a
+reshape and ``mean(dim=(3, 6))``), ``compiled`` (``torch.compile(ppml.reference.mix_subpatches)``, full runs only),
+``native`` (``torch.ops.ppml.mix_subpatches``, the mean), ``native_weighted`` (keyed weights from
+``ppml.random_mixing_weights``) and ``triton`` (GPU only).
+
+A provider whose backend cannot run here is skipped with the reason from ``ppml._dispatch.unavailable_reason``. Rows
+timed while other processes took more than 10% of the CPU are marked †.
+
+A section is a function ``(Config) -> list[row dict]`` registered in :data:`SECTIONS` (``shuffle`` and ``mix`` now;
+``anchor`` later), with its targets in :data:`TARGETS` and its table columns in :data:`COLUMNS`.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as _dt
+import functools
 import json
 import sys
 import time
@@ -42,6 +52,7 @@ from _timing import CpuContention, copy_bound_ms, environment, synchronize, time
 import ppml
 from ppml import reference
 from ppml._dispatch import unavailable_reason
+from ppml.reference.mix_subpatches import output_dtype as mix_output_dtype
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CSV_FIELDS = [
@@ -53,15 +64,19 @@ CSV_FIELDS = [
     "H",
     "W",
     "patch_size",
+    "grid",
     "ms",
     "min_ms",
     "reps",
     "other_cpu",
     "gb_per_s",
     "share_of_copy",
+    "share_of_bound",
     "speedup_vs_loop",
     "speedup_vs_vectorised",
     "speedup_vs_compiled",
+    "speedup_vs_torch",
+    "copy_ms",
     "images_per_s",
     "device",
     "device_name",
@@ -119,14 +134,26 @@ def random_images(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devi
     return x.to(device)
 
 
-def derive(rows: list[dict], nbytes: int) -> None:
-    """Fills the derived columns of the rows of one shape from their medians and the baselines among them."""
+def derive(
+    rows: list[dict],
+    nbytes: int,
+    bound: str = "copy",
+    baselines: tuple[str, ...] = ("loop", "vectorised", "compiled"),
+) -> None:
+    """Fills the derived columns of the rows of one shape from their medians and the baselines among them.
+
+    Args:
+        rows: the rows of one (dtype, B), one per provider.
+        nbytes: bytes read + written by one call (the GB/s column).
+        bound: the provider whose time is the bound: ``share_of_<bound>`` = its ms / the row's ms.
+        baselines: providers each row gets a ``speedup_vs_<name>`` column for.
+    """
     base = {r["provider"]: r["ms"] for r in rows}
     for row in rows:
         ms = row["ms"]
         row["gb_per_s"] = nbytes / (ms * 1e-3) / 1e9
-        row["share_of_copy"] = base["copy"] / ms if "copy" in base else None
-        for name in ("loop", "vectorised", "compiled"):
+        row[f"share_of_{bound}"] = base[bound] / ms if bound in base else None
+        for name in baselines:
             row[f"speedup_vs_{name}"] = base[name] / ms if name in base else None
         row["images_per_s"] = row["B"] / (ms * 1e-3)
 
@@ -135,33 +162,43 @@ def derive(rows: list[dict], nbytes: int) -> None:
 class Provider:
     """One way to compute an op.
 
+    Every callable takes the section's argument tuple ``args``: ``(x, perm, p)`` for shuffle, ``(x, p, g, weights)``
+    for mix.
+
     Attributes:
         name: the row label.
-        run: ``run(x, perm, p)`` gives the output checked against the reference (None: not checked).
-        timed: ``timed(x, perm, p)`` gives the zero-argument function that is timed (default: ``run`` with the same
-            arguments; only ``loop`` differs, drawing its own keys as the paper code does). None for ``copy``, which
-            :func:`_timing.copy_bound_ms` times (the one definition of the bound).
+        run: ``run(*args)`` gives the output checked against the reference (None: not checked).
+        timed: ``timed(*args)`` gives the zero-argument function that is timed (default: ``run`` with the same
+            arguments; ``loop`` differs, drawing its own keys as the paper code does, and ``native_out`` writes into
+            the buffer ``run`` was checked in). ``run`` and ``timed`` both None: the bound (``copy`` / ``bound``),
+            which the section times with :func:`_timing.copy_bound_ms` (the one definition of the bound).
         backend: the ppml backend whose ``unavailable_reason`` decides whether it runs here.
         gpu_only: skipped on CPU (Triton on CPU exists only under the interpreter, which says nothing about speed).
         skip_quick: why it is left out of ``--quick`` runs, if it is.
         quick_max_batch: the largest batch it is timed at in ``--quick`` runs (None: every batch).
         optional: a failure to run (not a wrong result) skips it with the error instead of aborting, because it
             says something about this machine (no C++ compiler for inductor...) rather than about ppml.
+        expects: which reference output it is checked against (the section's key: mix has ``mean`` and ``weighted``).
+        check: ``check(got, expected)`` is True when the output is right (default: bit for bit).
+        check_desc: how ``check`` compares, for the mismatch message.
     """
 
     name: str
-    run: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor] | None
-    timed: Callable[[torch.Tensor, torch.Tensor, int], Callable[[], object]] | None = None
+    run: Callable[..., torch.Tensor] | None
+    timed: Callable[..., Callable[[], object]] | None = None
     backend: str | None = None
     gpu_only: bool = False
     skip_quick: str | None = None
     quick_max_batch: int | None = None
     optional: bool = False
+    expects: str = "default"
+    check: Callable[[torch.Tensor, torch.Tensor], bool] = bit_equal
+    check_desc: str = "bit for bit"
 
-    def timed_fn(self, x: torch.Tensor, perm: torch.Tensor, p: int) -> Callable[[], object]:
+    def timed_fn(self, *args) -> Callable[[], object]:
         if self.timed is not None:
-            return self.timed(x, perm, p)
-        return lambda: self.run(x, perm, p)
+            return self.timed(*args)
+        return lambda: self.run(*args)
 
 
 def skip_reason(provider: Provider, op: str, cfg: Config) -> str | None:
@@ -173,6 +210,102 @@ def skip_reason(provider: Provider, op: str, cfg: Config) -> str | None:
     if provider.backend is not None:
         return unavailable_reason(op, provider.backend, cfg.device.type)
     return None
+
+
+def runnable_providers(providers: list[Provider], op: str, tag: str, cfg: Config) -> list[Provider]:
+    """The providers that run here; the others are logged and noted under the table with the reason."""
+    runnable = []
+    for prov in providers:
+        why = skip_reason(prov, op, cfg)
+        if why is None:
+            runnable.append(prov)
+        else:
+            log(f"[{tag}] skipping {prov.name}: {why}")
+            cfg.notes.append(f"skipped {op}/{prov.name} on {cfg.device.type}: {why}")
+    return runnable
+
+
+def measure_shape(
+    cfg: Config,
+    *,
+    op: str,
+    tag: str,
+    runnable: list[Provider],
+    args: tuple,
+    expected: Callable[[str], torch.Tensor],
+    bound: Callable[[], dict],
+    base_row: dict,
+) -> list[dict]:
+    """Checks, then times, every runnable provider at one (dtype, B); returns their rows (derived columns not yet
+    filled).
+
+    Args:
+        cfg: the run's config.
+        op: ``shuffle_patches`` or ``mix_subpatches`` (messages and notes).
+        tag: the short section name for the progress log.
+        runnable: the providers that run here; an optional one that fails is removed from it for the later shapes.
+        args: what every provider's ``run`` / ``timed`` takes.
+        expected: ``expected(prov.expects)`` gives the reference output a provider is checked against.
+        bound: times the bound provider (``run`` and ``timed`` None) and gives its :func:`_timing.time_fn` result
+            (extra keys go into its row).
+        base_row: the columns every row of this shape shares (section, dtype, B, C, H, W, patch_size...).
+
+    Raises:
+        BenchmarkMismatch: a provider's output differs from the reference.
+    """
+    dname, B = base_row["dtype"], base_row["B"]
+    rows = []
+    for prov in list(runnable):
+        if cfg.quick and prov.quick_max_batch is not None and B > prov.quick_max_batch:
+            why = f"--quick times it up to B={prov.quick_max_batch} (the full run includes B={B})"
+            log(f"[{tag}] skipping {prov.name} {dname} B={B}: {why}")
+            note = f"skipped {op}/{prov.name} at B={B}: {why}"
+            if note not in cfg.notes:  # once, not once per dtype
+                cfg.notes.append(note)
+            continue
+        if prov.run is not None:
+            try:
+                got = prov.run(*args)
+                synchronize(cfg.device)
+            except Exception as exc:
+                if not prov.optional:
+                    raise
+                runnable.remove(prov)
+                why = f"failed on {dname} B={B}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                log(f"[{tag}] skipping {prov.name}: {why}")
+                cfg.notes.append(f"skipped {op}/{prov.name} on {cfg.device.type}: {why}")
+                continue
+            if not prov.check(got, expected(prov.expects)):
+                raise BenchmarkMismatch(
+                    f"{op}/{prov.name} differs from ppml.reference.{op} ({prov.expects}, compared {prov.check_desc}) "
+                    f"for {dname} [{B}, {base_row['C']}, {base_row['H']}, {base_row['W']}] p={base_row['patch_size']}"
+                    + (f" g={base_row['grid']}" if "grid" in base_row else "")
+                    + f" on {cfg.device}: refusing to time a wrong result"
+                )
+            del got
+        with CpuContention() as contention:
+            if prov.run is None and prov.timed is None:
+                res = bound()
+            else:
+                res = time_fn(prov.timed_fn(*args), cfg.device, budget_s=cfg.budget_s, warmup=cfg.warmup)
+        busy = contention.other_share
+        log(
+            f"[{tag}] {prov.name:<15} {dname:<8} B={B:<4} {res['ms']:10.3f} ms  ({res['reps']} reps"
+            + (f", other processes took {busy:.0%} of the CPU)" if busy and busy > 0.02 else ")")
+        )
+        extra = {k: v for k, v in res.items() if k not in ("ms", "min_ms", "reps")}
+        rows.append(
+            {
+                **base_row,
+                "provider": prov.name,
+                "ms": res["ms"],
+                "min_ms": res["min_ms"],
+                "reps": res["reps"],
+                "other_cpu": contention.other_share,
+                **extra,
+            }
+        )
+    return rows
 
 
 # ---- section: shuffle_patches -------------------------------------------------------------------------------------
@@ -224,8 +357,8 @@ def shuffle_vectorised(images: torch.Tensor, perm: torch.Tensor, patch_size: int
     return shuffled.reshape(B, th, tw, C, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
 
 
-def compiled_reference() -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]:
-    """``torch.compile(ppml.reference.shuffle_patches)``, one static graph per (dtype, B)."""
+def compiled_reference(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``torch.compile(fn)`` (a ``ppml.reference`` function), one static graph per (dtype, B)."""
     import torch._dynamo
 
     # Up to 9 (dtype, B) graphs on GPU: above dynamo's default limit of 8 it would fall back to eager silently.
@@ -233,17 +366,46 @@ def compiled_reference() -> Callable[[torch.Tensor, torch.Tensor, int], torch.Te
         if hasattr(torch._dynamo.config, knob):
             setattr(torch._dynamo.config, knob, max(64, getattr(torch._dynamo.config, knob)))
             break
-    return torch.compile(reference.shuffle_patches, dynamic=False)
+    return torch.compile(fn, dynamic=False)
+
+
+def lazily_compiled(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``compiled_reference(fn)`` on first call, so a run that skips it never imports inductor."""
+    compiled = None
+
+    def run(*args):
+        nonlocal compiled
+        if compiled is None:
+            compiled = compiled_reference(fn)
+        return compiled(*args)
+
+    return run
 
 
 def _shuffle_providers() -> list[Provider]:
-    compiled = None
+    # native_out writes into one preallocated buffer per shape: `run` poisons it and checks what the op wrote there,
+    # then `timed` reuses that very buffer (a fresh output per call would pay first-touch page faults, which `copy`,
+    # the bound it is compared with, does not).
+    out_buf: dict[tuple, torch.Tensor] = {}
 
-    def run_compiled(x: torch.Tensor, perm: torch.Tensor, p: int) -> torch.Tensor:
-        nonlocal compiled  # compiled on first use, so a run that skips it never imports inductor
-        if compiled is None:
-            compiled = compiled_reference()
-        return compiled(x, perm, p)
+    def buffer_for(x: torch.Tensor) -> torch.Tensor:
+        key = (tuple(x.shape), x.dtype, x.device)
+        if key not in out_buf:
+            out_buf.clear()  # one shape at a time: B=256 float32 is 154 MB
+            out_buf[key] = torch.empty_like(x)
+        return out_buf[key]
+
+    def run_out(x: torch.Tensor, perm: torch.Tensor, p: int) -> torch.Tensor:
+        buf = buffer_for(x)
+        buf.fill_(7)  # whatever was there before must not pass the check
+        returned = torch.ops.ppml.shuffle_patches.out(x, perm, p, out=buf)
+        if returned is not None:
+            raise BenchmarkMismatch(f"shuffle_patches.out returned {type(returned).__name__}; its schema returns ()")
+        return buf
+
+    def timed_out(x: torch.Tensor, perm: torch.Tensor, p: int) -> Callable[[], object]:
+        buf, op = buffer_for(x), torch.ops.ppml.shuffle_patches.out
+        return lambda: op(x, perm, p, out=buf)
 
     return [
         Provider("copy", None),
@@ -261,12 +423,18 @@ def _shuffle_providers() -> list[Provider]:
         Provider("vectorised", shuffle_vectorised),
         Provider(
             "compiled",
-            run_compiled,
+            lazily_compiled(reference.shuffle_patches),
             skip_quick="torch.compile takes seconds per shape (--quick skips it; the full run includes it)",
             optional=True,
         ),
-        Provider("native", torch.ops.ppml.shuffle_patches, backend="native"),
-        Provider("triton", torch.ops.ppml.shuffle_patches_triton, backend="triton", gpu_only=True),
+        Provider("native", lambda x, perm, p: torch.ops.ppml.shuffle_patches(x, perm, p), backend="native"),
+        Provider("native_out", run_out, timed_out, backend="native"),
+        Provider(
+            "triton",
+            lambda x, perm, p: torch.ops.ppml.shuffle_patches_triton(x, perm, p),
+            backend="triton",
+            gpu_only=True,
+        ),
     ]
 
 
@@ -276,15 +444,7 @@ def section_shuffle(cfg: Config) -> list[dict]:
     C, H, W, p = 3, 224, 224, 16
     n = (H // p) * (W // p)
     dtypes = [torch.uint8, torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
-    runnable = []
-    for prov in _shuffle_providers():
-        why = skip_reason(prov, "shuffle_patches", cfg)
-        if why is None:
-            runnable.append(prov)
-        else:
-            log(f"[shuffle] skipping {prov.name}: {why}")
-            cfg.notes.append(f"skipped shuffle_patches/{prov.name} on {device.type}: {why}")
-
+    runnable = runnable_providers(_shuffle_providers(), "shuffle_patches", "shuffle", cfg)
     rows = []
     for dtype in dtypes:
         dname = str(dtype).replace("torch.", "")
@@ -292,62 +452,188 @@ def section_shuffle(cfg: Config) -> list[dict]:
             x = random_images((B, C, H, W), dtype, device, seed=cfg.seed + B)
             perm = ppml.random_permutations(B, n, generator=torch.Generator().manual_seed(cfg.seed + 1)).to(device)
             expected = reference.shuffle_patches(x, perm, p)
-            shape_rows = []
-            for prov in list(runnable):
-                if cfg.quick and prov.quick_max_batch is not None and B > prov.quick_max_batch:
-                    why = f"--quick times it up to B={prov.quick_max_batch} (the full run includes B={B})"
-                    log(f"[shuffle] skipping {prov.name} {dname} B={B}: {why}")
-                    note = f"skipped shuffle_patches/{prov.name} at B={B}: {why}"
-                    if note not in cfg.notes:  # once, not once per dtype
-                        cfg.notes.append(note)
-                    continue
-                if prov.run is not None:
-                    try:
-                        got = prov.run(x, perm, p)
-                        synchronize(device)
-                    except Exception as exc:
-                        if not prov.optional:
-                            raise
-                        runnable.remove(prov)
-                        why = f"failed on {dname} B={B}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-                        log(f"[shuffle] skipping {prov.name}: {why}")
-                        cfg.notes.append(f"skipped shuffle_patches/{prov.name} on {device.type}: {why}")
-                        continue
-                    if not bit_equal(got, expected):
-                        raise BenchmarkMismatch(
-                            f"shuffle_patches/{prov.name} differs from ppml.reference.shuffle_patches for {dname} "
-                            f"[{B}, {C}, {H}, {W}] p={p} on {device}: refusing to time a wrong result"
-                        )
-                    del got
-                with CpuContention() as contention:
-                    if prov.name == "copy":
-                        res = copy_bound_ms(x, budget_s=cfg.budget_s, warmup=cfg.warmup)
-                    else:
-                        res = time_fn(prov.timed_fn(x, perm, p), device, budget_s=cfg.budget_s, warmup=cfg.warmup)
-                busy = contention.other_share
-                log(
-                    f"[shuffle] {prov.name:<10} {dname:<8} B={B:<4} {res['ms']:10.3f} ms  ({res['reps']} reps"
-                    + (f", other processes took {busy:.0%} of the CPU)" if busy and busy > 0.02 else ")")
-                )
-                shape_rows.append(
-                    {
-                        "section": "shuffle_patches",
-                        "provider": prov.name,
-                        "dtype": dname,
-                        "B": B,
-                        "C": C,
-                        "H": H,
-                        "W": W,
-                        "patch_size": p,
-                        "ms": res["ms"],
-                        "min_ms": res["min_ms"],
-                        "reps": res["reps"],
-                        "other_cpu": contention.other_share,
-                    }
-                )
+            shape_rows = measure_shape(
+                cfg,
+                op="shuffle_patches",
+                tag="shuffle",
+                runnable=runnable,
+                args=(x, perm, p),
+                expected={"default": expected}.__getitem__,
+                bound=functools.partial(copy_bound_ms, x, budget_s=cfg.budget_s, warmup=cfg.warmup),
+                base_row={
+                    "section": "shuffle_patches",
+                    "dtype": dname,
+                    "B": B,
+                    "C": C,
+                    "H": H,
+                    "W": W,
+                    "patch_size": p,
+                },
+            )
             derive(shape_rows, nbytes=2 * x.numel() * x.element_size())
             rows += shape_rows
             del x, perm, expected
+    return rows
+
+
+# ---- section: mix_subpatches --------------------------------------------------------------------------------------
+
+
+def mix_torch(images: torch.Tensor, patch_size: int, grid: int) -> torch.Tensor:
+    """What a user would write for the MI mean: split each patch into its g×g sub-patches and average them.
+
+    Args:
+        images (Tensor[B, C, H, W]): the batch (uint8 is averaged in float32, like the op; float dtypes keep theirs).
+        patch_size: p.
+        grid: g.
+
+    Returns:
+        Tensor[B, C, H/g, W/g] in the op's output dtype. Differentiable in ``images`` (float dtypes).
+    """
+    B, C, H, W = images.shape
+    p, g = patch_size, grid
+    q = p // g
+    x = images.reshape(B, C, H // p, g, q, W // p, g, q)
+    if images.dtype == torch.uint8:
+        x = x.float()
+    return x.mean(dim=(3, 6)).reshape(B, C, H // g, W // g)
+
+
+def torch_close(got: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Same shape and dtype, and within 1e-5 relative (one ulp of a bfloat16/float16 output): ``mean`` sums in its
+    own order, so the last bit may differ from the reference's row-major adds."""
+    if got.shape != expected.shape or got.dtype != expected.dtype:
+        return False
+    rtol = max(1e-5, torch.finfo(got.dtype).eps)
+    return torch.allclose(got, expected, rtol=rtol, atol=0.0)
+
+
+def mix_exact(got: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Bit for bit where the output is float32/float64 (every uint8 and float32 row); within one ulp of a
+    bfloat16/float16 output (the room ``tests/test_mix_subpatches_triton.py`` gives the GPU kernels there)."""
+    if got.dtype in (torch.float32, torch.float64) or got.shape != expected.shape or got.dtype != expected.dtype:
+        return bit_equal(got, expected)
+    return torch.allclose(got, expected, rtol=torch.finfo(got.dtype).eps, atol=0.0)
+
+
+MIX_EXACT = "bit for bit (one ulp for bfloat16)"
+
+
+def _mix_providers() -> list[Provider]:
+    compiled = lazily_compiled(reference.mix_subpatches)  # the mean: weights left at None
+    return [
+        Provider("bound", None),
+        # Seconds per call at B=256 on a 2-core CPU (about as long as the rest of the mix section together), while
+        # B=64 already gives the speedup vs torch.
+        Provider(
+            "torch",
+            lambda x, p, g, w: mix_torch(x, p, g),
+            quick_max_batch=64,
+            expects="mean",
+            check=torch_close,
+            check_desc="to 1e-5 relative (its own summation order)",
+        ),
+        Provider(
+            "compiled",
+            lambda x, p, g, w: compiled(x, p, g),
+            skip_quick="torch.compile takes seconds per shape (--quick skips it; the full run includes it)",
+            optional=True,
+            expects="mean",
+            check=mix_exact,
+            check_desc=MIX_EXACT,
+        ),
+        Provider(
+            "native",
+            lambda x, p, g, w: torch.ops.ppml.mix_subpatches(x, p, g, None),
+            backend="native",
+            expects="mean",
+            check=mix_exact,
+            check_desc=MIX_EXACT,
+        ),
+        Provider(
+            "native_weighted",
+            lambda x, p, g, w: torch.ops.ppml.mix_subpatches(x, p, g, w),
+            backend="native",
+            expects="weighted",
+            check=mix_exact,
+            check_desc=MIX_EXACT,
+        ),
+        Provider(
+            "triton",
+            lambda x, p, g, w: torch.ops.ppml.mix_subpatches_triton(x, p, g, None),
+            backend="triton",
+            gpu_only=True,
+            expects="mean",
+            check=mix_exact,
+            check_desc=MIX_EXACT,
+        ),
+    ]
+
+
+def mix_bound_ms(x: torch.Tensor, nbytes: int, cfg: Config) -> dict:
+    """The bound of an op that reads ``x`` once and writes ``nbytes - x.nbytes`` bytes: ``nbytes`` at the bandwidth
+    of ``out.copy_(x)`` measured now (:func:`_timing.copy_bound_ms`, which moves ``2 * x.nbytes`` bytes).
+
+    Returns:
+        The copy's :func:`_timing.time_fn` result scaled to ``nbytes``, plus ``copy_ms`` (the copy's own median).
+    """
+    copy = copy_bound_ms(x, budget_s=cfg.budget_s, warmup=cfg.warmup)
+    scale = nbytes / (2 * x.numel() * x.element_size())
+    return {"ms": copy["ms"] * scale, "min_ms": copy["min_ms"] * scale, "reps": copy["reps"], "copy_ms": copy["ms"]}
+
+
+def mix_expected(x: torch.Tensor, p: int, g: int, weights: torch.Tensor) -> Callable[[str], torch.Tensor]:
+    """``expected(kind)``: the reference output for ``mean`` or ``weighted``, each computed once and only if asked."""
+    cache: dict[str, torch.Tensor] = {}
+
+    def expected(kind: str) -> torch.Tensor:
+        if kind not in cache:
+            cache[kind] = reference.mix_subpatches(x, p, g, weights if kind == "weighted" else None)
+        return cache[kind]
+
+    return expected
+
+
+def section_mix(cfg: Config) -> list[dict]:
+    """MI encryption, ``ppml::mix_subpatches``: [B, 3, 224, 224] -> [B, 3, 112, 112], p = 16, g = 2, every provider,
+    dtype and batch size."""
+    device = cfg.device
+    C, H, W, p, g = 3, 224, 224, 16, 2
+    n = (H // p) * (W // p)
+    dtypes = [torch.uint8, torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
+    runnable = runnable_providers(_mix_providers(), "mix_subpatches", "mix", cfg)
+    rows = []
+    for dtype in dtypes:
+        dname = str(dtype).replace("torch.", "")
+        for B in (1, 64, 256):
+            x = random_images((B, C, H, W), dtype, device, seed=cfg.seed + B)
+            gen = torch.Generator().manual_seed(cfg.seed + 1)
+            weights = ppml.random_mixing_weights(B, n, g, generator=gen).to(device)
+            # Bytes read + written: the images once, the output (a quarter of the pixels, float32 for uint8) once.
+            # The weights (N·g² floats per image, 0.5% of a float32 image) are left out, as for native_weighted.
+            nbytes = x.numel() * x.element_size() + x.numel() // (g * g) * mix_output_dtype(dtype).itemsize
+            shape_rows = measure_shape(
+                cfg,
+                op="mix_subpatches",
+                tag="mix",
+                runnable=runnable,
+                args=(x, p, g, weights),
+                expected=mix_expected(x, p, g, weights),
+                bound=functools.partial(mix_bound_ms, x, nbytes, cfg),
+                base_row={
+                    "section": "mix_subpatches",
+                    "dtype": dname,
+                    "B": B,
+                    "C": C,
+                    "H": H,
+                    "W": W,
+                    "patch_size": p,
+                    "grid": g,
+                },
+            )
+            derive(shape_rows, nbytes=nbytes, bound="bound", baselines=("torch",))
+            rows += shape_rows
+            del x, weights
     return rows
 
 
@@ -368,19 +654,46 @@ class Target:
 
 
 TARGETS: dict[str, list[Target]] = {
+    # Each CPU target twice: `native` returns a fresh tensor (first-touch page faults on every call where large
+    # allocations come straight from mmap), `native_out` writes into a preallocated one, like `copy` does.
     "shuffle": [
-        Target("native float32 B=64 share of copy", "native", "float32", 64, "share_of_copy", 0.9),
-        Target("native uint8 B=64 share of copy", "native", "uint8", 64, "share_of_copy", 0.8),
-        Target("native float32 B=64 speedup vs vectorised", "native", "float32", 64, "speedup_vs_vectorised", 3.0),
+        Target("native (fresh output) float32 B=64 share of copy", "native", "float32", 64, "share_of_copy", 0.9),
+        Target(
+            "native_out (preallocated) float32 B=64 share of copy", "native_out", "float32", 64, "share_of_copy", 0.9
+        ),
+        Target("native (fresh output) uint8 B=64 share of copy", "native", "uint8", 64, "share_of_copy", 0.8),
+        Target("native_out (preallocated) uint8 B=64 share of copy", "native_out", "uint8", 64, "share_of_copy", 0.8),
+        Target(
+            "native (fresh output) float32 B=64 speedup vs vectorised",
+            "native",
+            "float32",
+            64,
+            "speedup_vs_vectorised",
+            3.0,
+        ),
+        Target(
+            "native_out (preallocated) float32 B=64 speedup vs vectorised",
+            "native_out",
+            "float32",
+            64,
+            "speedup_vs_vectorised",
+            3.0,
+        ),
         Target("cuda float32 B=64 share of copy", "native", "float32", 64, "share_of_copy", 0.85, ("cuda",)),
         Target("cuda float32 B=256 share of copy", "native", "float32", 256, "share_of_copy", 0.85, ("cuda",)),
         Target("triton float32 B=64 share of copy", "triton", "float32", 64, "share_of_copy", 0.85, ("cuda",)),
         Target("triton float32 B=256 share of copy", "triton", "float32", 256, "share_of_copy", 0.85, ("cuda",)),
     ],
+    "mix": [
+        Target("native float32 B=64 share of bound", "native", "float32", 64, "share_of_bound", 0.9, ("cpu",)),
+        Target("cuda float32 B=64 share of bound", "native", "float32", 64, "share_of_bound", 0.85, ("cuda",)),
+        Target("triton float32 B=64 share of bound", "triton", "float32", 64, "share_of_bound", 0.85, ("cuda",)),
+    ],
 }
 
 SECTIONS: dict[str, Callable[[Config], list[dict]]] = {
     "shuffle": section_shuffle,
+    "mix": section_mix,
 }
 
 
@@ -398,7 +711,7 @@ def check_targets(name: str, rows: list[dict], device: torch.device) -> list[str
             continue
         verdict = "met" if value >= t.minimum else "NOT met"
         # A ratio is as unreliable as either of its rows: the provider's and the baseline's at the same shape.
-        baseline = "copy" if t.metric == "share_of_copy" else t.metric.removeprefix("speedup_vs_")
+        baseline = t.metric.removeprefix("share_of_").removeprefix("speedup_vs_")
         pair = hit + [r for r in rows if (r["provider"], r["dtype"], r["B"]) == (baseline, t.dtype, t.B)]
         mark = " †" if any(_contended(r) for r in pair) else ""
         lines.append(f"- {t.label}: {value:.2f} (target >= {t.minimum:g}) {verdict}{mark}")
@@ -421,27 +734,47 @@ def _fmt(value, spec: str, suffix: str = "") -> str:
 CONTENTION_LIMIT = 0.10
 
 
+# The table columns after provider | dtype | B | median ms, per section: (header, row key, format, suffix).
+COLUMNS: dict[str, list[tuple[str, str, str, str]]] = {
+    "shuffle_patches": [
+        ("GB/s", "gb_per_s", ".1f", ""),
+        ("share of copy", "share_of_copy", ".2f", ""),
+        ("vs loop", "speedup_vs_loop", ".1f", "×"),
+        ("vs vectorised", "speedup_vs_vectorised", ".2f", "×"),
+        ("vs compiled", "speedup_vs_compiled", ".2f", "×"),
+        ("images/s", "images_per_s", ",.0f", ""),
+    ],
+    "mix_subpatches": [
+        ("GB/s", "gb_per_s", ".1f", ""),
+        ("share of bound", "share_of_bound", ".2f", ""),
+        ("vs torch", "speedup_vs_torch", ".2f", "×"),
+        ("images/s", "images_per_s", ",.0f", ""),
+    ],
+}
+
+
 def markdown_table(rows: list[dict]) -> str:
-    cols = ["provider", "dtype", "B", "median ms", "GB/s", "share of copy", "vs loop", "vs vectorised", "vs compiled"]
-    cols.append("images/s")
+    extra = COLUMNS[rows[0]["section"]] if rows else []
+    cols = ["provider", "dtype", "B", "median ms"] + [c[0] for c in extra]
     lines = ["| " + " | ".join(cols) + " |", "|---|---|" + "---:|" * (len(cols) - 2)]
     for r in rows:
-        lines.append(
-            f"| {r['provider']} | {r['dtype']} | {r['B']} | {_fmt(r['ms'], '.3f')}{_contended(r)} "
-            f"| {_fmt(r['gb_per_s'], '.1f')} "
-            f"| {_fmt(r['share_of_copy'], '.2f')} | {_fmt(r['speedup_vs_loop'], '.1f', '×')} "
-            f"| {_fmt(r['speedup_vs_vectorised'], '.2f', '×')} | {_fmt(r['speedup_vs_compiled'], '.2f', '×')} "
-            f"| {_fmt(r['images_per_s'], ',.0f')} |"
-        )
+        cells = [r["provider"], r["dtype"], str(r["B"]), _fmt(r["ms"], ".3f") + _contended(r)]
+        cells += [_fmt(r.get(key), spec, suffix) for _, key, spec, suffix in extra]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def section_title(rows: list[dict]) -> str:
-    """``shuffle_patches [B, 3, 224, 224] p=16``, from the rows themselves so a new section needs no title table."""
+    """``shuffle_patches [B, 3, 224, 224] p=16`` (``... g=2`` for mix), from the rows themselves so a new section
+    needs no title table."""
     if not rows:
         return "(no rows)"
     r = rows[0]
-    return f"{r['section']} [B, {r['C']}, {r['H']}, {r['W']}] p={r['patch_size']}"
+    title = f"{r['section']} [B, {r['C']}, {r['H']}, {r['W']}] p={r['patch_size']}"
+    if r.get("grid") is not None:
+        title += f" g={r['grid']}"
+        title += f" -> [B, {r['C']}, {r['H'] // r['grid']}, {r['W'] // r['grid']}]"
+    return title
 
 
 def env_line(env: dict) -> str:
