@@ -4,49 +4,76 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
-#include <vector>
+#include <algorithm>
 
 #include "common/mix_subpatches.h"
 
 namespace ppml::ops {
 namespace {
 
-// The sum runs over sub-patches in row-major order (i outer, j inner), one add at a time, as the reference does:
-// the first term is stored, the others added, so float32/float64 results match the reference bit for bit.
-template <typename scalar_t, bool Weighted>
+// Each output run (q*K elements of one output row inside one tile) is summed in registers over the g² sub-patch rows
+// that land on it, in row-major order (i outer, j inner), one add at a time, as the reference does: the first term
+// is stored, the others added (setup.py compiles with -ffp-contract=off, so no FMA either), and float32/float64
+// results match the reference bit for bit. `Run` is q*K when it is one of the common sizes (0: read at run time): a
+// compile-time trip count keeps the accumulator in vector registers.
+template <typename scalar_t, bool Weighted, int64_t Run>
 void mix_rows(const MixGeometry& g, const scalar_t* src, mix_out_t<scalar_t>* dst, const mix_acc_t<scalar_t>* w) {
   using acc_t = mix_acc_t<scalar_t>;
+  using out_t = mix_out_t<scalar_t>;
+  constexpr int64_t kMaxRun = 64;  // runtime runs are processed in chunks of this many elements
   const int64_t rows = g.planes * g.out_rows;
   const acc_t inv = acc_t(1) / static_cast<acc_t>(g.grid * g.grid);
   // ~64 KiB of input per task.
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, g.in_row * g.grid));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(static_cast<size_t>(g.out_row));
+  at::parallel_for(0, rows, grain, [&, g](int64_t begin, int64_t end) {
+    // Local copies: the compiler need not reload the geometry after every store through `dst`.
+    const int64_t grid = g.grid, row_step = g.sub * g.in_row, sub_step = g.run, tiles_x = g.tiles_x;
+    const int64_t tile_step = g.patch * g.interleave, run = Run > 0 ? Run : g.run;
+    const acc_t scale = inv;  // a local, not a reference that a store through `dst` might alias
     for (int64_t row = begin; row < end; ++row) {
       const int64_t plane = row / g.out_rows;
       const int64_t oy = row - plane * g.out_rows;
       const int64_t ty = oy / g.sub;
       const int64_t u = oy - ty * g.sub;
-      for (int64_t i = 0; i < g.grid; ++i) {
-        for (int64_t tx = 0; tx < g.tiles_x; ++tx) {
-          acc_t* a = acc.data() + tx * g.run;
-          for (int64_t j = 0; j < g.grid; ++j) {
-            const scalar_t* s = src + mix_input_offset<int64_t>(g, plane, ty, tx, i, j, u);
-            const acc_t wv = Weighted ? w[mix_weight_offset<int64_t>(g, plane, ty, tx, i, j)] : acc_t(1);
-            if (i == 0 && j == 0) {
-              for (int64_t e = 0; e < g.run; ++e) a[e] = Weighted ? wv * static_cast<acc_t>(s[e]) : static_cast<acc_t>(s[e]);
-            } else {
-              for (int64_t e = 0; e < g.run; ++e) a[e] += Weighted ? wv * static_cast<acc_t>(s[e]) : static_cast<acc_t>(s[e]);
+      // Everything per tile is a fixed step from the row's first tile.
+      const scalar_t* base = src + mix_input_offset<int64_t>(g, plane, ty, int64_t{0}, int64_t{0}, int64_t{0}, u);
+      const acc_t* wrow = Weighted ? w + mix_weight_offset<int64_t>(g, plane, ty, int64_t{0}, int64_t{0}, int64_t{0}) : nullptr;
+      out_t* o = dst + row * g.out_row;
+      for (int64_t tx = 0; tx < tiles_x; ++tx) {
+        const scalar_t* first = base + tx * tile_step;
+        const acc_t* wt = Weighted ? wrow + tx * grid * grid : nullptr;
+        for (int64_t e0 = 0; e0 < run; e0 += kMaxRun) {
+          const int64_t len = Run > 0 ? Run : std::min(kMaxRun, run - e0);
+          acc_t acc[Run > 0 ? Run : kMaxRun];
+          // The (0, 0) term first, outside the loops: a branch inside them keeps the accumulator out of registers.
+          const scalar_t* s00 = first + e0;
+          for (int64_t e = 0; e < len; ++e) acc[e] = Weighted ? wt[0] * static_cast<acc_t>(s00[e]) : static_cast<acc_t>(s00[e]);
+          for (int64_t i = 0; i < grid; ++i) {
+            for (int64_t j = (i == 0 ? 1 : 0); j < grid; ++j) {
+              const scalar_t* sj = first + i * row_step + j * sub_step + e0;
+              const acc_t wv = Weighted ? wt[i * grid + j] : acc_t(1);
+              for (int64_t e = 0; e < len; ++e) acc[e] += Weighted ? wv * static_cast<acc_t>(sj[e]) : static_cast<acc_t>(sj[e]);
             }
           }
+          out_t* oe = o + tx * run + e0;
+          for (int64_t e = 0; e < len; ++e) oe[e] = static_cast<out_t>(Weighted ? acc[e] : acc[e] * scale);
         }
-      }
-      mix_out_t<scalar_t>* o = dst + row * g.out_row;
-      for (int64_t e = 0; e < g.out_row; ++e) {
-        o[e] = static_cast<mix_out_t<scalar_t>>(Weighted ? acc[e] : acc[e] * inv);
       }
     }
   });
+}
+
+template <typename scalar_t, bool Weighted>
+void mix_rows_any_run(const MixGeometry& g, const scalar_t* src, mix_out_t<scalar_t>* dst,
+                      const mix_acc_t<scalar_t>* w) {
+  switch (g.run) {
+    case 4: return mix_rows<scalar_t, Weighted, 4>(g, src, dst, w);
+    case 8: return mix_rows<scalar_t, Weighted, 8>(g, src, dst, w);
+    case 16: return mix_rows<scalar_t, Weighted, 16>(g, src, dst, w);
+    case 24: return mix_rows<scalar_t, Weighted, 24>(g, src, dst, w);  // q = 8, channels_last RGB
+    case 32: return mix_rows<scalar_t, Weighted, 32>(g, src, dst, w);
+    default: return mix_rows<scalar_t, Weighted, 0>(g, src, dst, w);
+  }
 }
 
 at::Tensor mix_subpatches_cpu(const at::Tensor& images, int64_t patch_size, int64_t grid,
@@ -57,9 +84,9 @@ at::Tensor mix_subpatches_cpu(const at::Tensor& images, int64_t patch_size, int6
     const scalar_t* s = m.src.const_data_ptr<scalar_t>();
     auto* d = m.out.mutable_data_ptr<mix_out_t<scalar_t>>();
     if (m.weights.defined()) {
-      mix_rows<scalar_t, true>(m.geometry, s, d, m.weights.const_data_ptr<mix_acc_t<scalar_t>>());
+      mix_rows_any_run<scalar_t, true>(m.geometry, s, d, m.weights.const_data_ptr<mix_acc_t<scalar_t>>());
     } else {
-      mix_rows<scalar_t, false>(m.geometry, s, d, nullptr);
+      mix_rows_any_run<scalar_t, false>(m.geometry, s, d, nullptr);
     }
   });
   return m.out;

@@ -46,15 +46,18 @@ inline void copy_run(char* dst, const char* src) {
   std::memcpy(dst, src, Bytes);
 }
 
-// One task unit is a tile row of one plane (p image rows): its tiles' source offsets are computed once, so the inner
-// loop is nothing but run copies (a division per 16-byte uint8 run would cost more than the copy).
+// One task unit is a tile row of one plane (p image rows, L1/L2-sized): its tiles' source addresses are computed
+// once, then output rows are written in order, each a sequence of run copies from N scattered source tiles. No
+// hardware prefetcher can predict those reads, so each copy prefetches the same tile's next row: on the 2-core
+// development VM that took float32 from ~0.45x to ~0.75x of memcpy bandwidth (distances 2-4 and L2 hints were no
+// better; non-temporal stores did not help).
 template <int64_t Bytes>
 void gather_tile_rows(const ShuffleGeometry& g, const int64_t* perm, const char* src, char* dst, int64_t run_bytes) {
   const int64_t tiles_y = g.height / g.patch;
   const int64_t units = g.planes * tiles_y;
+  const int64_t row = g.row_units;  // bytes per image row
   // ~64 KiB of output per task: large enough to amortise scheduling, small enough to balance the cores.
-  const int64_t unit_bytes = std::max<int64_t>(1, g.patch * g.row_units);
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / unit_bytes);
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, g.patch * row));
   at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
     std::vector<const char*> from(static_cast<size_t>(g.tiles_x));
     for (int64_t unit = begin; unit < end; ++unit) {
@@ -65,14 +68,17 @@ void gather_tile_rows(const ShuffleGeometry& g, const int64_t* perm, const char*
         const int64_t sy = tiles[tx] / g.tiles_x;
         from[tx] = src + shuffle_source_offset<int64_t>(g, plane, int64_t{0}, sy, tiles[tx] - sy * g.tiles_x);
       }
+      char* out = dst + shuffle_row_offset<int64_t>(g, plane, ty * g.patch);
       for (int64_t r = 0; r < g.patch; ++r) {
-        char* out = dst + shuffle_row_offset<int64_t>(g, plane, ty * g.patch + r);
-        const int64_t shift = r * g.row_units;
+        char* o = out + r * row;
+        const int64_t shift = r * row;
+        const bool ahead = r + 1 < g.patch;
         for (int64_t tx = 0; tx < g.tiles_x; ++tx) {
+          if (ahead) __builtin_prefetch(from[tx] + shift + row);
           if constexpr (Bytes > 0) {
-            copy_run<Bytes>(out + tx * Bytes, from[tx] + shift);
+            copy_run<Bytes>(o + tx * Bytes, from[tx] + shift);
           } else {
-            std::memcpy(out + tx * run_bytes, from[tx] + shift, run_bytes);
+            std::memcpy(o + tx * run_bytes, from[tx] + shift, run_bytes);
           }
         }
       }
