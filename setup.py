@@ -63,7 +63,7 @@ def _cuda_arch_flags():
 def _extensions():
     cpu_sources = sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/module.cpp"]
     # -ffp-contract=off: the MI kernels must round each multiply and add as the reference does (no FMA).
-    cxx = ["-O3", "-fopenmp", "-std=c++20", "-ffp-contract=off"]
+    cxx = ["-O3", "-fopenmp", "-std=c++20", "-ffp-contract=off", "-fno-wrapv"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     use_cuda, why = _want_cuda()
     print("ppml: CUDA kernels %s (%s)" % ("ON" if use_cuda else "OFF", why))
