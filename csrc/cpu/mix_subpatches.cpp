@@ -15,8 +15,9 @@ namespace {
 // that land on it, in row-major order (i outer, j inner), one add at a time, as the reference does: the first term
 // is stored, the others added (setup.py compiles with -ffp-contract=off, so no FMA either), and float32/float64
 // results match the reference bit for bit. `Run` is q*K when it is one of the common sizes (0: read at run time): a
-// compile-time trip count keeps the accumulator in vector registers.
-template <typename scalar_t, bool Weighted, int64_t Run>
+// compile-time trip count keeps the accumulator in vector registers; so does a compile-time `Grid` (g = 2, the paper's
+// setting, unrolls the sub-patch loops completely).
+template <typename scalar_t, bool Weighted, int64_t Run, int64_t Grid>
 void mix_rows(const MixGeometry& g, const scalar_t* src, mix_out_t<scalar_t>* dst, const mix_acc_t<scalar_t>* w) {
   using acc_t = mix_acc_t<scalar_t>;
   using out_t = mix_out_t<scalar_t>;
@@ -27,7 +28,7 @@ void mix_rows(const MixGeometry& g, const scalar_t* src, mix_out_t<scalar_t>* ds
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, g.in_row * g.grid));
   at::parallel_for(0, rows, grain, [&, g](int64_t begin, int64_t end) {
     // Local copies: the compiler need not reload the geometry after every store through `dst`.
-    const int64_t grid = g.grid, row_step = g.sub * g.in_row, sub_step = g.run, tiles_x = g.tiles_x;
+    const int64_t grid = Grid > 0 ? Grid : g.grid, row_step = g.sub * g.in_row, sub_step = g.run, tiles_x = g.tiles_x;
     const int64_t tile_step = g.patch * g.interleave, run = Run > 0 ? Run : g.run;
     const acc_t scale = inv;  // a local, not a reference that a store through `dst` might alias
     for (int64_t row = begin; row < end; ++row) {
@@ -63,17 +64,23 @@ void mix_rows(const MixGeometry& g, const scalar_t* src, mix_out_t<scalar_t>* ds
   });
 }
 
-template <typename scalar_t, bool Weighted>
+template <typename scalar_t, bool Weighted, int64_t Grid>
 void mix_rows_any_run(const MixGeometry& g, const scalar_t* src, mix_out_t<scalar_t>* dst,
                       const mix_acc_t<scalar_t>* w) {
   switch (g.run) {
-    case 4: return mix_rows<scalar_t, Weighted, 4>(g, src, dst, w);
-    case 8: return mix_rows<scalar_t, Weighted, 8>(g, src, dst, w);
-    case 16: return mix_rows<scalar_t, Weighted, 16>(g, src, dst, w);
-    case 24: return mix_rows<scalar_t, Weighted, 24>(g, src, dst, w);  // q = 8, channels_last RGB
-    case 32: return mix_rows<scalar_t, Weighted, 32>(g, src, dst, w);
-    default: return mix_rows<scalar_t, Weighted, 0>(g, src, dst, w);
+    case 4: return mix_rows<scalar_t, Weighted, 4, Grid>(g, src, dst, w);
+    case 8: return mix_rows<scalar_t, Weighted, 8, Grid>(g, src, dst, w);
+    case 16: return mix_rows<scalar_t, Weighted, 16, Grid>(g, src, dst, w);
+    case 24: return mix_rows<scalar_t, Weighted, 24, Grid>(g, src, dst, w);  // q = 8, channels_last RGB
+    case 32: return mix_rows<scalar_t, Weighted, 32, Grid>(g, src, dst, w);
+    default: return mix_rows<scalar_t, Weighted, 0, Grid>(g, src, dst, w);
   }
+}
+
+template <typename scalar_t, bool Weighted>
+void mix_rows_any(const MixGeometry& g, const scalar_t* src, mix_out_t<scalar_t>* dst, const mix_acc_t<scalar_t>* w) {
+  if (g.grid == 2) return mix_rows_any_run<scalar_t, Weighted, 2>(g, src, dst, w);
+  return mix_rows_any_run<scalar_t, Weighted, 0>(g, src, dst, w);
 }
 
 at::Tensor mix_subpatches_cpu(const at::Tensor& images, int64_t patch_size, int64_t grid,
@@ -84,9 +91,9 @@ at::Tensor mix_subpatches_cpu(const at::Tensor& images, int64_t patch_size, int6
     const scalar_t* s = m.src.const_data_ptr<scalar_t>();
     auto* d = m.out.mutable_data_ptr<mix_out_t<scalar_t>>();
     if (m.weights.defined()) {
-      mix_rows_any_run<scalar_t, true>(m.geometry, s, d, m.weights.const_data_ptr<mix_acc_t<scalar_t>>());
+      mix_rows_any<scalar_t, true>(m.geometry, s, d, m.weights.const_data_ptr<mix_acc_t<scalar_t>>());
     } else {
-      mix_rows_any_run<scalar_t, false>(m.geometry, s, d, nullptr);
+      mix_rows_any<scalar_t, false>(m.geometry, s, d, nullptr);
     }
   });
   return m.out;
