@@ -38,6 +38,7 @@ import csv
 import datetime as _dt
 import functools
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -827,6 +828,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _huge_page_hint(device: torch.device) -> str | None:
+    """Fresh multi-MB CPU outputs pay a page fault per 4 KiB page on first touch (slow in VMs); with transparent huge
+    pages in `madvise` mode, PyTorch's own THP_MEM_ALLOC_ENABLE=1 asks for 2 MiB pages. Say so rather than set it."""
+    if device.type != "cpu" or os.environ.get("THP_MEM_ALLOC_ENABLE") == "1":
+        return None
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            mode = f.read()
+    except OSError:
+        return None
+    if "[madvise]" not in mode:
+        return None
+    return (
+        "note: transparent huge pages are in madvise mode and THP_MEM_ALLOC_ENABLE is unset, so ops returning a fresh "
+        "tensor of many MB (`native`, `clone`) pay 4 KiB page faults; `native_out` reuses a buffer. "
+        "THP_MEM_ALLOC_ENABLE=1 (a PyTorch setting) makes such allocations use 2 MiB pages."
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -840,6 +860,9 @@ def main(argv: list[str] | None = None) -> int:
     targets: dict[str, list[str]] = {}
     print(f"# ppml throughput{' (--quick)' if args.quick else ''}")
     print(env_line(env))
+    hint = _huge_page_hint(device)
+    if hint:
+        print(hint)
     for name in args.sections:
         try:
             rows = SECTIONS[name](cfg)

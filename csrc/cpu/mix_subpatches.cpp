@@ -17,50 +17,64 @@ namespace {
 // results match the reference bit for bit. `Run` is q*K when it is one of the common sizes (0: read at run time): a
 // compile-time trip count keeps the accumulator in vector registers; so does a compile-time `Grid` (g = 2, the paper's
 // setting, unrolls the sub-patch loops completely).
+//
+// Built twice on x86-64 with GCC (AVX2 and the baseline, chosen at load time by the CPU): 8-wide float adds and
+// uint8 converts bring the memory-bound float32 case to the copy bandwidth. No FMA either way (-ffp-contract=off).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define PPML_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define PPML_CPU_CLONES
+#endif
+
 template <typename scalar_t, bool Weighted, int64_t Run, int64_t Grid>
-void mix_rows(const MixGeometry& g, const scalar_t* src, mix_out_t<scalar_t>* dst, const mix_acc_t<scalar_t>* w) {
+PPML_CPU_CLONES void mix_row_range(const MixGeometry& g, const scalar_t* src, mix_out_t<scalar_t>* dst,
+                                   const mix_acc_t<scalar_t>* w, int64_t begin, int64_t end) {
   using acc_t = mix_acc_t<scalar_t>;
   using out_t = mix_out_t<scalar_t>;
   constexpr int64_t kMaxRun = 64;  // runtime runs are processed in chunks of this many elements
-  const int64_t rows = g.planes * g.out_rows;
-  const acc_t inv = acc_t(1) / static_cast<acc_t>(g.grid * g.grid);
-  // ~64 KiB of input per task.
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, g.in_row * g.grid));
-  at::parallel_for(0, rows, grain, [&, g](int64_t begin, int64_t end) {
-    // Local copies: the compiler need not reload the geometry after every store through `dst`.
-    const int64_t grid = Grid > 0 ? Grid : g.grid, row_step = g.sub * g.in_row, sub_step = g.run, tiles_x = g.tiles_x;
-    const int64_t tile_step = g.patch * g.interleave, run = Run > 0 ? Run : g.run;
-    const acc_t scale = inv;  // a local, not a reference that a store through `dst` might alias
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t plane = row / g.out_rows;
-      const int64_t oy = row - plane * g.out_rows;
-      const int64_t ty = oy / g.sub;
-      const int64_t u = oy - ty * g.sub;
-      // Everything per tile is a fixed step from the row's first tile.
-      const scalar_t* base = src + mix_input_offset<int64_t>(g, plane, ty, int64_t{0}, int64_t{0}, int64_t{0}, u);
-      const acc_t* wrow = Weighted ? w + mix_weight_offset<int64_t>(g, plane, ty, int64_t{0}, int64_t{0}, int64_t{0}) : nullptr;
-      out_t* o = dst + row * g.out_row;
-      for (int64_t tx = 0; tx < tiles_x; ++tx) {
-        const scalar_t* first = base + tx * tile_step;
-        const acc_t* wt = Weighted ? wrow + tx * grid * grid : nullptr;
-        for (int64_t e0 = 0; e0 < run; e0 += kMaxRun) {
-          const int64_t len = Run > 0 ? Run : std::min(kMaxRun, run - e0);
-          acc_t acc[Run > 0 ? Run : kMaxRun];
-          // The (0, 0) term first, outside the loops: a branch inside them keeps the accumulator out of registers.
-          const scalar_t* s00 = first + e0;
-          for (int64_t e = 0; e < len; ++e) acc[e] = Weighted ? wt[0] * static_cast<acc_t>(s00[e]) : static_cast<acc_t>(s00[e]);
-          for (int64_t i = 0; i < grid; ++i) {
-            for (int64_t j = (i == 0 ? 1 : 0); j < grid; ++j) {
-              const scalar_t* sj = first + i * row_step + j * sub_step + e0;
-              const acc_t wv = Weighted ? wt[i * grid + j] : acc_t(1);
-              for (int64_t e = 0; e < len; ++e) acc[e] += Weighted ? wv * static_cast<acc_t>(sj[e]) : static_cast<acc_t>(sj[e]);
-            }
+  // Local copies: the compiler need not reload the geometry after every store through `dst`.
+  const int64_t grid = Grid > 0 ? Grid : g.grid, row_step = g.sub * g.in_row, sub_step = g.run, tiles_x = g.tiles_x;
+  const int64_t tile_step = g.patch * g.interleave, run = Run > 0 ? Run : g.run;
+  const acc_t scale = acc_t(1) / static_cast<acc_t>(grid * grid);
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t plane = row / g.out_rows;
+    const int64_t oy = row - plane * g.out_rows;
+    const int64_t ty = oy / g.sub;
+    const int64_t u = oy - ty * g.sub;
+    // Everything per tile is a fixed step from the row's first tile.
+    const scalar_t* base = src + mix_input_offset<int64_t>(g, plane, ty, int64_t{0}, int64_t{0}, int64_t{0}, u);
+    const acc_t* wrow = Weighted ? w + mix_weight_offset<int64_t>(g, plane, ty, int64_t{0}, int64_t{0}, int64_t{0}) : nullptr;
+    out_t* o = dst + row * g.out_row;
+    for (int64_t tx = 0; tx < tiles_x; ++tx) {
+      const scalar_t* first = base + tx * tile_step;
+      const acc_t* wt = Weighted ? wrow + tx * grid * grid : nullptr;
+      for (int64_t e0 = 0; e0 < run; e0 += kMaxRun) {
+        const int64_t len = Run > 0 ? Run : std::min(kMaxRun, run - e0);
+        acc_t acc[Run > 0 ? Run : kMaxRun];
+        // The (0, 0) term first, outside the loops: a branch inside them keeps the accumulator out of registers.
+        const scalar_t* s00 = first + e0;
+        for (int64_t e = 0; e < len; ++e) acc[e] = Weighted ? wt[0] * static_cast<acc_t>(s00[e]) : static_cast<acc_t>(s00[e]);
+        for (int64_t i = 0; i < grid; ++i) {
+          for (int64_t j = (i == 0 ? 1 : 0); j < grid; ++j) {
+            const scalar_t* sj = first + i * row_step + j * sub_step + e0;
+            const acc_t wv = Weighted ? wt[i * grid + j] : acc_t(1);
+            for (int64_t e = 0; e < len; ++e) acc[e] += Weighted ? wv * static_cast<acc_t>(sj[e]) : static_cast<acc_t>(sj[e]);
           }
-          out_t* oe = o + tx * run + e0;
-          for (int64_t e = 0; e < len; ++e) oe[e] = static_cast<out_t>(Weighted ? acc[e] : acc[e] * scale);
         }
+        out_t* oe = o + tx * run + e0;
+        for (int64_t e = 0; e < len; ++e) oe[e] = static_cast<out_t>(Weighted ? acc[e] : acc[e] * scale);
       }
     }
+  }
+}
+
+template <typename scalar_t, bool Weighted, int64_t Run, int64_t Grid>
+void mix_rows(const MixGeometry& g, const scalar_t* src, mix_out_t<scalar_t>* dst, const mix_acc_t<scalar_t>* w) {
+  const int64_t rows = g.planes * g.out_rows;
+  // ~64 KiB of input per task.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, g.in_row * g.grid));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    mix_row_range<scalar_t, Weighted, Run, Grid>(g, src, dst, w, begin, end);
   });
 }
 
