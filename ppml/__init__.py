@@ -15,6 +15,8 @@ from . import _dispatch  # noqa: E402
 _dispatch.refresh()
 
 from ._dispatch import backend_info  # noqa: E402
+from .anchors import make_anchors  # noqa: E402
+from .ops.anchor_loss import AnchorLoss, anchor_loss, nearest_anchor  # noqa: E402
 from .keys import invert_permutations, random_permutations  # noqa: E402
 from .ops.mix_subpatches import SubpatchMix, mix_subpatches, random_mixing_weights  # noqa: E402
 from .ops.shuffle_patches import PatchShuffle, shuffle_patches, unshuffle_patches  # noqa: E402
@@ -22,11 +24,15 @@ from .ops.shuffle_patches import PatchShuffle, shuffle_patches, unshuffle_patche
 __version__ = "0.1.0"
 
 __all__ = [
+    "AnchorLoss",
     "PatchShuffle",
     "SubpatchMix",
+    "anchor_loss",
     "backend_info",
     "invert_permutations",
+    "make_anchors",
     "mix_subpatches",
+    "nearest_anchor",
     "random_mixing_weights",
     "random_permutations",
     "shuffle_patches",

@@ -20,8 +20,8 @@ BACKENDS = ("native", "triton", "reference")
 _IMPLS: dict[str, dict[str, Callable]] = {}
 
 
-def register(op: str, *, native: Callable, triton: Callable, reference: Callable) -> None:
-    """Called once by each op module (ppml/ops/<op>.py)."""
+def register(op: str, *, native: Callable, triton: Callable | None, reference: Callable) -> None:
+    """Called once by each op module (ppml/ops/<op>.py); ``triton=None`` for an op without a Triton kernel yet."""
     _IMPLS[op] = {"native": native, "triton": triton, "reference": reference}
 
 
@@ -50,6 +50,8 @@ def _compute_reason(op: str, backend: str, device_type: str) -> str | None:
     if backend == "native":
         return _extension.native_reason(device_type, op)
     if backend == "triton":
+        if _IMPLS.get(op, {}).get("triton") is None:
+            return f"ppml.{op} has no Triton kernel yet"
         return _extension.triton_reason(device_type)
     if backend == "reference":
         return None

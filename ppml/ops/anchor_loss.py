@@ -1,0 +1,255 @@
+"""Anchor-distance losses: ``ppml::anchor_loss`` — schema, checks, fake, autograd, public API, ``AnchorLoss``.
+
+The op returns the per-sample loss and, fused into the same pass, its gradient with respect to the features (rows
+are independent, so d(loss_i)/d(f_i) is all a backward needs): the B×C logits are produced and consumed a chunk of
+rows at a time and never stored, and the backward is one scaling. Anchors are fixed and get no gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .. import _dispatch
+from ..anchors import make_anchors
+from ..reference import anchor_loss as _reference_loss
+from ..reference.anchor_loss import COS_EPS, DIST2_EPS, METRICS, accumulation_dtype, anchor_logits
+from ._common import describe, fallback_kernel, lib
+
+OP = "ppml.anchor_loss"
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+lib.define(
+    "anchor_loss(Tensor features, Tensor anchors, Tensor labels, str metric, float scale, float pull, bool softmax)"
+    " -> (Tensor, Tensor)"
+)
+
+
+def _check(features, anchors, labels, metric, scale, pull, softmax, op: str = OP) -> None:
+    """Shapes, dtypes, devices and parameters (no data reads: fake tensors pass; label range is checked by kernels)."""
+    if not isinstance(features, Tensor) or features.dim() != 2 or features.dtype not in _FLOATS:
+        raise ValueError(f"{op}: features must be a float [B, D] tensor, got {describe(features)}")
+    B, D = features.shape
+    if not isinstance(anchors, Tensor) or anchors.dim() != 2 or anchors.dtype not in _FLOATS or anchors.shape[1] != D:
+        raise ValueError(f"{op}: anchors must be a float [C, D] tensor with D={D}, got {describe(anchors)}")
+    if anchors.shape[0] < 1:
+        raise ValueError(f"{op}: anchors must hold at least one class, got {describe(anchors)}")
+    if not isinstance(labels, Tensor) or labels.dtype != torch.int64 or tuple(labels.shape) != (B,):
+        raise ValueError(f"{op}: labels must be int64 [B] with B={B}, got {describe(labels)}")
+    for name, t in (("anchors", anchors), ("labels", labels)):
+        if t.device != features.device:
+            raise ValueError(f"{op}: {name} must be on the features' device {features.device}, got {describe(t)}")
+    if metric not in METRICS:
+        raise ValueError(f"{op}: metric must be one of {', '.join(map(repr, METRICS))}, got {metric!r}")
+    if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"{op}: scale must be a finite number > 0, got {scale!r}")
+    if not (isinstance(pull, (int, float)) and math.isfinite(pull) and pull >= 0):
+        raise ValueError(f"{op}: pull must be a finite number >= 0, got {pull!r}")
+    if not softmax and not pull:
+        raise ValueError(f"{op}: with softmax=False the loss is pull·ρ alone, so pull must be > 0, got {pull!r}")
+
+
+def _check_labels(labels: Tensor, num_classes: int, op: str = OP) -> None:
+    if labels.numel() and not bool(((labels >= 0) & (labels < num_classes)).all()):
+        bad = labels[(labels < 0) | (labels >= num_classes)][0].item()
+        raise ValueError(f"{op}: labels must lie in [0, C) with C={num_classes}, got {bad}")
+
+
+@torch.library.register_fake("ppml::anchor_loss")
+def _fake(features, anchors, labels, metric, scale, pull, softmax):
+    _check(features, anchors, labels, metric, scale, pull, softmax)
+    loss = features.new_empty(features.shape[0], dtype=accumulation_dtype(features.dtype))
+    return loss, torch.empty_like(features, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    _, grad = output
+    ctx.save_for_backward(grad)
+    ctx.mark_non_differentiable(grad)
+
+
+def _backward(ctx, grad_loss: Tensor, _unused):
+    (grad,) = ctx.saved_tensors
+    # d(loss_i)/d(f_i) was computed in the forward pass; the chain rule only scales each row.
+    acc = accumulation_dtype(grad.dtype)
+    return (grad_loss.to(acc)[:, None] * grad.to(acc)).to(grad.dtype), None, None, None, None, None, None
+
+
+torch.library.register_autograd("ppml::anchor_loss", _backward, setup_context=_setup_context)
+
+
+def loss_and_grad(features, anchors, labels, metric, scale, pull, softmax):
+    """The fused formulas in plain PyTorch: per-sample loss and d(loss_i)/d(f_i), as the C++ kernels compute them
+    (tests check both against autograd through :func:`ppml.reference.anchor_loss`).
+
+    Gradients (A fixed): Euclidean metrics, with w_c = dz_c·∂z_c/∂d2_c·2: dF = f·Σ_c w_c − w·A (+ pull·(f − a_y));
+    cosine: dF̂ = γ·dz·Â (− pull·â_y), then dF = (dF̂ − (dF̂·f̂)f̂)/‖f‖ (dF̂/ε below the norm floor)."""
+    acc = accumulation_dtype(features.dtype)
+    f, a = features.to(acc), anchors.to(acc)
+    B = f.shape[0]
+    ay = a[labels]
+    loss = torch.zeros(B, dtype=acc, device=f.device)
+    grad = torch.zeros_like(f)
+    if metric == "cosine":
+        fnorm = f.norm(dim=1, keepdim=True)
+        fden = fnorm.clamp_min(COS_EPS)
+        fh, ah = f / fden, a / a.norm(dim=1, keepdim=True).clamp_min(COS_EPS)
+        ghat = torch.zeros_like(f)
+        if softmax:
+            z = scale * (fh @ ah.T)
+            lse = torch.logsumexp(z, 1)
+            loss += lse - z.gather(1, labels[:, None])[:, 0]
+            dz = torch.softmax(z, 1)
+            dz[torch.arange(B, device=f.device), labels] -= 1
+            ghat += scale * (dz @ ah)
+        if pull:
+            loss += pull * (1 - (fh * ah[labels]).sum(1))
+            ghat -= pull * ah[labels]
+        radial = (ghat * fh).sum(1, keepdim=True) * fh
+        grad = torch.where(fnorm > COS_EPS, (ghat - radial) / fden, ghat / COS_EPS)
+        return loss, grad.to(features.dtype)
+    diff = f - ay
+    dy2 = diff.square().sum(1)
+    if softmax:
+        d2 = (f.square().sum(1, keepdim=True) - 2 * f @ a.T + a.square().sum(1)).clamp_min(0)
+        d2 = d2.scatter(1, labels[:, None], dy2[:, None])
+        if metric == "sqeuclidean":
+            z = -0.5 * scale * d2
+        else:
+            d = d2.clamp_min(DIST2_EPS).sqrt()
+            z = -scale * d
+        lse = torch.logsumexp(z, 1)
+        loss += lse - z.gather(1, labels[:, None])[:, 0]
+        dz = torch.softmax(z, 1)
+        dz[torch.arange(B, device=f.device), labels] -= 1
+        # ∂z_c/∂f = w'_c·(f − a_c) with w'_c = −γ (squared) or −γ/d_c (0 where the distance floor is active)
+        w = -scale * dz if metric == "sqeuclidean" else torch.where(d2 > DIST2_EPS, -scale * dz / d, 0.0)
+        grad += f * w.sum(1, keepdim=True) - w @ a
+    if pull:
+        loss += pull * 0.5 * dy2
+        grad += pull * diff
+    return loss, grad.to(features.dtype)
+
+
+@fallback_kernel("anchor_loss")
+def _reference_kernel(features, anchors, labels, metric, scale, pull, softmax):
+    """The plain-PyTorch fused formulas as the kernel where ppml._C provides none."""
+    _check(features, anchors, labels, metric, scale, pull, softmax)
+    _check_labels(labels, anchors.shape[0])
+    loss, grad = loss_and_grad(features, anchors, labels, metric, scale, pull, softmax)
+    return loss, grad.contiguous()
+
+
+def _native_loss(features, anchors, labels, metric, scale, pull, softmax):
+    return torch.ops.ppml.anchor_loss(features, anchors, labels, metric, scale, pull, softmax)[0]
+
+
+def _reference_backend(features, anchors, labels, metric, scale, pull, softmax):
+    if not torch.compiler.is_compiling():
+        _check_labels(labels, anchors.shape[0])
+    return _reference_loss(features, anchors, labels, metric, scale, pull, softmax)
+
+
+_dispatch.register("anchor_loss", native=_native_loss, triton=None, reference=_reference_backend)
+
+
+# ---- public API --------------------------------------------------------------------------------------------------
+
+
+def anchor_loss(
+    features: Tensor,
+    anchors: Tensor,
+    labels: Tensor,
+    *,
+    metric: str = "sqeuclidean",
+    scale: float = 1.0,
+    pull: float = 0.0,
+    softmax: bool = True,
+    reduction: str = "mean",
+    backend: str | None = None,
+) -> Tensor:
+    """Anchor-distance loss (fixed class-centre anchors).
+
+    Logits z_c = −(γ/2)‖f − a_c‖² (``sqeuclidean``), −γ‖f − a_c‖ (``euclidean``) or γ·cos(f, a_c) (``cosine``), γ =
+    ``scale``; loss = cross-entropy of softmax(z) (when ``softmax``) + ``pull``·ρ(f, a_y), ρ = ½‖f − a_y‖² (Euclidean
+    metrics) or 1 − cos(f, a_y) (cosine). With equal-norm anchors and no pull, ``sqeuclidean`` equals cross-entropy
+    with a frozen linear layer γA: add ``pull`` or use ``euclidean`` to draw features to their anchor.
+
+    Args:
+        features (Tensor[B, D]): float16, bfloat16, float32 or float64 (accumulated in float32; float64 stays).
+        anchors (Tensor[C, D]): fixed, e.g. from :func:`ppml.make_anchors`; no gradient flows to them.
+        labels (Tensor[B] int64): in [0, C).
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (per-sample ``[B]``).
+        backend: ``None``/``"auto"``, ``"native"`` or ``"reference"`` (default: ``PPML_BACKEND``).
+
+    Returns:
+        The loss, float32 (float64 for float64 features). Differentiable in ``features``.
+    """
+    _check(features, anchors, labels, metric, scale, pull, softmax)
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"{OP}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    _, fn = _dispatch.choose("anchor_loss", features.device, backend)
+    loss = fn(features, anchors, labels, metric, float(scale), float(pull), bool(softmax))
+    if reduction == "mean":
+        return loss.mean()
+    return loss.sum() if reduction == "sum" else loss
+
+
+def nearest_anchor(features: Tensor, anchors: Tensor, metric: str = "sqeuclidean") -> Tensor:
+    """Prediction: the index of each feature's nearest anchor under `metric` (Tensor[B] int64)."""
+    if metric not in METRICS:
+        raise ValueError(f"ppml.nearest_anchor: metric must be one of {', '.join(map(repr, METRICS))}, got {metric!r}")
+    acc = accumulation_dtype(features.dtype)
+    return anchor_logits(features.detach().to(acc), anchors.to(acc), metric, 1.0).argmax(1)
+
+
+class AnchorLoss(nn.Module):
+    """The anchor loss as a module holding its fixed anchors as a buffer (saved in state_dict, never trained).
+
+    ``loss = AnchorLoss(10, 64, kind="simplex")(features, labels)``; ``.predict(features)`` = nearest anchor.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        dim: int,
+        *,
+        kind: str = "simplex",
+        radius: float = 1.0,
+        metric: str = "sqeuclidean",
+        scale: float = 1.0,
+        pull: float = 0.0,
+        softmax: bool = True,
+        reduction: str = "mean",
+        backend: str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        self.register_buffer("anchors", make_anchors(num_classes, dim, kind, radius, generator=generator))
+        self.kind, self.metric, self.scale, self.pull = kind, metric, scale, pull
+        self.softmax, self.reduction, self.backend = softmax, reduction, backend
+        _check(torch.empty(0, dim), self.anchors, torch.empty(0, dtype=torch.int64), metric, scale, pull, softmax,
+               op="ppml.AnchorLoss")
+
+    def forward(self, features: Tensor, labels: Tensor) -> Tensor:
+        return anchor_loss(
+            features,
+            self.anchors.to(features.device),
+            labels,
+            metric=self.metric,
+            scale=self.scale,
+            pull=self.pull,
+            softmax=self.softmax,
+            reduction=self.reduction,
+            backend=self.backend,
+        )
+
+    @torch.no_grad()
+    def predict(self, features: Tensor) -> Tensor:
+        return nearest_anchor(features, self.anchors.to(features.device), self.metric)
+
+    def extra_repr(self) -> str:
+        C, D = self.anchors.shape
+        return f"classes={C}, dim={D}, kind={self.kind!r}, metric={self.metric!r}, scale={self.scale}, pull={self.pull}"
