@@ -33,7 +33,7 @@ def test_cuda_kernels_registered_when_built():
     if not _extension.cuda_kernels_built():
         pytest.skip("ppml._C was built without CUDA kernels")
     # The CUDA kernels are registered even on a machine without a GPU (they just cannot run here).
-    for op in ("shuffle_patches", "shuffle_patches.out", "mix_subpatches"):
+    for op in ("shuffle_patches", "shuffle_patches.out", "mix_subpatches", "anchor_loss"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ppml::{op}", "CUDA"), op
         assert (op, "CUDA") not in _extension.fallback_registered
 

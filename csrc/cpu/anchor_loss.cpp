@@ -13,54 +13,11 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <string_view>
 
-#include "common/shuffle_patches.h"  // describe()
+#include "common/anchor_loss.h"
 
 namespace ppml::ops {
 namespace {
-
-// Same constants as ppml/reference/anchor_loss.py.
-constexpr double kCosEps = 1e-12;
-constexpr double kDist2Eps = 1e-12;
-// Elements of the reused logits buffer: 4M floats (16 MiB).
-constexpr int64_t kChunkElements = int64_t{1} << 22;
-
-enum class Metric { SqEuclidean, Euclidean, Cosine };
-
-Metric parse_metric(std::string_view m) {
-  if (m == "sqeuclidean") return Metric::SqEuclidean;
-  if (m == "euclidean") return Metric::Euclidean;
-  TORCH_CHECK_VALUE(m == "cosine", "ppml.anchor_loss: metric must be one of 'sqeuclidean', 'euclidean', 'cosine', got '",
-                    std::string(m), "'");
-  return Metric::Cosine;
-}
-
-void check_anchor_args(const at::Tensor& f, const at::Tensor& a, const at::Tensor& labels, double scale, double pull,
-                       bool softmax) {
-  auto is_float = [](const at::Tensor& t) {
-    const auto s = t.scalar_type();
-    return s == at::kHalf || s == at::kBFloat16 || s == at::kFloat || s == at::kDouble;
-  };
-  TORCH_CHECK_VALUE(f.dim() == 2 && is_float(f), "ppml.anchor_loss: features must be a float [B, D] tensor, got ",
-                    describe(f));
-  const int64_t B = f.size(0), D = f.size(1);
-  TORCH_CHECK_VALUE(a.dim() == 2 && is_float(a) && a.size(1) == D,
-                    "ppml.anchor_loss: anchors must be a float [C, D] tensor with D=", D, ", got ", describe(a));
-  TORCH_CHECK_VALUE(a.size(0) >= 1, "ppml.anchor_loss: anchors must hold at least one class, got ", describe(a));
-  TORCH_CHECK_VALUE(labels.scalar_type() == at::kLong && labels.dim() == 1 && labels.size(0) == B,
-                    "ppml.anchor_loss: labels must be int64 [B] with B=", B, ", got ", describe(labels));
-  TORCH_CHECK_VALUE(a.device() == f.device(), "ppml.anchor_loss: anchors must be on the features' device ",
-                    f.device(), ", got ", describe(a));
-  TORCH_CHECK_VALUE(labels.device() == f.device(), "ppml.anchor_loss: labels must be on the features' device ",
-                    f.device(), ", got ", describe(labels));
-  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, "ppml.anchor_loss: scale must be a finite number > 0, got ",
-                    scale);
-  TORCH_CHECK_VALUE(std::isfinite(pull) && pull >= 0, "ppml.anchor_loss: pull must be a finite number >= 0, got ",
-                    pull);
-  TORCH_CHECK_VALUE(softmax || pull > 0,
-                    "ppml.anchor_loss: with softmax=False the loss is pull·ρ alone, so pull must be > 0, got ", pull);
-}
 
 template <typename acc_t>
 void run(const at::Tensor& F, const at::Tensor& A, const int64_t* y, Metric metric, acc_t gamma, acc_t pull,
@@ -87,7 +44,7 @@ void run(const at::Tensor& F, const at::Tensor& A, const int64_t* y, Metric metr
     return s;
   };
 
-  const int64_t chunk = softmax ? std::max<int64_t>(1, std::min<int64_t>(B, kChunkElements / C)) : B;
+  const int64_t chunk = anchor_chunk_rows(B, C, softmax);
   at::Tensor buf = softmax ? at::empty({chunk, C}, F.options()) : at::Tensor();
   std::vector<acc_t> wsum(static_cast<size_t>(chunk));
   for (int64_t r0 = 0; r0 < B; r0 += chunk) {

@@ -1,0 +1,62 @@
+// Constants, metric parsing and argument checks for ppml::anchor_loss, shared by the CPU and CUDA kernels.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <string>
+#include <string_view>
+
+#include "common/shuffle_patches.h"  // describe()
+
+namespace ppml::ops {
+
+// Same constants as ppml/reference/anchor_loss.py.
+constexpr double kCosEps = 1e-12;
+constexpr double kDist2Eps = 1e-12;
+// Elements of the reused [rows, C] logits buffer: 4M (16 MiB of float32) however large B is.
+constexpr int64_t kAnchorChunkElements = int64_t{1} << 22;
+
+enum class Metric : int { SqEuclidean = 0, Euclidean = 1, Cosine = 2 };
+
+inline Metric parse_metric(std::string_view m) {
+  if (m == "sqeuclidean") return Metric::SqEuclidean;
+  if (m == "euclidean") return Metric::Euclidean;
+  TORCH_CHECK_VALUE(m == "cosine", "ppml.anchor_loss: metric must be one of 'sqeuclidean', 'euclidean', 'cosine', got '",
+                    std::string(m), "'");
+  return Metric::Cosine;
+}
+
+// The same checks, with the same wording, as ppml/ops/anchor_loss.py::_check.
+inline void check_anchor_args(const at::Tensor& f, const at::Tensor& a, const at::Tensor& labels, double scale,
+                              double pull, bool softmax) {
+  auto is_float = [](const at::Tensor& t) {
+    const auto s = t.scalar_type();
+    return s == at::kHalf || s == at::kBFloat16 || s == at::kFloat || s == at::kDouble;
+  };
+  TORCH_CHECK_VALUE(f.dim() == 2 && is_float(f), "ppml.anchor_loss: features must be a float [B, D] tensor, got ",
+                    describe(f));
+  const int64_t B = f.size(0), D = f.size(1);
+  TORCH_CHECK_VALUE(a.dim() == 2 && is_float(a) && a.size(1) == D,
+                    "ppml.anchor_loss: anchors must be a float [C, D] tensor with D=", D, ", got ", describe(a));
+  TORCH_CHECK_VALUE(a.size(0) >= 1, "ppml.anchor_loss: anchors must hold at least one class, got ", describe(a));
+  TORCH_CHECK_VALUE(labels.scalar_type() == at::kLong && labels.dim() == 1 && labels.size(0) == B,
+                    "ppml.anchor_loss: labels must be int64 [B] with B=", B, ", got ", describe(labels));
+  TORCH_CHECK_VALUE(a.device() == f.device(), "ppml.anchor_loss: anchors must be on the features' device ",
+                    f.device(), ", got ", describe(a));
+  TORCH_CHECK_VALUE(labels.device() == f.device(), "ppml.anchor_loss: labels must be on the features' device ",
+                    f.device(), ", got ", describe(labels));
+  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, "ppml.anchor_loss: scale must be a finite number > 0, got ",
+                    scale);
+  TORCH_CHECK_VALUE(std::isfinite(pull) && pull >= 0, "ppml.anchor_loss: pull must be a finite number >= 0, got ",
+                    pull);
+  TORCH_CHECK_VALUE(softmax || pull > 0,
+                    "ppml.anchor_loss: with softmax=False the loss is pull·ρ alone, so pull must be > 0, got ", pull);
+}
+
+inline int64_t anchor_chunk_rows(int64_t B, int64_t C, bool softmax) {
+  return softmax ? std::max<int64_t>(1, std::min<int64_t>(B, kAnchorChunkElements / C)) : B;
+}
+
+}  // namespace ppml::ops
