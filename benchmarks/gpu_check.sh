@@ -2,7 +2,7 @@
 # The checks that need a GPU, in one pass on a lent H100/H200 (repository root as cwd, no internet):
 # build ppml._C for sm_90 against the machine's own torch, show the backends, run the tests (CUDA tests are selected
 # by availability, Triton tests without the interpreter), compute-sanitizer memcheck on the CUDA and Triton kernels
-# (shuffle, shuffle out=, mix mean and weighted), then the quick throughput benchmark (GPU rows, shuffle and mix).
+# (shuffle, shuffle out=, mix mean and weighted, anchor loss), then the quick throughput benchmark (GPU rows, shuffle and mix).
 #
 #   bash benchmarks/gpu_check.sh    # OUT=<folder> keeps gpu_check.log, build.log and the benchmark results;
 #                                   # SKIP_BUILD=1 reuses the install of an earlier run on the same (warm) machine
@@ -133,6 +133,23 @@ for case in ("float32", "uint8"):
         expected = reference.mix_subpatches(x, 8, 2, w)
         for name, op in mix_ops.items():
             check(f"mix {name} {case} {wname}", op(x, 8, 2, w), expected)
+
+# Anchor loss: [5, 8] features, 3 classes and 2^20 classes (several row chunks); within float32 rounding.
+from ppml.ops.anchor_loss import loss_and_grad
+
+for C in (3, 1 << 20):
+    f = torch.randn(5, 8, generator=gen)
+    a = ppml.make_anchors(C, 8, "random", generator=gen)
+    y = torch.randint(0, C, (5,), generator=gen)
+    for metric in ("sqeuclidean", "euclidean", "cosine"):
+        loss, grad = torch.ops.ppml.anchor_loss(f.cuda(), a.cuda(), y.cuda(), metric, 2.0, 0.1, True)
+        torch.cuda.synchronize()
+        l2, g2 = loss_and_grad(f.double(), a.double(), y, metric, 2.0, 0.1, True)
+        ok = torch.allclose(loss.cpu().double(), l2, rtol=1e-3, atol=1e-4) and torch.allclose(
+            grad.cpu().double(), g2, rtol=1e-2, atol=1e-4)
+        print(f"memcheck anchor_loss {metric} C={C}: {'ok' if ok else 'DIFFERS'}")
+        if not ok:
+            wrong.append(f"anchor_loss {metric} C={C}")
 
 if wrong:
     print(f"{len(wrong)} kernel(s) differ from the reference: {', '.join(wrong)}")

@@ -295,3 +295,19 @@ def test_fuzz_vs_float64_reference(backend, case):
     ref_l, ref_g = _ref64(f, a, y, metric, scale, pull, softmax)
     assert torch.allclose(loss, ref_l, rtol=1e-9, atol=1e-9)
     assert torch.allclose(x.grad, ref_g, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("C", [10, 1000, 1 << 20])
+def test_cuda_matches_cpu_formulas(dtype, C):
+    f, a, y = _case(B=9, D=8, C=C, dtype=dtype)
+    for metric in METRICS:
+        for pull, softmax in SETTINGS:
+            loss, grad = torch.ops.ppml.anchor_loss(f.cuda(), a.cuda(), y.cuda(), metric, 2.0, pull, softmax)
+            l2, g2 = loss_and_grad(f.double(), a.double(), y, metric, 2.0, pull, softmax)
+            tol = 1e-9 if dtype == torch.float64 else (1e-3 if dtype == torch.float32 else 5e-2)
+            assert torch.allclose(loss.cpu().double(), l2, rtol=tol, atol=tol), (metric, pull, softmax)
+            assert torch.allclose(grad.cpu().double(), g2, rtol=tol * 10, atol=tol), (metric, pull, softmax)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, C\)"):
+        torch.ops.ppml.anchor_loss(f.cuda(), a.cuda(), torch.full_like(y, C).cuda(), "cosine", 1.0, 0.0, True)
