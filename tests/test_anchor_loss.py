@@ -3,6 +3,8 @@ tolerance rule), the CE identity, gradcheck, opcheck, compile, meta, chunking, e
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -135,15 +137,26 @@ def test_sqeuclidean_equals_cross_entropy_with_frozen_linear_layer(scale):
     assert abs(float(got32) - ce32) <= 1e-6 * (1 + abs(ce32))  # float32: relative (a few ulps of the loss)
 
 
-def test_many_chunks_of_rows():
-    # C = 2^20 anchors: the native kernel's 4M-element buffer holds 4 rows at a time, so B = 10 takes 3 chunks
+def test_many_chunks_of_rows(monkeypatch):
+    # A 4M-element buffer budget and C = 2^20 anchors: 4 rows at a time, so B = 10 takes 3 chunks
     # (float64, so that a softmax over a million classes is compared at full precision).
+    monkeypatch.setenv("PPML_ANCHOR_CHUNK_ELEMENTS", str(1 << 22))
     f, a, y = _case(B=10, D=4, C=1 << 20, dtype=torch.float64)
     for metric in METRICS:
         loss, grad = torch.ops.ppml.anchor_loss(f, a, y, metric, 3.0, 0.1, True)
         l2, g2 = loss_and_grad(f, a, y, metric, 3.0, 0.1, True)
         assert torch.allclose(loss, l2, rtol=1e-10, atol=1e-10)
         assert torch.allclose(grad, g2, rtol=1e-8, atol=1e-10)
+
+
+def test_sqeuclidean_gradient_has_no_rounding_drift_along_the_features():
+    # Regression: with the ‖f‖² row constant kept in the logits, float32 left f·(1 − Σp) in the gradient — noise
+    # along f that Adam turns into runaway feature norms. Far from the anchors (‖f‖ ~ 1e4) it is plain to see.
+    f, a, y = _case(B=64, D=32, C=10, dtype=torch.float32, radius=1.0)
+    f = f / f.norm(dim=1, keepdim=True) * 1e4
+    _, grad = torch.ops.ppml.anchor_loss(f, a, y, "sqeuclidean", 1e-4, 0.0, True)
+    _, g64 = loss_and_grad(f.double(), a.double(), y, "sqeuclidean", 1e-4, 0.0, True)
+    assert torch.allclose(grad.double(), g64, rtol=1e-4, atol=1e-6 * float(g64.abs().max()))
 
 
 def test_edge_cases_stay_finite():
@@ -242,8 +255,9 @@ def test_reduction_and_backend_errors():
     f, a, y = _case(B=4, D=8, C=3)
     with pytest.raises(ValueError, match=r"reduction must be 'mean', 'sum' or 'none', got 'max'"):
         ppml.anchor_loss(f, a, y, reduction="max")
-    with pytest.raises(RuntimeError, match=r"backend 'triton' cannot run on cpu: ppml.anchor_loss has no Triton kernel"):
-        ppml.anchor_loss(f, a, y, backend="triton")
+    if not os.environ.get("TRITON_INTERPRET"):
+        with pytest.raises(RuntimeError, match=r"backend 'triton' cannot run on cpu: "):
+            ppml.anchor_loss(f, a, y, backend="triton")
     per = ppml.anchor_loss(f, a, y, reduction="none")
     assert torch.allclose(ppml.anchor_loss(f, a, y), per.mean()) and torch.allclose(ppml.anchor_loss(f, a, y, reduction="sum"), per.sum())
 

@@ -5,6 +5,7 @@
 #include <c10/util/Exception.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <string>
 #include <string_view>
 
@@ -15,8 +16,11 @@ namespace ppml::ops {
 // Same constants as ppml/reference/anchor_loss.py.
 constexpr double kCosEps = 1e-12;
 constexpr double kDist2Eps = 1e-12;
-// Elements of the reused [rows, C] logits buffer: 4M (16 MiB of float32) however large B is.
-constexpr int64_t kAnchorChunkElements = int64_t{1} << 22;
+// Elements of the reused [rows, C] logits buffer: at most 64M (256 MiB of float32) however large B is, and never
+// more than B×C. Large chunks keep the number of passes over the anchors low (two GEMMs per chunk each read all of A);
+// at B = 512, C = 100,000 the whole batch is one chunk: one B×C buffer, a third of eager's peak (logits,
+// log-softmax and its gradient). PPML_ANCHOR_CHUNK_ELEMENTS overrides the budget (tests use it to force chunking).
+constexpr int64_t kAnchorChunkElements = int64_t{1} << 26;
 
 enum class Metric : int { SqEuclidean = 0, Euclidean = 1, Cosine = 2 };
 
@@ -56,7 +60,13 @@ inline void check_anchor_args(const at::Tensor& f, const at::Tensor& a, const at
 }
 
 inline int64_t anchor_chunk_rows(int64_t B, int64_t C, bool softmax) {
-  return softmax ? std::max<int64_t>(1, std::min<int64_t>(B, kAnchorChunkElements / C)) : B;
+  if (!softmax) return B;
+  int64_t budget = kAnchorChunkElements;
+  if (const char* env = std::getenv("PPML_ANCHOR_CHUNK_ELEMENTS")) {
+    const long long v = std::atoll(env);
+    if (v > 0) budget = v;
+  }
+  return std::max<int64_t>(1, std::min<int64_t>(B, budget / C));
 }
 
 }  // namespace ppml::ops

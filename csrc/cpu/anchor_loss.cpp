@@ -2,8 +2,8 @@
 //
 // Per chunk of rows: one GEMM gives the dot products f·a_c, a row pass turns them into logits, the log-sum-exp and the
 // loss, and overwrites them with the coefficients w_c of the gradient, a second GEMM gives w·A straight into the
-// gradient rows, and a last row pass adds the per-row terms. The chunk's [rows, C] buffer is reused, so the B×C
-// logits never exist at once (at C = 100,000 the buffer is ~16 MB however large B is).
+// gradient rows, and a last row pass adds the per-row terms. The chunk's [rows, C] buffer is reused; its size is
+// bounded (csrc/common/anchor_loss.h), so however large B is, the B×C logits never exist at once beyond that budget.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -62,11 +62,14 @@ void run(const at::Tensor& F, const at::Tensor& A, const int64_t* y, Metric metr
           if (cosine) {
             const acc_t s = gamma / std::max(std::sqrt(fn2), acc_t(kCosEps));
             for (int64_t c = 0; c < C; ++c) zr[c] *= s * anorm[c];
+          } else if (metric == Metric::SqEuclidean) {
+            // u_c = γ f·a_c − (γ/2)‖a_c‖²: the ‖f‖² row constant cancels exactly in lse − z_y, and keeping it would
+            // leave f·(1 − Σp) rounding noise in the gradient (see ppml/reference/anchor_loss.py).
+            for (int64_t c = 0; c < C; ++c) zr[c] = gamma * zr[c] - acc_t(0.5) * gamma * anorm[c];
           } else {
             for (int64_t c = 0; c < C; ++c) {
               const acc_t d2 = std::max(fn2 - 2 * zr[c] + anorm[c], acc_t(0));
-              zr[c] = metric == Metric::SqEuclidean ? acc_t(-0.5) * gamma * d2
-                                                     : -gamma * std::sqrt(std::max(d2, acc_t(kDist2Eps)));
+              zr[c] = -gamma * std::sqrt(std::max(d2, acc_t(kDist2Eps)));
             }
             // The true class from the difference vector: the expanded form cancels badly near the anchor.
             acc_t dy2 = 0;
@@ -74,8 +77,7 @@ void run(const at::Tensor& F, const at::Tensor& A, const int64_t* y, Metric metr
               const acc_t d = f[row * D + k] - a[lab * D + k];
               dy2 += d * d;
             }
-            zr[lab] = metric == Metric::SqEuclidean ? acc_t(-0.5) * gamma * dy2
-                                                     : -gamma * std::sqrt(std::max(dy2, acc_t(kDist2Eps)));
+            zr[lab] = -gamma * std::sqrt(std::max(dy2, acc_t(kDist2Eps)));
           }
           acc_t m = -std::numeric_limits<acc_t>::infinity();
           for (int64_t c = 0; c < C; ++c) m = std::max(m, zr[c]);
@@ -99,7 +101,8 @@ void run(const at::Tensor& F, const at::Tensor& A, const int64_t* y, Metric metr
             zr[c] = w;
             ws += w;
           }
-          wsum[i] = ws;
+          // Σ_c w_c = −γ Σ_c dz_c is 0 in exact arithmetic for the squared metric: use the exact value.
+          wsum[i] = metric == Metric::SqEuclidean ? acc_t(0) : ws;
         }
       });
       at::mm_out(Gc, Z, A);  // w·A for the chunk, straight into the gradient rows

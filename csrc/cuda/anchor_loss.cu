@@ -53,11 +53,14 @@ __global__ void anchor_rows_kernel(const acc_t* __restrict__ f, const acc_t* __r
   if (metric == static_cast<int>(Metric::Cosine)) {
     const acc_t s = gamma / fmax(sqrt(fn2), static_cast<acc_t>(kCosEps));
     for (int64_t c = threadIdx.x; c < C; c += blockDim.x) zr[c] *= s * anorm[c];
+  } else if (metric == static_cast<int>(Metric::SqEuclidean)) {
+    // u_c = γ f·a_c − (γ/2)‖a_c‖²: the ‖f‖² row constant cancels exactly (see csrc/cpu/anchor_loss.cpp)
+    for (int64_t c = threadIdx.x; c < C; c += blockDim.x) zr[c] = gamma * zr[c] - acc_t(0.5) * gamma * anorm[c];
   } else {
     for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
       // the true class from the difference vector: the expanded form cancels badly near the anchor
       const acc_t d2 = c == lab ? dy2 : fmax(fn2 - 2 * zr[c] + anorm[c], acc_t(0));
-      zr[c] = metric == static_cast<int>(Metric::SqEuclidean) ? acc_t(-0.5) * gamma * d2 : -gamma * sqrt(fmax(d2, eps2));
+      zr[c] = -gamma * sqrt(fmax(d2, eps2));
     }
   }
   __syncthreads();
@@ -87,7 +90,8 @@ __global__ void anchor_rows_kernel(const acc_t* __restrict__ f, const acc_t* __r
     ws += w;
   }
   ws = block_reduce<acc_t, false>(ws, shared);
-  if (threadIdx.x == 0) wsum[i] = ws;
+  // Σ_c w_c is 0 in exact arithmetic for the squared metric: use the exact value
+  if (threadIdx.x == 0) wsum[i] = metric == static_cast<int>(Metric::SqEuclidean) ? acc_t(0) : ws;
 }
 
 // One block per row: the per-row gradient terms on top of w·A (already in g), and the pull part of the loss.

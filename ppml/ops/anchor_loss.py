@@ -84,7 +84,8 @@ def loss_and_grad(features, anchors, labels, metric, scale, pull, softmax):
     """The fused formulas in plain PyTorch: per-sample loss and d(loss_i)/d(f_i), as the C++ kernels compute them
     (tests check both against autograd through :func:`ppml.reference.anchor_loss`).
 
-    Gradients (A fixed): Euclidean metrics, with w_c = dz_c·∂z_c/∂d2_c·2: dF = f·Σ_c w_c − w·A (+ pull·(f − a_y));
+    Gradients (A fixed): squared Euclidean, dF = γ·dz·A (the logits drop the ‖f‖² row constant); Euclidean,
+    dF = f·Σ_c w_c − w·A with w_c = −γ dz_c/d_c; both + pull·(f − a_y);
     cosine: dF̂ = γ·dz·Â (− pull·â_y), then dF = (dF̂ − (dF̂·f̂)f̂)/‖f‖ (dF̂/ε below the norm floor)."""
     acc = accumulation_dtype(features.dtype)
     f, a = features.to(acc), anchors.to(acc)
@@ -112,20 +113,24 @@ def loss_and_grad(features, anchors, labels, metric, scale, pull, softmax):
         return loss, grad.to(features.dtype)
     diff = f - ay
     dy2 = diff.square().sum(1)
-    if softmax:
+    if softmax and metric == "sqeuclidean":
+        # u_c = γ f·a_c − (γ/2)‖a_c‖² (the ‖f‖² row constant cancels): dF = γ·dz·A, with no f·Σ_c dz_c rounding noise
+        u = scale * (f @ a.T) - 0.5 * scale * a.square().sum(1)
+        loss += torch.logsumexp(u, 1) - u.gather(1, labels[:, None])[:, 0]
+        dz = torch.softmax(u, 1)
+        dz[torch.arange(B, device=f.device), labels] -= 1
+        grad += scale * (dz @ a)
+    elif softmax:
         d2 = (f.square().sum(1, keepdim=True) - 2 * f @ a.T + a.square().sum(1)).clamp_min(0)
         d2 = d2.scatter(1, labels[:, None], dy2[:, None])
-        if metric == "sqeuclidean":
-            z = -0.5 * scale * d2
-        else:
-            d = d2.clamp_min(DIST2_EPS).sqrt()
-            z = -scale * d
+        d = d2.clamp_min(DIST2_EPS).sqrt()
+        z = -scale * d
         lse = torch.logsumexp(z, 1)
         loss += lse - z.gather(1, labels[:, None])[:, 0]
         dz = torch.softmax(z, 1)
         dz[torch.arange(B, device=f.device), labels] -= 1
-        # ∂z_c/∂f = w'_c·(f − a_c) with w'_c = −γ (squared) or −γ/d_c (0 where the distance floor is active)
-        w = -scale * dz if metric == "sqeuclidean" else torch.where(d2 > DIST2_EPS, -scale * dz / d, 0.0)
+        # ∂z_c/∂f = −γ(f − a_c)/d_c, 0 where the distance floor is active: dF = f·Σw − w·A with w_c = −γ dz_c/d_c
+        w = torch.where(d2 > DIST2_EPS, -scale * dz / d, 0.0)
         grad += f * w.sum(1, keepdim=True) - w @ a
     if pull:
         loss += pull * 0.5 * dy2
@@ -140,6 +145,35 @@ def _reference_kernel(features, anchors, labels, metric, scale, pull, softmax):
     _check_labels(labels, anchors.shape[0])
     loss, grad = loss_and_grad(features, anchors, labels, metric, scale, pull, softmax)
     return loss, grad.contiguous()
+
+
+# ---- Triton twin -------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("ppml::anchor_loss_triton", mutates_args=())
+def anchor_loss_triton(
+    features: Tensor, anchors: Tensor, labels: Tensor, metric: str, scale: float, pull: float, softmax: bool
+) -> tuple[Tensor, Tensor]:
+    """Triton kernel of :func:`anchor_loss` (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``)."""
+    _check(features, anchors, labels, metric, scale, pull, softmax, op="ppml.anchor_loss_triton")
+    _check_labels(labels, anchors.shape[0], op="ppml.anchor_loss_triton")
+    from ppml.kernels.anchor_loss import anchor_loss_triton as launch
+
+    return launch(features, anchors, labels, metric, scale, pull, softmax)
+
+
+@anchor_loss_triton.register_fake
+def _fake_triton(features, anchors, labels, metric, scale, pull, softmax):
+    _check(features, anchors, labels, metric, scale, pull, softmax, op="ppml.anchor_loss_triton")
+    loss = features.new_empty(features.shape[0], dtype=accumulation_dtype(features.dtype))
+    return loss, torch.empty_like(features, memory_format=torch.contiguous_format)
+
+
+anchor_loss_triton.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _triton_loss(features, anchors, labels, metric, scale, pull, softmax):
+    return torch.ops.ppml.anchor_loss_triton(features, anchors, labels, metric, scale, pull, softmax)[0]
 
 
 def _native_loss(features, anchors, labels, metric, scale, pull, softmax):

@@ -42,8 +42,9 @@ def anchor_loss(
     """Per-sample anchor loss: softmax cross-entropy over the anchor logits (when ``softmax``) + pull·ρ(f, a_y), with
     ρ = ½‖f − a_y‖² for the Euclidean metrics and 1 − cos(f, a_y) for cosine.
 
-    The true class's distance comes from the difference vector f − a_y (the expanded form ‖f‖² − 2f·a + ‖a‖² loses
-    precision near the anchor). Computed in float32 (float64 for float64 features); differentiable in ``features``.
+    Distances that matter near the anchor — the true class's in the non-squared metric, and ρ — come from the
+    difference vector f − a_y (the expanded form ‖f‖² − 2f·a + ‖a‖² loses precision there); the squared metric's
+    softmax drops the ‖f‖² row constant, which cancels exactly. Computed in float32 (float64 for float64 features); differentiable in ``features``.
 
     Args:
         features (Tensor[B, D]), anchors (Tensor[C, D]), labels (Tensor[B] int64 in [0, C)).
@@ -55,11 +56,17 @@ def anchor_loss(
     f, a = features.to(acc), anchors.to(acc)
     ay = a[labels]
     loss = torch.zeros(f.shape[0], dtype=acc, device=f.device)
-    if softmax:
+    if softmax and metric == "sqeuclidean":
+        # −(γ/2)‖f − a_c‖² = u_c − (γ/2)‖f‖² with u_c = γ f·a_c − (γ/2)‖a_c‖²: the row constant cancels exactly in
+        # lse(z) − z_y, so the loss is lse(u) − u_y. Keeping ‖f‖² would leave f·(1 − Σ_c p_c) in the gradient: zero in
+        # exact arithmetic, float32 noise along f in practice, which Adam amplifies until the features blow up.
+        u = scale * (f @ a.T) - 0.5 * scale * a.square().sum(1)
+        loss = loss + (torch.logsumexp(u, dim=1) - u.gather(1, labels[:, None])[:, 0])
+    elif softmax:
         z = anchor_logits(f, a, metric, scale)
-        if metric != "cosine":
+        if metric == "euclidean":
             dy2 = (f - ay).square().sum(1)
-            zy = -0.5 * scale * dy2 if metric == "sqeuclidean" else -scale * dy2.clamp_min(DIST2_EPS).sqrt()
+            zy = -scale * dy2.clamp_min(DIST2_EPS).sqrt()
             z = z.scatter(1, labels[:, None], zy[:, None])
         else:
             zy = z.gather(1, labels[:, None])[:, 0]
