@@ -186,7 +186,7 @@ step "pytest tests" 150 python -m pytest -q -x tests
 # The Triton tests on the GPU itself: the interpreter would test Python semantics, not the compiled kernels.
 step "pytest -m triton (GPU, no interpreter)" 120 env -u TRITON_INTERPRET python -m pytest -q -m triton tests
 step "compute-sanitizer memcheck" 150 sanitize
-step "throughput --quick (shuffle, mix)" 180 python benchmarks/throughput.py --quick --sections shuffle,mix \
+step "throughput --quick (shuffle, mix, anchor)" 200 python benchmarks/throughput.py --quick --sections shuffle,mix,anchor \
     ${OUT:+--out "$OUT/results"}
 
 header "summary"
