@@ -186,7 +186,7 @@ def _reference_backend(features, anchors, labels, metric, scale, pull, softmax):
     return _reference_loss(features, anchors, labels, metric, scale, pull, softmax)
 
 
-_dispatch.register("anchor_loss", native=_native_loss, triton=None, reference=_reference_backend)
+_dispatch.register("anchor_loss", native=_native_loss, triton=_triton_loss, reference=_reference_backend)
 
 
 # ---- public API --------------------------------------------------------------------------------------------------

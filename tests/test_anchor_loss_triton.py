@@ -1,0 +1,371 @@
+"""Triton kernel of ppml::anchor_loss vs the fused formulas in float64: metrics × settings × dtypes, block edges (C, B
+and D around the tiles, several class/row/D blocks), edge values, mixed dtypes and layouts, fuzzing, the op, AOT sm_90.
+
+The `triton` tests run on a GPU, or here on CPU tensors in their own run: ``TRITON_INTERPRET=1 pytest -m triton``
+(the variable must be set before ppml is imported). The AOT test compiles the kernel for sm_90 in a fresh process
+without the interpreter, so it runs in the main run, GPU or not.
+
+Oracle: ``loss_and_grad`` on the same inputs widened to float64. Tolerance (DESIGN.md's loss rule, applied per row to
+the gradient's largest entry as well): |ours − ref64| <= 2·|torch_same − ref64| + atol·(1 + |ref64|) + cond, torch_same
+being ``loss_and_grad`` run in the kernel's own precision (float32 for half inputs, the gradient rounded to the input
+dtype). atol is 1e-10 for float64 and 1e-5 for float32 arithmetic; half-precision gradients add one ulp of their dtype
+(the float32 gradient may sit on the other side of a rounding point than torch's). cond is the conditioning of the
+Euclidean logits, 2·eps(acc)·γ·(‖f‖² + max‖a‖²) on a logit (see term_scale; 0 for cosine): at γ = 20 and D = 130 one
+float32 logit is only good to ~1e-3, and torch's own error there, the 2·|torch_same − ref64| term, is small by luck.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import INTERPRET
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ppml.ops.anchor_loss import loss_and_grad
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+triton_run = pytest.mark.skipif(
+    not (INTERPRET or torch.cuda.is_available()),
+    reason="Triton needs a GPU, or TRITON_INTERPRET=1 set before import (run: TRITON_INTERPRET=1 pytest -m triton)",
+)
+# The custom op ppml::anchor_loss_triton wraps the launcher; until it is registered only the launcher is tested.
+needs_op = pytest.mark.skipif(
+    not hasattr(torch.ops.ppml, "anchor_loss_triton"), reason="torch.ops.ppml.anchor_loss_triton not registered"
+)
+pytestmark = [pytest.mark.triton]
+
+METRICS = ["sqeuclidean", "euclidean", "cosine"]
+SETTINGS = [(0.0, True), (0.5, True), (0.7, False)]  # (pull, softmax)
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+# Neither is a float32: a kernel that took them as float32 arguments would miss the float64 tolerance by ~1e-8.
+SCALE, PULL_SCALE = 1.7, 1.0
+
+LOSS_ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}
+GRAD_ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+
+
+def launch(f, a, y, metric, scale, pull, softmax):
+    from ppml.kernels.anchor_loss import anchor_loss_triton
+
+    return anchor_loss_triton(f, a, y, metric, scale, pull, softmax)
+
+
+def make_case(B, C, D, dtype=torch.float32, seed=0, anchor_dtype=None):
+    """Features ~ N(0, 1), anchors of unequal norms (the per-anchor norms matter), labels uniform."""
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randn(B, D, generator=g, dtype=torch.float64)
+    a = torch.randn(C, D, generator=g, dtype=torch.float64) * (0.5 + torch.rand(C, 1, generator=g, dtype=torch.float64))
+    y = torch.randint(0, C, (B,), generator=g)
+    return f.to(DEVICE, dtype), a.to(DEVICE, anchor_dtype or dtype), y.to(DEVICE)
+
+
+def term_scale(f, a, metric, scale):
+    """Per row, the size of the terms one logit is computed from, so that it is only exact to eps(acc) times this:
+    γ·(‖f‖·max‖a‖ + max‖a‖²) for squared Euclidean (γ f·a_c − (γ/2)‖a_c‖²), γ·(‖f‖² + max‖a‖²) for Euclidean (the
+    expanded form ‖f‖² − 2f·a + ‖a‖²); 0 for cosine (bounded logits, no cancellation)."""
+    if metric == "cosine":
+        return torch.zeros(f.shape[0], dtype=torch.float64, device=f.device)
+    fn, an = f.double().norm(dim=1), a.double().norm(dim=1).max()
+    return scale * ((fn * an if metric == "sqeuclidean" else fn.square()) + an.square())
+
+
+def assert_within(ours, same, ref, atol, cond, what):
+    """|ours − ref| <= 2·|same − ref| + atol·(1 + |ref|) + cond, per row (the gradient by its largest entry: its errors
+    come from the row's logits and spread over the row, so where torch happens to be exact elementwise says little)."""
+    err, err_same, mag = (ours.double() - ref).abs(), (same.double() - ref).abs(), ref.abs()
+    if err.dim() == 2:
+        err, err_same, mag = err.amax(1), err_same.amax(1), mag.amax(1)
+    bound = 2 * err_same + atol * (1 + mag) + cond
+    ok = err <= bound
+    if not bool(ok.all()):
+        i = int((err - bound).argmax())
+        raise AssertionError(
+            f"{what}: {int((~ok).sum())} of {ok.numel()} rows outside tolerance; worst row {i}: err={err[i].item()!r} "
+            f"bound={bound[i].item()!r} |ref|={mag[i].item()!r}"
+        )
+
+
+def check(f, a, y, metric, scale, pull, softmax, out=None):
+    """The launcher's (or a given) output against the float64 formulas, with the output contract."""
+    loss, grad = launch(f, a, y, metric, scale, pull, softmax) if out is None else out
+    B, D = f.shape
+    acc = torch.float64 if f.dtype == torch.float64 else torch.float32
+    assert loss.shape == (B,) and loss.dtype == acc and loss.device == f.device
+    assert grad.shape == (B, D) and grad.dtype == f.dtype and grad.is_contiguous() and grad.device == f.device
+    assert bool(torch.isfinite(loss).all()) and bool(torch.isfinite(grad).all())
+    ref_l, ref_g = loss_and_grad(f.double(), a.double(), y, metric, scale, pull, softmax)
+    same_l, same_g = loss_and_grad(f, a, y, metric, scale, pull, softmax)
+    # A logit error δ moves the loss by up to δ and each probability by p·δ, so the gradient by γ·δ·max|f − a_c|.
+    delta = 2 * torch.finfo(acc).eps * term_scale(f, a, metric, scale) if softmax else 0
+    reach = scale * (f.double().abs().amax(1) + a.double().abs().max())
+    assert_within(loss, same_l, ref_l, LOSS_ATOL[f.dtype], delta, "loss")
+    assert_within(grad, same_g, ref_g, GRAD_ATOL[f.dtype], delta * reach, "grad")
+    return loss, grad
+
+
+# ---- the launcher vs the float64 formulas -----------------------------------------------------------------------
+
+
+@triton_run
+@pytest.mark.parametrize("pull,softmax", SETTINGS)
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_matches_float64_formulas(dtype, metric, pull, softmax):
+    # C = 20: two class blocks, the second partial; D = 24: not a power of two, one masked D block.
+    f, a, y = make_case(5, 20, 24, dtype, seed=DTYPES.index(dtype))
+    check(f, a, y, metric, SCALE, pull * PULL_SCALE, softmax)
+
+
+@triton_run
+@pytest.mark.parametrize(
+    "B,C,D",
+    [
+        (1, 1, 1),  # B = 1, C = 1 (loss = pull term only, softmax of one class), D = 1
+        (3, 17, 5),  # C one past a class block
+        (16, 16, 16),  # exactly one block of each
+        (37, 50, 20),  # three row blocks (last partial), four class blocks
+        (2, 3, 128),  # D = BLOCK_D exactly: the resident-feature path at its limit
+        (2, 3, 129),  # one past it: the looped-D path with a one-column last block
+        (5, 33, 300),  # three D blocks, pass 2 recomputing the dot products per output block
+    ],
+)
+@pytest.mark.parametrize("metric", METRICS)
+def test_triton_block_edges(metric, B, C, D):
+    for dtype in (torch.float64, torch.float32):
+        f, a, y = make_case(B, C, D, dtype, seed=B + C + D)
+        for pull, softmax in ((0.3, True), (0.7, False)):
+            check(f, a, y, metric, SCALE, pull, softmax)
+
+
+@triton_run
+def test_triton_block_sizes_cover_the_cases():
+    from ppml.kernels.anchor_loss import block_sizes
+
+    assert block_sizes(128)[2] == 128 and block_sizes(129)[2] == 128 and block_sizes(5)[2] == 16
+    assert all(b >= 16 for D in (1, 24, 300) for b in block_sizes(D)), "tl.dot needs tiles >= 16"
+    assert block_sizes(1)[:2] == (16, 16), "test_triton_block_edges assumes 16 rows and 16 classes per block"
+
+
+@triton_run
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_triton_empty_batch(dtype):
+    f, a, y = make_case(0, 4, 6, dtype)
+    loss, grad = launch(f, a, y, "cosine", 1.0, 0.0, True)
+    assert loss.shape == (0,) and grad.shape == (0, 6) and grad.dtype == dtype
+
+
+@triton_run
+@pytest.mark.parametrize("pull,softmax", SETTINGS)
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_triton_edge_values_stay_finite(dtype, metric, pull, softmax):
+    f, a, y = make_case(4, 5, 8, dtype, seed=1)
+    f[0] = 0  # zero-norm feature: cosine divides by max(‖f‖, ε), its gradient is dF̂/ε
+    f[1] = a[y[1]]  # exactly on its anchor: the non-squared distance's slope is infinite there
+    f[2] = a[(y[2] + 1) % 5]  # exactly on another anchor
+    check(f, a, y, metric, 4.0, pull, softmax)
+
+
+@triton_run
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_triton_cosine_one_dimension_has_no_gradient(dtype):
+    # D = 1: f̂ = ±1 and cos(f, a) = ±1 whatever ‖f‖, so the gradient is 0, and with correctly rounded divisions (as the
+    # reference) exactly 0, not eps·|dF̂|.
+    f, a, y = make_case(5, 3, 1, dtype, seed=8)
+    for pull, softmax in SETTINGS:
+        _, grad = check(f, a, y, "cosine", 19.0, pull, softmax)
+        assert bool((grad == 0).all())
+
+
+@triton_run
+@pytest.mark.parametrize("metric", METRICS)
+def test_triton_huge_logits_stable_log_sum_exp(metric):
+    # Logits down to ~−1e6: exp overflows without the running max and underflows for all but a class or two. One ulp
+    # of such a float32 logit moves the softmax visibly, so only closeness to 1e-3 is asked here, next to finiteness.
+    f, a, y = make_case(6, 20, 8, torch.float32, seed=2)
+    f = f * 10
+    loss, grad = launch(f, a, y, metric, 1e4, 0.0, True)
+    assert bool(torch.isfinite(loss).all() and torch.isfinite(grad).all()) and bool((loss >= 0).all())
+    ref_l, ref_g = loss_and_grad(f.double(), a.double(), y, metric, 1e4, 0.0, True)
+    assert bool(((loss.double() - ref_l).abs() <= 1e-3 * (1 + ref_l.abs())).all())
+    assert bool(((grad.double() - ref_g).abs() <= 1e-3 * (1 + ref_g.abs())).all())
+
+
+@triton_run
+@pytest.mark.parametrize(
+    "f_dtype,a_dtype",
+    [
+        (torch.float32, torch.float64),
+        (torch.float32, torch.bfloat16),
+        (torch.bfloat16, torch.float32),
+        (torch.float64, torch.float16),
+    ],
+    ids=str,
+)
+def test_triton_anchors_of_another_dtype(f_dtype, a_dtype):
+    # The accumulation dtype follows the features; anchors are widened (or rounded) to it on load, like .to(acc).
+    f, a, y = make_case(5, 20, 12, f_dtype, seed=3, anchor_dtype=a_dtype)
+    for metric in METRICS:
+        check(f, a, y, metric, SCALE, 0.5, True)
+
+
+@triton_run
+def test_triton_strided_inputs():
+    f, a, y = make_case(6, 20, 10, torch.float32, seed=4)
+    f_t = f.T.contiguous().T  # column-major
+    a_s = torch.repeat_interleave(a, 2, dim=1)[:, ::2]  # every other column
+    y_s = torch.repeat_interleave(y, 2)[::2]
+    assert not (f_t.is_contiguous() or a_s.is_contiguous() or y_s.is_contiguous())
+    for metric in METRICS:
+        expected = launch(f, a, y, metric, SCALE, 0.5, True)
+        got = launch(f_t, a_s, y_s, metric, SCALE, 0.5, True)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+# ---- fuzzing ------------------------------------------------------------------------------------------------------
+
+
+@st.composite
+def tiny_cases(draw):
+    # At most two row programs; D past 128 now and then for the looped-D path. The interpreter costs ms per program.
+    D = draw(st.one_of(st.integers(1, 40), st.integers(120, 140)))
+    return (
+        draw(st.integers(1, 20)),
+        draw(st.integers(1, 40)),
+        D,
+        draw(st.sampled_from(METRICS)),
+        draw(st.sampled_from(SETTINGS)),
+        draw(st.sampled_from(DTYPES)),
+        draw(st.floats(0.1, 20.0)),
+        draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+@triton_run
+@settings(max_examples=200, deadline=None)
+@given(case=tiny_cases())
+def test_triton_fuzz(case):
+    B, C, D, metric, (pull, softmax), dtype, scale, seed = case
+    f, a, y = make_case(B, C, D, dtype, seed)
+    check(f, a, y, metric, scale, pull, softmax)
+
+
+# ---- the op ppml::anchor_loss_triton ------------------------------------------------------------------------------
+
+
+@triton_run
+@needs_op
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_triton_op_opcheck(dtype, metric):
+    # Small: opcheck calls the kernel a dozen times.
+    f, a, y = make_case(3, 4, 5, dtype)
+    torch.library.opcheck(torch.ops.ppml.anchor_loss_triton, (f.requires_grad_(True), a, y, metric, 2.0, 0.3, True))
+
+
+@triton_run
+@needs_op
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_triton_op_matches_launcher(dtype):
+    f, a, y = make_case(5, 20, 12, dtype, seed=5)
+    for metric in METRICS:
+        loss, grad = torch.ops.ppml.anchor_loss_triton(f, a, y, metric, SCALE, 0.5, True)
+        expected = launch(f, a, y, metric, SCALE, 0.5, True)
+        assert torch.equal(loss, expected[0]) and torch.equal(grad, expected[1])
+
+
+@triton_run
+@needs_op
+@pytest.mark.parametrize("pull,softmax", SETTINGS)
+@pytest.mark.parametrize("metric", METRICS)
+def test_triton_op_gradcheck(metric, pull, softmax):
+    # 2 x 3 inputs, two forward calls each; the backward is the forward's gradient scaled by grad_loss.
+    f, a, y = make_case(2, 4, 3, torch.float64, seed=6)
+    f.requires_grad_(True)
+    op = torch.ops.ppml.anchor_loss_triton
+    assert torch.autograd.gradcheck(lambda t: op(t, a, y, metric, 2.0, pull, softmax)[0], (f,))
+
+
+@triton_run
+@needs_op
+def test_triton_op_compile_fullgraph():
+    f, a, y = make_case(6, 5, 8, torch.float32, seed=7)
+    op = torch.ops.ppml.anchor_loss_triton
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(t):
+        return op(t, a, y, "euclidean", 2.0, 0.1, True)[0].mean() * 2
+
+    x = f.clone().requires_grad_(True)
+    out = step(x)
+    out.backward()
+    loss, grad = launch(f, a, y, "euclidean", 2.0, 0.1, True)
+    torch.testing.assert_close(out, loss.mean() * 2)
+    torch.testing.assert_close(x.grad, grad * (2 / 6))
+
+
+@triton_run
+@needs_op
+def test_triton_op_meta_shapes():
+    op = torch.ops.ppml.anchor_loss_triton
+    y = torch.empty(7, dtype=torch.int64, device="meta")
+    for dtype, acc in ((torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.float64, torch.float64)):
+        f = torch.empty(7, 12, device="meta", dtype=dtype)
+        loss, grad = op(f, torch.empty(3, 12, device="meta"), y, "cosine", 1.0, 0.0, True)
+        assert loss.shape == (7,) and loss.dtype == acc and loss.device.type == "meta"
+        assert grad.shape == (7, 12) and grad.dtype == dtype and grad.is_contiguous()
+
+
+# ---- GPU lowering -------------------------------------------------------------------------------------------------
+
+_AOT = """
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from ppml.kernels.anchor_loss import _NUM_WARPS, _anchor_loss_kernel, block_sizes
+
+ACC = {"fp64": tl.float64, "fp32": tl.float32}
+METRICS = {"sqeuclidean": 0, "euclidean": 1, "cosine": 2}
+
+
+def compile_(elem, metric, softmax, D):
+    acc = "fp64" if elem == "fp64" else "fp32"
+    bb, bc, bd = block_sizes(D)
+    sig = {"features": "*" + elem, "anchors": "*" + elem, "anorm": "*" + acc, "labels": "*i64", "loss": "*" + acc,
+           "grad": "*" + elem, "B": "i32", "C": "i32", "D": "i32", "scale": "fp64", "pull": "fp64",
+           **{c: "constexpr" for c in ("METRIC", "SOFTMAX", "ONE_D", "ACC", "BLOCK_B", "BLOCK_C", "BLOCK_D")}}
+    consts = {"METRIC": METRICS[metric], "SOFTMAX": softmax, "ONE_D": D <= bd, "ACC": ACC[acc], "BLOCK_B": bb,
+              "BLOCK_C": bc, "BLOCK_D": bd}
+    return triton.compile(ASTSource(_anchor_loss_kernel, sig, consts), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": _NUM_WARPS})
+
+
+cases = [(elem, metric, True, D) for elem in ("fp32", "bf16") for metric in METRICS for D in ((64,) if elem == "fp32"
+         else (300,))]
+cases += [("fp32", "cosine", False, 64), ("fp64", "euclidean", True, 64)]
+for elem, metric, softmax, D in cases:
+    k = compile_(elem, metric, softmax, D)
+    ptx = k.asm["ptx"]
+    assert ".target sm_90" in ptx and len(k.asm["cubin"]) > 0, (elem, metric, D)
+    # input_precision="ieee": a TF32 dot would ruin the expanded-form distance ‖f‖² − 2f·a + ‖a‖².
+    assert "tf32" not in ptx, (elem, metric, D)
+    if metric == "euclidean" and elem != "fp64":
+        assert "sqrt.rn.f32" in ptx and "sqrt.approx" not in ptx, (elem, D)
+    # scale and pull arrive as float64 (a float32 argument would cap the float64 path at ~1e-8).
+    assert ".param .f64" in ptx, (elem, metric, D)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(INTERPRET, reason="AOT compile runs in the main (non-interpreter) run")
+def test_triton_kernel_aot_compiles_for_sm90():
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", _AOT], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
