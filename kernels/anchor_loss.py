@@ -330,8 +330,8 @@ def anchor_loss_triton(
     grad = torch.empty((B, D), dtype=features.dtype, device=features.device)
     if B == 0:
         return loss, grad
-    # C values, once per call, by a reduction (no C×D temporary): squared norms for the expanded-form distance,
-    # inverse norms (floored like F.normalize) for cosine.
+    # C values, once per call, by a reduction (no C×D temporary): squared norms for the Euclidean metrics (the
+    # −(γ/2)‖a_c‖² term, the expanded-form distance), inverse norms (floored like F.normalize) for cosine.
     # (vector_norm widens but refuses to narrow: float64 anchors of float32 features are rounded first, as the kernel
     # rounds them on load.)
     norm = torch.linalg.vector_norm(a.to(acc_t) if a.dtype == torch.float64 else a, dim=1, dtype=acc_t)
