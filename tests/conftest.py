@@ -102,3 +102,15 @@ def assert_within_ulp(out: torch.Tensor, ref: torch.Tensor, abs_terms: torch.Ten
             f"{int(bad.sum())} of {r.numel()} outside tolerance; worst out={o.flatten()[i].item()!r} "
             f"ref={r.flatten()[i].item()!r} tol={tol.flatten()[i].item()!r}"
         )
+
+
+def run_aot_script(code: str) -> None:
+    """Runs a Triton AOT-compile script in a fresh process without TRITON_INTERPRET (the interpreter replaces
+    triton.jit, so nothing would be compiled) and requires it to end by printing "ok"."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]

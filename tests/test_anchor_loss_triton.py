@@ -16,13 +16,10 @@ float32 logit is only good to ~1e-3, and torch's own error there, the 2·|torch_
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import INTERPRET
+from conftest import INTERPRET, run_aot_script
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -365,7 +362,4 @@ print("ok")
 
 @pytest.mark.skipif(INTERPRET, reason="AOT compile runs in the main (non-interpreter) run")
 def test_triton_kernel_aot_compiles_for_sm90():
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", _AOT], env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+    run_aot_script(_AOT)

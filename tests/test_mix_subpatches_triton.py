@@ -12,12 +12,10 @@ dtype plus eps(accumulation) · Σ|w·x| (see assert_close_ulp): room for an FMA
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ALL_DTYPES, INTERPRET, LAYOUTS, assert_within_ulp, make_images
+from conftest import ALL_DTYPES, INTERPRET, LAYOUTS, assert_within_ulp, make_images, run_aot_script
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -346,7 +344,4 @@ print("ok")
 
 @pytest.mark.skipif(INTERPRET, reason="AOT compile runs in the main (non-interpreter) run")
 def test_triton_kernel_aot_compiles_for_sm90():
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", _AOT], env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+    run_aot_script(_AOT)

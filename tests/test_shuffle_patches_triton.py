@@ -7,13 +7,10 @@ without the interpreter, so it runs in the main run, GPU or not.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ALL_DTYPES, INTERPRET, LAYOUTS, make_images, make_perm
+from conftest import ALL_DTYPES, INTERPRET, LAYOUTS, make_images, make_perm, run_aot_script
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -128,7 +125,4 @@ print("ok")
 
 @pytest.mark.skipif(INTERPRET, reason="AOT compile runs in the main (non-interpreter) run")
 def test_triton_kernel_aot_compiles_for_sm90():
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", _AOT], env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+    run_aot_script(_AOT)
