@@ -106,11 +106,13 @@ def assert_within_ulp(out: torch.Tensor, ref: torch.Tensor, abs_terms: torch.Ten
 
 def run_aot_script(code: str) -> None:
     """Runs a Triton AOT-compile script in a fresh process without TRITON_INTERPRET (the interpreter replaces
-    triton.jit, so nothing would be compiled) and requires it to end by printing "ok"."""
+    triton.jit, so nothing would be compiled) and requires it to end by printing "ok". It runs from tests/, not the
+    repository root, so that `import ppml` finds the installed package (with ppml.kernels) rather than the source tree."""
     import subprocess
     import sys
 
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
