@@ -136,6 +136,50 @@ def time_fn(fn: Callable[[], object], device: torch.device | str, **kwargs) -> d
     return time_cpu(fn, **kwargs)
 
 
+def time_cpu_interleaved(
+    calls: dict[str, Callable[[], object]],
+    *,
+    budget_s: float = 1.0,
+    min_reps: int = 5,
+    max_reps: int = 1000,
+    warmup: int = 2,
+) -> dict[str, dict]:
+    """:func:`time_cpu` for several calls that are to be compared, timed round-robin: each round runs every call once,
+    in an order rotated from round to round, so that drift on a shared machine (other processes, clock changes, a
+    neighbour's memory traffic) falls on all of them alike and their ratio is fair. Timed one after the other instead,
+    two calls doing the same work (both bound by the same GEMMs, say) can differ by ±10 % from run to run here.
+
+    Args:
+        calls: name -> the work to time; each call's result is dropped.
+        budget_s: rough time per call for its timed repetitions (so about ``len(calls) * budget_s`` in all).
+        min_reps, max_reps, warmup: as in :func:`time_cpu`, per call; every call gets the same number of rounds.
+
+    Returns:
+        name -> ``{"ms": median, "min_ms": fastest, "reps": timed repetitions}``.
+    """
+    names = list(calls)
+    per_call = {}
+    for name in names:
+        est = []
+        for _ in range(max(1, warmup)):
+            t0 = time.perf_counter()
+            calls[name]()
+            est.append(time.perf_counter() - t0)
+        per_call[name] = max(min(est), 1e-7)
+    # The slowest call sets the rounds: budget_s of it, at least min_reps.
+    reps = int(min(max_reps, max(min_reps, budget_s / max(per_call.values()))))
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(reps):
+        for k in range(len(names)):
+            name = names[(r + k) % len(names)]
+            t0 = time.perf_counter()
+            calls[name]()
+            times[name].append(time.perf_counter() - t0)
+    return {
+        name: {"ms": statistics.median(t) * 1e3, "min_ms": min(t) * 1e3, "reps": len(t)} for name, t in times.items()
+    }
+
+
 def copy_bound_ms(x: torch.Tensor, **kwargs) -> dict:
     """The memory-bandwidth bound of an op that reads ``x`` once and writes a tensor like it once.
 

@@ -40,6 +40,8 @@ features are N(0, 1/D), norm ≈ the anchors' radius: the expanded ‖f‖² −
 the gradient as ‖f‖ grows, ~2e-4 relative at ‖f‖ ≈ √D with N(0, 1) features, eager's f·a form does not). Peak
 extra memory is measured on one warm forward + backward: on CPU the growth of the process's peak RSS (VmHWM reset
 through /proc/self/clear_refs, minus VmRSS before), on CUDA ``max_memory_allocated`` minus the memory allocated before.
+On CPU the providers of one size are timed round-robin (``_timing.time_cpu_interleaved``): all of them are bound by
+the same two GEMMs, and timed one after the other their ratio moved by ±10 % between runs on a shared machine.
 In the anchor rows C is the number of classes, not channels.
 
 A section is a function ``(Config) -> list[row dict]`` registered in :data:`SECTIONS` (``shuffle``, ``mix`` and
@@ -64,7 +66,7 @@ import torch
 import torch.nn.functional as F
 
 # Run as a script, so benchmarks/ is on sys.path and the shared helpers import by their module name.
-from _timing import CpuContention, copy_bound_ms, environment, synchronize, time_fn
+from _timing import CpuContention, copy_bound_ms, environment, synchronize, time_cpu_interleaved, time_fn
 
 import ppml
 from ppml import reference
@@ -846,6 +848,7 @@ def section_anchor(cfg: Config) -> list[dict]:
         log(f"[{tag}] B={B} D={D} C={C}: {kind} anchors and data in {time.perf_counter() - t_data:.1f} s")
         oracle: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # metric -> (loss, grad) it is checked against
         shape_rows = []
+        checked = []  # (provider, call, first call s, peak MB, loss error, gradient error), timed together below
         for prov in list(runnable):
             if cfg.quick and prov.quick_max_classes is not None and C > prov.quick_max_classes:
                 why = f"--quick runs it up to C={prov.quick_max_classes} (the full run includes C={C})"
@@ -889,11 +892,25 @@ def section_anchor(cfg: Config) -> list[dict]:
                     f"|Δ| / max |grad| = {rel_grad:.1e} (tolerance {ANCHOR_RTOL:g}): refusing to time a wrong result"
                 )
             del loss, grad
-            slow = first_s > ANCHOR_SLOW_S
-            timing = {"warmup": 1, "min_reps": ANCHOR_SLOW_REPS} if slow else {"warmup": cfg.warmup}
-            with CpuContention() as contention:
-                res = time_fn(call, device, budget_s=cfg.budget_s, **timing)
-            busy = contention.other_share
+            checked.append((prov, call, first_s, peak, rel_loss, rel_grad))
+        if not checked:
+            continue
+        # Timed together: the providers run round-robin on CPU (_timing.time_cpu_interleaved), so that the machine's
+        # drift does not decide a comparison between calls bound by the same two GEMMs.
+        slow = max(first_s for _, _, first_s, *_ in checked) > ANCHOR_SLOW_S
+        timing = {"warmup": 1, "min_reps": ANCHOR_SLOW_REPS} if slow else {"warmup": cfg.warmup}
+        with CpuContention() as contention:
+            if device.type == "cpu":
+                results = time_cpu_interleaved(
+                    {i: call for i, (_, call, *_) in enumerate(checked)}, budget_s=cfg.budget_s, **timing
+                )
+            else:
+                results = {
+                    i: time_fn(call, device, budget_s=cfg.budget_s, **timing) for i, (_, call, *_) in enumerate(checked)
+                }
+        busy = contention.other_share
+        for i, (prov, _, _, peak, rel_loss, rel_grad) in enumerate(checked):
+            res = results[i]
             log(
                 f"[{tag}] {prov.name:<10} {prov.metric:<12} B={B:<5} D={D:<5} C={C:<6} {res['ms']:10.3f} ms  "
                 f"({res['reps']} reps"

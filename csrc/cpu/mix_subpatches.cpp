@@ -7,6 +7,7 @@
 #include <algorithm>
 
 #include "common/mix_subpatches.h"
+#include "cpu/vector_math.h"
 
 namespace ppml::ops {
 namespace {
@@ -18,13 +19,9 @@ namespace {
 // compile-time trip count keeps the accumulator in vector registers; so does a compile-time `Grid` (g = 2, the paper's
 // setting, unrolls the sub-patch loops completely).
 //
-// Built twice on x86-64 with GCC (AVX2 and the baseline, chosen at load time by the CPU): 8-wide float adds and
-// uint8 converts bring the memory-bound float32 case to the copy bandwidth. No FMA either way (-ffp-contract=off).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define PPML_CPU_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define PPML_CPU_CLONES
-#endif
+// Built twice on x86-64 with GCC (PPML_CPU_CLONES: AVX2 and the baseline, chosen at load time by the CPU): 8-wide
+// float adds and uint8 converts bring the memory-bound float32 case to the copy bandwidth. No FMA either way
+// (-ffp-contract=off).
 
 template <typename scalar_t, bool Weighted, int64_t Run, int64_t Grid>
 PPML_CPU_CLONES void mix_row_range(const MixGeometry& g, const scalar_t* src, mix_out_t<scalar_t>* dst,
