@@ -2,7 +2,8 @@
 # The checks that need a GPU, in one pass on a lent H100/H200 (repository root as cwd, no internet):
 # build ppml._C for sm_90 against the machine's own torch, show the backends, run the tests (CUDA tests are selected
 # by availability, Triton tests without the interpreter), compute-sanitizer memcheck on the CUDA and Triton kernels
-# (shuffle, shuffle out=, mix mean and weighted, anchor loss), then the quick throughput benchmark (GPU rows, shuffle and mix).
+# (shuffle, shuffle out=, mix mean and weighted, anchor loss), a short `ppml train` on the GPU (bf16 autocast, stopped
+# and resumed), then the quick throughput benchmark (GPU rows: shuffle, mix, anchor).
 #
 #   bash benchmarks/gpu_check.sh    # OUT=<folder> keeps gpu_check.log, build.log and the benchmark results;
 #                                   # SKIP_BUILD=1 reuses the install of an earlier run on the same (warm) machine
@@ -182,10 +183,25 @@ fi
 step "backend_info" 60 python -c "import json, ppml; print(json.dumps(ppml.backend_info(), indent=2))"
 # Here ppml._C was just built: a _C that does not load must fail the tests, not skip them.
 export PPML_REQUIRE_NATIVE=1
-step "pytest tests" 150 python -m pytest -q -x tests
+# test_train.py trains on the CPU (its DDP test uses gloo): the GPU training check is the AMP run below.
+step "pytest tests" 150 python -m pytest -q -x tests --ignore=tests/test_train.py
 # The Triton tests on the GPU itself: the interpreter would test Python semantics, not the compiled kernels.
 step "pytest -m triton (GPU, no interpreter)" 120 env -u TRITON_INTERPRET python -m pytest -q -m triton tests
 step "compute-sanitizer memcheck" 150 sanitize
+train_gpu() {
+    if ! python -c "import timm, sklearn" 2>/dev/null; then
+        echo "NOT RUN: timm or scikit-learn is not installed here (pip install ppml[train])"
+        return 0
+    fi
+    local out
+    out="$(mktemp -d /tmp/ppml-train.XXXXXX)"
+    # One epoch of the digits on RS ciphertext, bf16 autocast, then a resumed second epoch: the CUDA training path.
+    python -m ppml train --device cuda --encryption rs --epochs 2 --stop-after 12 --depth 4 --embed-dim 96 \
+        --num-heads 3 --out "$out" && python -m ppml train --device cuda --encryption rs --epochs 2 --depth 4 \
+        --embed-dim 96 --num-heads 3 --out "$out" --resume && cat "$out/metrics.jsonl"
+}
+export -f train_gpu
+step "ppml train on the GPU (AMP, stop + resume)" 90 train_gpu
 step "throughput --quick (shuffle, mix, anchor)" 200 python benchmarks/throughput.py --quick --sections shuffle,mix,anchor \
     ${OUT:+--out "$OUT/results"}
 

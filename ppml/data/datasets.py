@@ -1,0 +1,143 @@
+"""In-memory train/validation splits as float tensors in [0, 1].
+
+Encryption happens on whole tensors (the data owner encrypts once), so the datasets here are tensors, not lazy
+loaders: ``load_digits`` (scikit-learn's 1,797 digits, nothing downloaded) and ``load_image_folder`` (an ImageFolder
+tree, decoded once with a progress bar).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_OP = "ppml.data"
+
+
+@dataclass
+class TensorSplit:
+    """A labelled train/validation split held in memory.
+
+    Attributes:
+        train_x (Tensor[N, C, H, W]): float32 images in [0, 1] (or ciphertext, after encryption).
+        train_y (Tensor[N]): int64 labels in [0, num_classes).
+        val_x (Tensor[M, C, H, W]), val_y (Tensor[M]): the validation split, likewise.
+        classes: class names, index = label.
+    """
+
+    train_x: Tensor
+    train_y: Tensor
+    val_x: Tensor
+    val_y: Tensor
+    classes: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def _stratified_split(labels: Tensor, val_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Indices of a fixed stratified split: per class, a seeded shuffle, the first round(fraction·n) go to val."""
+    gen = torch.Generator().manual_seed(seed)
+    train, val = [], []
+    for c in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(idx.numel(), generator=gen)]
+        k = round(val_fraction * idx.numel())
+        val.append(idx[:k])
+        train.append(idx[k:])
+    return torch.cat(train).sort().values, torch.cat(val).sort().values
+
+
+def load_digits(img_size: int = 32, channels: int = 3, val_fraction: float = 0.2, split_seed: int = 0) -> TensorSplit:
+    """scikit-learn's 1,797 labelled 8×8 digits, bilinearly upscaled to ``img_size`` and repeated over ``channels``.
+
+    The split is fixed (stratified, seeded by ``split_seed``): 1,437 train / 360 validation images by default.
+
+    Args:
+        img_size: output side (>= 8).
+        channels: 1 or 3 (grey repeated, so RGB models and colour augmentations apply unchanged).
+        val_fraction: share of each class held out.
+        split_seed: seed of the split (not of training).
+
+    Returns:
+        TensorSplit with float32 images [N, channels, img_size, img_size] in [0, 1].
+    """
+    try:
+        from sklearn.datasets import load_digits as _sk_load_digits
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(f"{_OP}.load_digits needs scikit-learn: pip install scikit-learn (or ppml[train])") from exc
+    if not isinstance(img_size, int) or img_size < 8:
+        raise ValueError(f"{_OP}.load_digits: img_size must be an int >= 8, got {img_size!r}")
+    if channels not in (1, 3):
+        raise ValueError(f"{_OP}.load_digits: channels must be 1 or 3, got {channels!r}")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"{_OP}.load_digits: val_fraction must lie in (0, 1), got {val_fraction!r}")
+    bunch = _sk_load_digits()
+    x = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0  # pixel values 0..16
+    if img_size != 8:
+        x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False).clamp_(0, 1)
+    x = x.expand(-1, channels, -1, -1).contiguous()
+    y = torch.as_tensor(bunch.target, dtype=torch.int64)
+    tr, va = _stratified_split(y, val_fraction, split_seed)
+    return TensorSplit(x[tr], y[tr], x[va], y[va], [str(c) for c in range(10)])
+
+
+def _decode_folder(root: str, img_size: int, desc: str) -> tuple[Tensor, Tensor, list[str]]:
+    from torchvision import datasets, transforms
+
+    tf = transforms.Compose(
+        [transforms.Resize(img_size), transforms.CenterCrop(img_size), transforms.ToTensor()]
+    )
+    ds = datasets.ImageFolder(root, transform=tf)
+    if len(ds) == 0:
+        raise ValueError(f"{_OP}.load_image_folder: no images under {root!r}")
+    xs = torch.empty(len(ds), 3, img_size, img_size)
+    ys = torch.empty(len(ds), dtype=torch.int64)
+    for i in _progress(range(len(ds)), desc=desc):
+        img, label = ds[i]
+        xs[i] = img.expand(3, -1, -1) if img.shape[0] == 1 else img[:3]
+        ys[i] = label
+    return xs, ys, list(ds.classes)
+
+
+def load_image_folder(path: str, img_size: int = 224, val_fraction: float = 0.2, split_seed: int = 0) -> TensorSplit:
+    """An ImageFolder tree (``class_name/image.jpg``) decoded into memory: resized (shorter side), centre-cropped to
+    ``img_size``, RGB float in [0, 1].
+
+    If ``path`` holds ``train/`` and ``val/`` subfolders they are the split (their class lists must agree); otherwise
+    one tree is split like :func:`load_digits` (fixed, stratified).
+
+    Returns:
+        TensorSplit with float32 images [N, 3, img_size, img_size].
+    """
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{_OP}.load_image_folder: {path!r} is not a directory")
+    tr_dir, va_dir = os.path.join(path, "train"), os.path.join(path, "val")
+    if os.path.isdir(tr_dir) and os.path.isdir(va_dir):
+        tx, ty, tc = _decode_folder(tr_dir, img_size, "decode train")
+        vx, vy, vc = _decode_folder(va_dir, img_size, "decode val")
+        if tc != vc:
+            raise ValueError(f"{_OP}.load_image_folder: train/ and val/ class folders differ: {tc} vs {vc}")
+        return TensorSplit(tx, ty, vx, vy, tc)
+    x, y, classes = _decode_folder(path, img_size, "decode images")
+    tr, va = _stratified_split(y, val_fraction, split_seed)
+    return TensorSplit(x[tr], y[tr], x[va], y[va], classes)
+
+
+def load_dataset(data: str, img_size: int) -> TensorSplit:
+    """``"digits"`` (built in) or a folder path."""
+    if data == "digits":
+        return load_digits(img_size)
+    return load_image_folder(data, img_size)
+
+
+def _progress(it, desc: str):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return it
+    return tqdm(it, desc=desc, leave=False)

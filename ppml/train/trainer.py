@@ -1,0 +1,603 @@
+"""Training ViTs on encrypted images: one process or torchrun DDP, exact checkpoint/resume.
+
+Settings (``TrainConfig``):
+
+- ``encryption`` none | rs | mi and ``mode`` owner | in-model. ``owner``: the data owner encrypts the whole dataset
+  once, before training (keys from OS entropy unless ``key_seed`` is given; kept in ``DIR/owner_keys.pt``, which the
+  trainer never reads); the trainer only sees ciphertext and augments it in the encrypted domain (``ppml.augment``,
+  at the ciphertext's patch size). ``in-model``: the paper's setting — plaintext augmentation, then a fresh RS shuffle
+  of each batch every step (or the MI mix inside the model, ``mix_input=True``).
+- Determinism: every random draw comes from ``seed`` (model init, batch order, augmentation, in-model keys, dropout),
+  per rank, per epoch. A checkpoint holds the optimizer, the schedule and every rank's generator states, so a run
+  stopped mid-epoch (``stop_after`` steps, SIGINT or SIGTERM: the step finishes, a checkpoint is written) and resumed
+  reproduces the uninterrupted run exactly.
+- DDP: launched by torchrun (``WORLD_SIZE`` > 1) it uses gloo on CPU, nccl on CUDA, a seeded per-epoch shard of the
+  training set per rank, and checks at every checkpoint that all ranks hold identical parameters. Only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_OP = "ppml train"
+
+ENCRYPTIONS = ("none", "rs", "mi")
+MODES = ("owner", "in-model")
+LOSSES = ("ce", "anchor-sqeuclidean", "anchor-euclidean", "anchor-cosine")
+DEFAULT_MODELS = {"none": "vit_tiny_patch16_224", "rs": "pevit_tiny_patch16_224", "mi": "mivit_tiny_patch16_224"}
+# Anchor-loss defaults (scale γ, pull λ) per metric: what trained well on the digits (benchmarks/anchor_digits.py).
+ANCHOR_DEFAULTS = {"sqeuclidean": (16.0, 0.1), "euclidean": (8.0, 0.0), "cosine": (16.0, 0.0)}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; saved in every checkpoint (``--resume`` refuses a different one)."""
+
+    data: str = "digits"
+    encryption: str = "rs"
+    mode: str = "owner"
+    loss: str = "ce"
+    model: str | None = None
+    img_size: int = 32
+    patch_size: int = 8
+    grid: int = 2
+    depth: int | None = None
+    embed_dim: int | None = None
+    num_heads: int | None = None
+    drop_path: float = 0.0
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup_epochs: float = 1.0
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.0
+    anchor_scale: float | None = None
+    anchor_pull: float | None = None
+    anchor_kind: str = "simplex"
+    hflip: float | None = None
+    brightness: float = 0.1
+    contrast: float = 0.1
+    saturation: float = 0.0
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    patch_drop: float = 0.0
+    seed: int = 0
+    key_seed: int | None = None
+    device: str = "auto"
+    amp: bool | None = None
+    out: str = "runs/ppml"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        for name, allowed in (("encryption", ENCRYPTIONS), ("mode", MODES), ("loss", LOSSES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{_OP}: --{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name in ("img_size", "patch_size", "grid", "epochs", "batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{_OP}: --{name.replace('_', '-')} must be a positive int, got {v!r}")
+        if self.img_size % self.patch_size:
+            raise ValueError(
+                f"{_OP}: --patch-size must divide --img-size, got patch_size={self.patch_size}, img_size={self.img_size}"
+            )
+        if self.encryption == "mi" and self.patch_size % self.grid:
+            raise ValueError(f"{_OP}: --grid must divide --patch-size, got grid={self.grid}, patch={self.patch_size}")
+        if self.encryption == "none" and self.mode != "owner":
+            raise ValueError(f"{_OP}: --mode in-model needs --encryption rs or mi, got --encryption none")
+        if not (self.lr > 0 and self.min_lr >= 0 and self.warmup_epochs >= 0 and self.weight_decay >= 0):
+            raise ValueError(f"{_OP}: lr must be > 0 and min-lr, warmup-epochs, weight-decay >= 0")
+
+    @property
+    def model_name(self) -> str:
+        return self.model or DEFAULT_MODELS[self.encryption]
+
+    @property
+    def metric(self) -> str | None:
+        return self.loss.split("-", 1)[1] if self.loss.startswith("anchor-") else None
+
+    @property
+    def cipher_patch(self) -> int:
+        """The patch size of the tensor the model (and the encrypted-domain augmentation) sees."""
+        return self.patch_size // self.grid if self.encryption == "mi" and self.mode == "owner" else self.patch_size
+
+
+# ----------------------------------------------------------------------------------------------------------- setup
+
+
+@dataclass
+class _Dist:
+    world: int = 1
+    rank: int = 0
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed(device_arg: str) -> tuple[_Dist, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    d = _Dist(world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")))
+    if device_arg == "auto":
+        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device_arg)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"{_OP}: --device {device_arg} requested but torch.cuda.is_available() is False")
+        if world > 1:
+            device = torch.device("cuda", d.local_rank)
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return d, device
+
+
+def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    """The timm model named by the config; with an anchor loss its head is removed (the pooled features are the
+    embedding the anchors live in)."""
+    import ppml.models
+
+    kwargs: dict[str, Any] = dict(img_size=cfg.img_size, patch_size=cfg.patch_size, drop_path_rate=cfg.drop_path)
+    kwargs["num_classes"] = 0 if cfg.metric else num_classes
+    for name in ("depth", "embed_dim", "num_heads"):
+        if getattr(cfg, name) is not None:
+            kwargs[name] = getattr(cfg, name)
+    if cfg.model_name.startswith("mivit"):
+        kwargs["grid"] = cfg.grid
+        kwargs["mix_input"] = cfg.mode == "in-model"
+    kwargs.update(cfg.extra)
+    if cfg.model_name in ppml.models.MODEL_NAMES:
+        return ppml.models.create_model(cfg.model_name, **kwargs)
+    import timm
+
+    return timm.create_model(cfg.model_name, pretrained=False, **kwargs)  # any timm model, never downloaded
+
+
+def _lr_lambda(cfg: TrainConfig, steps_per_epoch: int):
+    total = cfg.epochs * steps_per_epoch
+    warm = int(round(cfg.warmup_epochs * steps_per_epoch))
+    floor = cfg.min_lr / cfg.lr
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        t = (step - warm) / max(1, total - warm)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+    return f
+
+
+def _encrypt_owner(cfg: TrainConfig, data, out_dir: str, d: _Dist):
+    """Owner mode: encrypt train and val once. The ciphertext is cached in DIR (a resumed run reuses it); the RS keys
+    go to DIR/owner_keys.pt — what the data owner keeps, never read by the trainer."""
+    import ppml
+
+    cache = os.path.join(out_dir, "ciphertext.pt")
+    if os.path.exists(cache):
+        blob = torch.load(cache, map_location="cpu", weights_only=True)
+        return blob["train_x"], blob["val_x"]
+    gen = torch.Generator().manual_seed(cfg.key_seed) if cfg.key_seed is not None else None
+    keys = {}
+    if cfg.encryption == "rs":
+        n = (cfg.img_size // cfg.patch_size) ** 2
+        out = []
+        for name, x in (("train", data.train_x), ("val", data.val_x)):
+            perm = ppml.random_permutations(x.shape[0], n, generator=gen)
+            out.append(ppml.shuffle_patches(x, cfg.patch_size, perm)[0])
+            keys[name] = perm
+        train_x, val_x = out
+    else:  # mi: keyless, the plain mean of the paper
+        train_x = ppml.mix_subpatches(data.train_x, cfg.patch_size, cfg.grid)
+        val_x = ppml.mix_subpatches(data.val_x, cfg.patch_size, cfg.grid)
+    if d.main:
+        _atomic_save({"train_x": train_x, "val_x": val_x}, cache)
+        if keys:
+            _atomic_save(keys, os.path.join(out_dir, "owner_keys.pt"))
+    return train_x, val_x
+
+
+def _atomic_save(obj, path: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------------------- training
+
+
+class _StopRequest:
+    """SIGINT / SIGTERM: finish the step, write a checkpoint, exit (a second signal exits at once)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread (e.g. called from a notebook worker)
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _any_rank(flag: bool, d: _Dist, device: torch.device) -> bool:
+    if d.world == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _param_digest(model: nn.Module) -> float:
+    with torch.no_grad():
+        return float(sum(p.detach().double().sum().item() + p.detach().double().square().sum().item()
+                         for p in model.parameters()))
+
+
+def _epoch_order(n: int, cfg: TrainConfig, epoch: int, d: _Dist) -> list[Tensor]:
+    """This rank's batches of the epoch: a permutation seeded by (seed, epoch), cut into world-size shards (padded
+    by wrapping so every rank takes the same number of steps), then batches."""
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=gen)
+    per_rank = math.ceil(n / d.world)
+    if per_rank * d.world > n:
+        order = torch.cat([order, order[: per_rank * d.world - n]])
+    mine = order[d.rank :: d.world]
+    return list(mine.split(cfg.batch_size))
+
+
+def _rank_generator(cfg: TrainConfig, epoch: int, d: _Dist) -> torch.Generator:
+    return torch.Generator().manual_seed((cfg.seed * 7919 + epoch) * 65_537 + d.rank)
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Runs (or resumes) a training run; returns the final summary (also printed as one JSON line and written to
+    ``DIR/summary.json``). Raises SystemExit(130) after a checkpoint when interrupted by a signal."""
+    return _Trainer(cfg).run()
+
+
+class _Trainer:
+    def __init__(self, cfg: TrainConfig) -> None:
+        cfg.check()
+        self.cfg = cfg
+        self.d, self.device = _init_distributed(cfg.device)
+        self.out = cfg.out
+        self.ckpt_path = os.path.join(self.out, "checkpoint.pt")
+        self.metrics_path = os.path.join(self.out, "metrics.jsonl")
+        self.amp = cfg.amp if cfg.amp is not None else self.device.type == "cuda"
+        if self.amp and self.device.type != "cuda":
+            raise ValueError(f"{_OP}: --amp needs a CUDA device, got --device {self.device}")
+
+    # -- pieces -------------------------------------------------------------------------------------------------
+    def _log(self, msg: str) -> None:
+        if self.d.main:
+            print(msg, file=sys.stderr, flush=True)
+
+    def _setup(self, resume: bool):
+        import ppml
+        import ppml.augment as aug
+        import ppml.data
+
+        cfg, d = self.cfg, self.d
+        if d.main:
+            os.makedirs(self.out, exist_ok=True)
+        if d.world > 1:
+            dist.barrier()
+        ckpt = None
+        if resume:
+            if not os.path.exists(self.ckpt_path):
+                raise FileNotFoundError(f"{_OP}: --resume given but there is no checkpoint at {self.ckpt_path}")
+            ckpt = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
+            saved = TrainConfig(**ckpt["config"])
+            mine = dataclasses.replace(cfg, device=saved.device, amp=saved.amp, out=saved.out)
+            if dataclasses.asdict(saved) != dataclasses.asdict(mine):
+                diff = {k: (v, getattr(cfg, k)) for k, v in dataclasses.asdict(saved).items()
+                        if getattr(mine, k) != v}
+                raise ValueError(f"{_OP}: --resume with settings that differ from the checkpoint's: {diff}")
+        elif d.main and os.path.exists(self.ckpt_path):
+            raise FileExistsError(
+                f"{_OP}: {self.out} already holds a run (checkpoint.pt); pass --resume to continue it or choose another --out"
+            )
+
+        t0 = time.perf_counter()
+        data = ppml.data.load_dataset(cfg.data, cfg.img_size)
+        self.classes = data.classes
+        self.num_classes = data.num_classes
+        if cfg.encryption != "none" and cfg.mode == "owner":
+            if d.world > 1 and not d.main:
+                dist.barrier()  # rank 0 encrypts and writes the cache first, the others read it
+            train_x, val_x = _encrypt_owner(cfg, data, self.out, d)
+            if d.world > 1 and d.main:
+                dist.barrier()
+        else:
+            train_x, val_x = data.train_x, data.val_x
+        self.train_x, self.train_y = train_x, data.train_y
+        self.val_x, self.val_y = val_x, data.val_y
+        self._log(
+            f"[ppml train] {cfg.data}: {len(self.train_y)} train / {len(self.val_y)} val images, {self.num_classes} "
+            f"classes, input {list(self.train_x.shape[1:])} ({cfg.encryption}, {cfg.mode}) in "
+            f"{time.perf_counter() - t0:.1f} s"
+        )
+
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg, self.num_classes).to(self.device)
+        self.criterion = None
+        if cfg.metric:
+            scale, pull = ANCHOR_DEFAULTS[cfg.metric]
+            scale = cfg.anchor_scale if cfg.anchor_scale is not None else scale
+            pull = cfg.anchor_pull if cfg.anchor_pull is not None else pull
+            dim = model.num_features
+            kind = cfg.anchor_kind if not (cfg.anchor_kind == "simplex" and dim < self.num_classes - 1) else "random"
+            self.criterion = ppml.AnchorLoss(
+                self.num_classes, dim, kind=kind, metric=cfg.metric, scale=scale, pull=pull, reduction="none",
+                generator=torch.Generator().manual_seed(cfg.seed),
+            ).to(self.device)
+        self.model = model
+        self.ddp = nn.parallel.DistributedDataParallel(model) if d.world > 1 else model
+        decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n and "token" not in n]
+        no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "pos_embed" not in n and "token" not in n)]
+        self.opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
+        )
+        self.steps_per_epoch = len(_epoch_order(len(self.train_y), cfg, 0, d))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(cfg, self.steps_per_epoch))
+
+        hflip = cfg.hflip if cfg.hflip is not None else (0.0 if cfg.data == "digits" else 0.5)
+        # RS ciphertext: flips act on every patch in place — for a PE-free model exactly the flipped plain image
+        # under another key. Plain images and MI ciphertext (whose model keeps its position embedding): the whole
+        # image flips (flip(mix(x)) = mix(flip(x))).
+        per_patch = cfg.encryption == "rs" and cfg.mode == "owner"
+        self.geometric = aug.EncryptedAugment(cfg.cipher_patch, hflip=hflip, per_patch=per_patch)
+        self.augment = aug.EncryptedAugment(
+            cfg.cipher_patch, hflip=0.0, brightness=cfg.brightness, contrast=cfg.contrast, saturation=cfg.saturation,
+            mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, patch_drop=cfg.patch_drop,
+        )
+        self.start_epoch, self.start_step, self.rank_state = 0, 0, None
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])
+            self.opt.load_state_dict(ckpt["optimizer"])
+            self.sched.load_state_dict(ckpt["scheduler"])
+            self.start_epoch, self.start_step = ckpt["epoch"], ckpt["step"]
+            if len(ckpt["rank_states"]) != d.world:
+                raise ValueError(
+                    f"{_OP}: the checkpoint was written by {len(ckpt['rank_states'])} ranks, this run has {d.world}"
+                )
+            if self.start_step:  # mid-epoch: this rank's generators and partial loss sums continue
+                self.rank_state = ckpt["rank_states"][d.rank]
+            if d.main:  # drop metric lines of epochs that will be run again ("epoch" counts completed epochs)
+                kept = []
+                if os.path.exists(self.metrics_path):
+                    with open(self.metrics_path) as fh:
+                        kept = [ln for ln in fh if ln.strip() and json.loads(ln)["epoch"] <= self.start_epoch]
+                with open(self.metrics_path, "w") as fh:
+                    fh.writelines(kept)
+            self._log(f"[ppml train] resumed from {self.ckpt_path}: epoch {self.start_epoch + 1}, step {self.start_step}")
+        elif d.main:
+            open(self.metrics_path, "w").close()
+
+    def _loss(self, out: Tensor, ya: Tensor, yb: Tensor, lam: Tensor) -> Tensor:
+        if self.criterion is None:
+            ls = self.cfg.label_smoothing
+            la = F.cross_entropy(out.float(), ya, reduction="none", label_smoothing=ls)
+            lb = F.cross_entropy(out.float(), yb, reduction="none", label_smoothing=ls)
+        else:
+            la, lb = self.criterion(out.float(), ya), self.criterion(out.float(), yb)
+        return (lam * la + (1 - lam) * lb).mean()
+
+    def _predict(self, out: Tensor) -> Tensor:
+        return out.argmax(1) if self.criterion is None else self.criterion.predict(out.float())
+
+    def _prepare(self, x: Tensor, y: Tensor, gen: torch.Generator):
+        import ppml
+
+        x = self.geometric(x, y, generator=gen)[0]
+        x, ya, yb, lam = self.augment(x, y, generator=gen)
+        if self.cfg.mode == "in-model" and self.cfg.encryption == "rs":
+            n = (self.cfg.img_size // self.cfg.patch_size) ** 2
+            perm = ppml.random_permutations(x.shape[0], n, generator=gen).to(x.device)
+            x = ppml.shuffle_patches(x, self.cfg.patch_size, perm)[0]
+        return x, ya, yb, lam.to(x.device)
+
+    def _forward(self, model: nn.Module, x: Tensor) -> Tensor:
+        if self.amp:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return model(x)
+        return model(x)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        import ppml
+
+        cfg, d = self.cfg, self.d
+        self.model.eval()
+        correct = torch.zeros(2, dtype=torch.float64)
+        idx = torch.arange(len(self.val_y))[d.rank :: d.world]
+        # In-model RS: validation images are shuffled too, with keys fixed for the run (same seed every epoch).
+        gen = torch.Generator().manual_seed(cfg.seed + 1)
+        n_tiles = (cfg.img_size // cfg.patch_size) ** 2
+        for b in idx.split(256):
+            x = self.val_x[b].to(self.device)
+            if cfg.mode == "in-model" and cfg.encryption == "rs":
+                perm = ppml.random_permutations(len(b), n_tiles, generator=gen).to(self.device)
+                x = ppml.shuffle_patches(x, cfg.patch_size, perm)[0]
+            pred = self._predict(self._forward(self.model, x)).cpu()
+            correct += torch.tensor([(pred == self.val_y[b]).sum().item(), len(b)], dtype=torch.float64)
+        if d.world > 1:
+            dist.all_reduce(correct)
+        self.model.train()
+        return float(correct[0] / correct[1])
+
+    def _save(self, epoch: int, step: int, gen: torch.Generator) -> None:
+        d = self.d
+        state = (gen.get_state(), torch.get_rng_state(), list(self.epoch_loss))
+        states = [state]
+        digests = [_param_digest(self.model)]
+        if d.world > 1:
+            states = [None] * d.world
+            dist.all_gather_object(states, state)
+            digests = [None] * d.world
+            dist.all_gather_object(digests, _param_digest(self.model))
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"{_OP}: ranks hold different parameters (digests {digests}): DDP is out of sync")
+        self.last_digests = digests
+        if d.main:
+            _atomic_save(
+                {
+                    "config": dataclasses.asdict(self.cfg),
+                    "model": self.model.state_dict(),
+                    "optimizer": self.opt.state_dict(),
+                    "scheduler": self.sched.state_dict(),
+                    "epoch": epoch,
+                    "step": step,
+                    "rank_states": states,
+                    "param_digests": digests,
+                    "classes": self.classes,
+                },
+                self.ckpt_path,
+            )
+        if d.world > 1:
+            dist.barrier()
+
+    def _stopped(self, epoch: int, step: int) -> dict:
+        """The result of a run stopped by --stop-after (printed as one JSON line by rank 0 only)."""
+        result = {"stopped": True, "epoch": epoch, "step": step, "param_digests": self.last_digests}
+        if self.d.main:
+            print(json.dumps(result), flush=True)
+        return result
+
+    def run(self, resume: bool = False, stop_after: int | None = None) -> dict:
+        cfg, d = self.cfg, self.d
+        self._setup(resume)
+        steps_run = 0
+        summary: dict[str, Any] = {}
+        self.epoch_loss = [0.0, 0]
+        with _StopRequest() as stop:
+            for epoch in range(self.start_epoch, cfg.epochs):
+                batches = _epoch_order(len(self.train_y), cfg, epoch, d)
+                gen = _rank_generator(cfg, epoch, d)
+                first = 0
+                if epoch == self.start_epoch and self.rank_state is not None:
+                    first = self.start_step
+                    gen_state, rng_state, self.epoch_loss = self.rank_state
+                    gen.set_state(gen_state)
+                    torch.set_rng_state(rng_state)
+                else:
+                    self.epoch_loss = [0.0, 0]
+                    # dropout / drop-path draw from the global generator: seeded per (epoch, rank)
+                    torch.manual_seed(cfg.seed * 7919 + epoch * 104_729 + d.rank)
+                self.model.train()
+                t0 = time.perf_counter()
+                bar = _progress(range(first, len(batches)), f"epoch {epoch + 1}/{cfg.epochs}", d.main)
+                for step in bar:
+                    b = batches[step]
+                    x, ya, yb, lam = self._prepare(self.train_x[b].to(self.device), self.train_y[b].to(self.device), gen)
+                    out = self._forward(self.ddp, x)
+                    loss = self._loss(out, ya, yb, lam)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"{_OP}: loss is {loss.item()} at epoch {epoch + 1} step {step}")
+                    self.opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    self.opt.step()
+                    self.sched.step()
+                    self.epoch_loss[0] += loss.item() * len(b)
+                    self.epoch_loss[1] += len(b)
+                    steps_run += 1
+                    if hasattr(bar, "set_postfix"):
+                        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{self.sched.get_last_lr()[0]:.2e}")
+                    halt = stop_after is not None and steps_run >= stop_after
+                    if _any_rank(halt or stop.signum is not None, d, self.device) and step + 1 < len(batches):
+                        self._save(epoch, step + 1, gen)
+                        why = f"signal {stop.signum}" if stop.signum is not None else f"--stop-after {stop_after}"
+                        self._log(f"[ppml train] stopped ({why}) at epoch {epoch + 1} step {step + 1}; "
+                                  f"checkpoint {self.ckpt_path}: continue with --resume")
+                        if stop.signum is not None:
+                            raise SystemExit(130)
+                        return self._stopped(epoch, step + 1)
+                train_s = time.perf_counter() - t0
+                tl = torch.tensor(self.epoch_loss, dtype=torch.float64)
+                if d.world > 1:
+                    dist.all_reduce(tl)
+                acc = self.evaluate()
+                row = {
+                    "epoch": epoch + 1,
+                    "train_loss": float(tl[0] / max(tl[1], 1)),
+                    "val_acc": acc,
+                    "lr": self.sched.get_last_lr()[0],
+                    "train_s": round(train_s, 3),
+                    "world_size": d.world,
+                }
+                self.epoch_loss = [0.0, 0]
+                self._save(epoch + 1, 0, gen)  # the next epoch seeds its own generators
+                row["param_digest"] = self.last_digests[0]
+                if d.main:
+                    with open(self.metrics_path, "a") as fh:
+                        fh.write(json.dumps(row) + "\n")
+                    self._log(
+                        f"[ppml train] epoch {epoch + 1}/{cfg.epochs}: loss {row['train_loss']:.4f}, "
+                        f"val acc {acc:.4f}, {train_s:.1f} s"
+                    )
+                summary = row
+                if _any_rank(stop.signum is not None, d, self.device) and epoch + 1 < cfg.epochs:
+                    self._log(f"[ppml train] stopped (signal) after epoch {epoch + 1}: continue with --resume")
+                    raise SystemExit(130)
+                if stop_after is not None and steps_run >= stop_after and epoch + 1 < cfg.epochs:
+                    return self._stopped(epoch + 1, 0)
+        final = {
+            "final": True,
+            "epochs": cfg.epochs,
+            "val_acc": summary.get("val_acc"),
+            "train_loss": summary.get("train_loss"),
+            "model": cfg.model_name,
+            "encryption": cfg.encryption,
+            "mode": cfg.mode,
+            "loss": cfg.loss,
+            "param_digests": getattr(self, "last_digests", None),
+        }
+        if d.main:
+            with open(os.path.join(self.out, "summary.json"), "w") as fh:
+                json.dump(final, fh)
+            print(json.dumps(final), flush=True)
+        return final
+
+
+def _progress(it, desc: str, enabled: bool):
+    if not enabled:
+        return it
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return it
+    return tqdm(it, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def run(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None) -> dict:
+    """Entry point for the CLI: trains (or resumes), then tears the process group down."""
+    try:
+        return _Trainer(cfg).run(resume=resume, stop_after=stop_after)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
