@@ -3,7 +3,7 @@ the built-in digits, with `ppml train` (each run is the printed command, in a su
 
 Run from the repository root::
 
-    python benchmarks/train_digits.py                    # 8 runs, a few minutes on a 2-core CPU
+    python benchmarks/train_digits.py                    # 12 runs, about 6 minutes on a 2-core CPU
     python benchmarks/train_digits.py --epochs 30 --out runs/digits
 
 Every run: sklearn's digits upscaled to 32×32 (1,438 train / 359 validation, a fixed split), patch 8 (16 patches;
@@ -34,7 +34,7 @@ RUNS = [
     ("RS (in-model)", "rs", "in-model"),
     ("MI (owner)", "mi", "owner"),
 ]
-LOSSES = ["ce", "anchor-sqeuclidean"]
+LOSSES = ["ce", "anchor-sqeuclidean", "anchor-cosine"]
 
 
 def main() -> int:
@@ -42,14 +42,15 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--out", default="runs/digits")
     ap.add_argument("--losses", nargs="+", default=LOSSES)
+    ap.add_argument("--patch-size", type=int, default=8, help="RS / MI patch (the model's patch), dividing 32")
     args = ap.parse_args()
     rows = []
     for loss in args.losses:
         for name, enc, mode in RUNS:
-            out = os.path.join(args.out, f"{enc}-{mode}-{loss}")
+            out = os.path.join(args.out, f"p{args.patch_size}-{enc}-{mode}-{loss}")
             cmd = [
                 "python", "-m", "ppml", "train", "--data", "digits", "--encryption", enc, "--mode", mode,
-                "--loss", loss, "--img-size", "32", "--patch-size", "8", "--depth", "4", "--embed-dim", "96",
+                "--loss", loss, "--img-size", "32", "--patch-size", str(args.patch_size), "--depth", "4", "--embed-dim", "96",
                 "--num-heads", "3", "--epochs", str(args.epochs), "--batch-size", "64", "--lr", "2e-3",
                 "--seed", "0", "--out", out,
             ]
@@ -78,7 +79,7 @@ def main() -> int:
                 }
             )
     print(
-        f"\n{args.epochs} epochs each; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"\npatch {args.patch_size} on 32×32 ({(32 // args.patch_size) ** 2} patches), {args.epochs} epochs each; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads\n"
     )
     print("| data | model | loss | val acc (last) | val acc (best) | s / epoch |")

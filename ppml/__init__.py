@@ -14,6 +14,7 @@ from . import _dispatch  # noqa: E402
 
 _dispatch.refresh()
 
+from . import augment  # noqa: E402  (encrypted-domain augmentation; ppml.models, ppml.data, ppml.train need timm)
 from ._dispatch import backend_info  # noqa: E402
 from .anchors import make_anchors  # noqa: E402
 from .ops.anchor_loss import AnchorLoss, anchor_loss, nearest_anchor  # noqa: E402

@@ -41,7 +41,7 @@ def _train_parser(sub) -> None:
     g.add_argument("--num-heads", type=int, default=None, help="override the model's heads")
     g.add_argument("--drop-path", type=float, default=d.drop_path)
     g.add_argument("--loss", choices=LOSSES, default=d.loss)
-    g.add_argument("--anchor-scale", type=float, default=None, help="γ (default per metric: sq 16, euclid 8, cos 16)")
+    g.add_argument("--anchor-scale", type=float, default=None, help="γ (default per metric: sqeuclidean 1, euclidean 4, cosine 16)")
     g.add_argument("--anchor-pull", type=float, default=None, help="λ (default: 0.1 for sqeuclidean, else 0)")
     g.add_argument("--anchor-kind", default=d.anchor_kind, choices=("simplex", "onehot", "hadamard", "random"))
     g = p.add_argument_group("optimisation")
