@@ -213,6 +213,20 @@ def _encrypt_owner(cfg: TrainConfig, data, out_dir: str, d: _Dist):
     return train_x, val_x
 
 
+def _check_encrypted(cfg: TrainConfig, manifest: dict) -> None:
+    """--data DST from `ppml encrypt`: the run's settings must describe that ciphertext."""
+    want = {"encryption": manifest["scheme"], "patch_size": manifest["patch_size"], "img_size": manifest["size"],
+            "mode": "owner"}
+    if manifest["scheme"] == "mi":
+        want["grid"] = manifest["grid"]
+    wrong = {k: v for k, v in want.items() if getattr(cfg, k) != v}
+    if wrong:
+        flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in want.items())
+        got = " ".join(f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in wrong)
+        raise ValueError(f"{_OP}: --data {cfg.data} holds {manifest['scheme']} ciphertext (patch {manifest['patch_size']}"
+                         f", {manifest['size']} px): pass {flags} (got {got})")
+
+
 def _atomic_save(obj, path: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(obj, tmp)
@@ -327,10 +341,17 @@ class _Trainer:
             )
 
         t0 = time.perf_counter()
-        data = ppml.data.load_dataset(cfg.data, cfg.img_size)
+        encrypted = ppml.data.is_encrypted_dataset(cfg.data)
+        if encrypted:  # `ppml encrypt` output: the owner already encrypted it; the trainer reads ciphertext only
+            data, manifest = ppml.data.load_encrypted(cfg.data)
+            _check_encrypted(cfg, manifest)
+        else:
+            data = ppml.data.load_dataset(cfg.data, cfg.img_size)
         self.classes = data.classes
         self.num_classes = data.num_classes
-        if cfg.encryption != "none" and cfg.mode == "owner":
+        if encrypted:
+            train_x, val_x = data.train_x, data.val_x
+        elif cfg.encryption != "none" and cfg.mode == "owner":
             if d.world > 1 and not d.main:
                 dist.barrier()  # rank 0 encrypts and writes the cache first, the others read it
             train_x, val_x = _encrypt_owner(cfg, data, self.out, d)

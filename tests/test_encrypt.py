@@ -1,0 +1,236 @@
+"""`ppml encrypt` / `ppml decrypt`: the shard format, exact decryption, resume after a crash (byte-identical output),
+corrupt images, refusals, and `ppml train --data DST`."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+pytest.importorskip("PIL")
+
+import ppml  # noqa: E402
+import ppml.data.encrypted as enc  # noqa: E402
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+SMALL = dict(patch_size=4, size=16, shard_size=500, batch_size=128, progress=False)
+
+
+def _tree_files(root: str) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+
+
+def _image_folder(root, n_per_class=4, corrupt=()):
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for cls in ("ant", "bee"):
+        os.makedirs(root / cls, exist_ok=True)
+        for i in range(n_per_class):
+            h, w = 20 + 4 * i, 28
+            arr = (torch.rand(h, w, 3, generator=gen) * 255).to(torch.uint8).numpy()
+            Image.fromarray(arr).save(root / cls / f"{i}.png")
+    for rel in corrupt:
+        (root / rel).write_bytes(b"this is not an image")
+    return str(root)
+
+
+def test_rs_digits_roundtrip_format_and_exact_decrypt(tmp_path):
+    dst = str(tmp_path / "enc")
+    summary = enc.encrypt_dataset("digits", dst, key_seed=0, **SMALL)
+    assert summary["images"] == 1797 and summary["skipped"] == 0
+    assert 0 < summary["encrypt_share"] < 1 and summary["images_per_s"] > 0
+    keys = dst + ".keys.npy"
+    assert summary["keys"] == keys and not keys.startswith(dst + os.sep)
+    manifest = json.load(open(os.path.join(dst, "manifest.json")))
+    assert manifest["format"] == enc.FORMAT and manifest["num_images"] == 1797 and len(manifest["shards"]) == 4
+    assert manifest["dtype"] == "uint8" and manifest["ciphertext_shape"] == [3, 16, 16]
+    # plain NumPy reads it: no ppml kernels needed
+    first = manifest["shards"][0]
+    images = np.load(os.path.join(dst, first["files"]["images"]), allow_pickle=False)
+    assert images.shape == (500, 3, 16, 16) and images.dtype == np.uint8
+    perms = np.load(keys)
+    assert perms.shape == (1797, 16) and perms.dtype == np.int16
+    # the ciphertext really is the shuffle of the resized source image under its key
+    items, _ = enc.scan_source("digits")
+    src0 = enc.load_source_image("digits", items[0], 16)
+    want = ppml.reference.shuffle_patches(src0[None], torch.as_tensor(perms[:1].astype(np.int64)), 4)[0]
+    assert torch.equal(torch.from_numpy(images[0]), want) and not torch.equal(want, src0)
+    # decrypt: every image bit for bit
+    out = str(tmp_path / "plain")
+    assert enc.decrypt_dataset(dst, out, keys, progress=False)["images"] == 1797
+    from PIL import Image
+
+    for i in range(0, 1797, 97):
+        got = torch.from_numpy(np.array(Image.open(os.path.join(out, items[i].path + ".png")))).permute(2, 0, 1)
+        assert torch.equal(got, enc.load_source_image("digits", items[i], 16)), items[i].path
+
+
+def test_mi_shards_hold_the_exact_mix(tmp_path):
+    dst = str(tmp_path / "mi")
+    enc.encrypt_dataset("digits", dst, scheme="mi", grid=2, **SMALL)
+    assert not os.path.exists(dst + ".keys.npy")  # MI has no key
+    x, y, idx, manifest = enc.load_shards(dst)
+    assert x.dtype == torch.float32 and x.shape == (1797, 3, 8, 8) and manifest["keys_sha256"] is None
+    items, _ = enc.scan_source("digits")
+    for i in (0, 500, 1796):
+        plain = enc.load_source_image("digits", items[int(idx[i])], 16)
+        assert torch.equal(x[i], ppml.reference.mix_subpatches(plain[None], 4, 2)[0])
+    with pytest.raises(ValueError, match="only RS is invertible"):
+        enc.decrypt_dataset(dst, str(tmp_path / "out"), __file__, progress=False)
+
+
+@pytest.mark.parametrize("crash_after_writes", [3, 6, 11])  # inside the first, second and fourth shard
+def test_killed_and_rerun_is_byte_identical(tmp_path, monkeypatch, crash_after_writes):
+    ref = str(tmp_path / "ref")
+    enc.encrypt_dataset("digits", ref, key_seed=7, **SMALL)
+    cut = str(tmp_path / "cut")
+    real, calls = enc._write_atomic, []
+
+    def crashing(path, data):
+        calls.append(path)
+        # the key file, job.json and index.json come first; then 4 files per shard
+        if len(calls) == 3 + crash_after_writes:
+            raise KeyboardInterrupt("simulated kill")
+        real(path, data)
+
+    monkeypatch.setattr(enc, "_write_atomic", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        enc.encrypt_dataset("digits", cut, key_seed=7, **SMALL)
+    monkeypatch.setattr(enc, "_write_atomic", real)
+    assert not os.path.exists(os.path.join(cut, "manifest.json"))
+    summary = enc.encrypt_dataset("digits", cut, key_seed=7, **SMALL)
+    assert summary["resumed_images"] == 500 * (crash_after_writes // 4)
+    assert _tree_files(cut) == _tree_files(ref)
+    for f in _tree_files(ref):
+        if f != "job.json":  # job.json names DST itself
+            assert filecmp.cmp(os.path.join(cut, f), os.path.join(ref, f), shallow=False), f
+    assert filecmp.cmp(cut + ".keys.npy", ref + ".keys.npy", shallow=False)
+
+
+def test_resume_without_key_seed_keeps_the_keys_already_drawn(tmp_path, monkeypatch):
+    dst = str(tmp_path / "enc")
+    real, calls = enc._write_atomic, []
+
+    def crashing(path, data):
+        calls.append(path)
+        if len(calls) == 8:
+            raise KeyboardInterrupt
+        real(path, data)
+
+    monkeypatch.setattr(enc, "_write_atomic", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        enc.encrypt_dataset("digits", dst, **SMALL)
+    keys_before = np.load(dst + ".keys.npy")
+    monkeypatch.setattr(enc, "_write_atomic", real)
+    enc.encrypt_dataset("digits", dst, **SMALL)
+    assert np.array_equal(np.load(dst + ".keys.npy"), keys_before)
+    enc.decrypt_dataset(dst, str(tmp_path / "plain"), dst + ".keys.npy", progress=False)  # the keys still fit
+
+
+def test_corrupt_images_are_reported_and_skipped(tmp_path):
+    src = _image_folder(tmp_path / "src", corrupt=("ant/broken.jpg",))
+    dst = str(tmp_path / "enc")
+    summary = enc.encrypt_dataset(src, dst, patch_size=4, size=16, progress=False)
+    assert summary["images"] == 8 and summary["skipped"] == 1
+    report = json.load(open(os.path.join(dst, "report.json")))
+    assert [s["path"] for s in report["skipped"]] == ["ant/broken.jpg"] and report["skipped"][0]["error"]
+    manifest = enc.read_manifest(dst)
+    assert manifest["classes"] == ["ant", "bee"] and manifest["num_skipped"] == 1
+    # decrypted images = the source resized (shorter side) and centre-cropped
+    out = str(tmp_path / "plain")
+    enc.decrypt_dataset(dst, out, dst + ".keys.npy", progress=False)
+    from PIL import Image
+
+    got = torch.from_numpy(np.array(Image.open(os.path.join(out, "bee", "3.png.png")))).permute(2, 0, 1)
+    assert torch.equal(got, enc.load_source_image(src, enc.SourceItem("bee/3.png", 1, None), 16))
+
+
+def test_refusals(tmp_path):
+    dst = str(tmp_path / "enc")
+    os.makedirs(dst)
+    open(os.path.join(dst, "mine.txt"), "w").close()
+    with pytest.raises(FileExistsError, match="not an unfinished"):
+        enc.encrypt_dataset("digits", dst, **SMALL)
+    dst = str(tmp_path / "enc2")
+    enc.encrypt_dataset("digits", dst, **SMALL)
+    with pytest.raises(FileExistsError, match="already holds a finished"):
+        enc.encrypt_dataset("digits", dst, **SMALL)
+    with pytest.raises(ValueError, match="outside DST"):
+        enc.encrypt_dataset("digits", str(tmp_path / "e3"), keys=str(tmp_path / "e3" / "k.npy"), **SMALL)
+    with pytest.raises(ValueError, match="--patch-size must divide --size"):
+        enc.encrypt_dataset("digits", str(tmp_path / "e4"), **{**SMALL, "patch_size": 5})
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        enc.encrypt_dataset(str(tmp_path / "nowhere"), str(tmp_path / "e5"), **SMALL)
+    other = str(tmp_path / "other")
+    enc.encrypt_dataset("digits", other, **SMALL)
+    with pytest.raises(ValueError, match="is not the key file"):
+        enc.decrypt_dataset(dst, str(tmp_path / "p"), other + ".keys.npy", progress=False)
+    os.makedirs(tmp_path / "full")
+    open(tmp_path / "full" / "x", "w").close()
+    with pytest.raises(FileExistsError, match="not empty"):
+        enc.decrypt_dataset(dst, str(tmp_path / "full"), dst + ".keys.npy", progress=False)
+
+
+def test_unfinished_run_with_other_arguments_is_refused(tmp_path, monkeypatch):
+    dst = str(tmp_path / "enc")
+    real, calls = enc._write_atomic, []
+
+    def crashing(path, data):
+        calls.append(path)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        real(path, data)
+
+    monkeypatch.setattr(enc, "_write_atomic", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        enc.encrypt_dataset("digits", dst, **SMALL)
+    monkeypatch.setattr(enc, "_write_atomic", real)
+    with pytest.raises(ValueError, match="other arguments"):
+        enc.encrypt_dataset("digits", dst, **{**SMALL, "patch_size": 8})
+
+
+def test_modified_shard_is_detected(tmp_path):
+    dst = str(tmp_path / "enc")
+    enc.encrypt_dataset("digits", dst, **SMALL)
+    path = os.path.join(dst, "shard-00001-images.npy")
+    arr = np.load(path)
+    arr[0, 0, 0, 0] ^= 1
+    np.save(path, arr)
+    with pytest.raises(ValueError, match="does not match its SHA-256"):
+        enc.load_shards(dst)
+
+
+def test_train_reads_the_shards(tmp_path):
+    pytest.importorskip("timm")
+    from ppml.train import TrainConfig, run
+
+    dst = str(tmp_path / "enc")
+    enc.encrypt_dataset("digits", dst, key_seed=0, **SMALL)
+    tiny = dict(depth=1, embed_dim=24, num_heads=2, batch_size=128, epochs=1)
+    summary = run(TrainConfig(data=dst, img_size=16, patch_size=4, out=str(tmp_path / "run"), **tiny))
+    assert summary["final"] and not os.path.exists(tmp_path / "run" / "ciphertext.pt")  # nothing re-encrypted
+    with pytest.raises(ValueError, match="pass --encryption rs --patch-size 4 --img-size 16"):
+        run(TrainConfig(data=dst, img_size=32, patch_size=8, out=str(tmp_path / "run2"), **tiny))
+
+
+def test_cli(tmp_path):
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "ppml", *args], capture_output=True, text=True, timeout=300,
+                              cwd=TESTS_DIR)
+
+    dst = str(tmp_path / "enc")
+    res = cli("encrypt", "digits", dst, "--size", "16", "--patch-size", "4", "--no-progress")
+    assert res.returncode == 0, res.stderr
+    assert "img/s" in res.stderr and "encryption" in res.stderr and json.loads(res.stdout)["images"] == 1797
+    res = cli("decrypt", dst, str(tmp_path / "plain"), "--keys", dst + ".keys.npy", "--no-progress")
+    assert res.returncode == 0, res.stderr
+    res = cli("encrypt", "digits", dst, "--size", "16", "--patch-size", "4")
+    assert res.returncode == 2 and "already holds a finished" in res.stderr
