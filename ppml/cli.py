@@ -102,6 +102,7 @@ def _encrypt_parser(sub) -> None:
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda")
     p.add_argument("--keys", default=None, help="RS key file (default: DST.keys.npy, next to DST)")
     p.add_argument("--key-seed", type=int, default=None, help="reproducible keys (default: OS entropy)")
+    p.add_argument("--workers", type=int, default=None, help="decode/resize threads (default: min(8, CPUs))")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run_encrypt)
 
@@ -114,7 +115,7 @@ def _run_encrypt(args: argparse.Namespace) -> int:
     summary = encrypt_dataset(
         args.src, args.dst, scheme=args.scheme, patch_size=args.patch_size, grid=args.grid, size=args.size,
         batch_size=args.batch_size, shard_size=args.shard_size, device=args.device, keys=args.keys,
-        key_seed=args.key_seed, progress=not args.no_progress,
+        key_seed=args.key_seed, workers=args.workers, progress=not args.no_progress,
     )
     work = summary["decode_s"] + summary["encrypt_s"] + summary["write_s"]
     print(

@@ -26,6 +26,7 @@ import io
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,7 +48,9 @@ class SourceItem:
     split: str | None  # "train" / "val" when SRC has train/ and val/, else None
 
 
-def _scan_tree(root: str, prefix: str, split: str | None, classes: list[str] | None) -> tuple[list[SourceItem], list[str]]:
+def _scan_tree(
+    root: str, prefix: str, split: str | None, classes: list[str] | None
+) -> tuple[list[SourceItem], list[str]]:
     found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     classes = classes if classes is not None else found
     if found != classes:
@@ -168,9 +171,12 @@ def encrypt_dataset(
     device: str = "auto",
     keys: str | None = None,
     key_seed: int | None = None,
+    workers: int | None = None,
     progress: bool = True,
 ) -> dict:
     """Encrypts SRC into DST (see the module docstring); resumes an interrupted run with the same arguments.
+
+    ``workers`` threads decode and resize (default: min(8, CPUs)); the output does not depend on it.
 
     Returns a summary: images written, skipped, seconds spent decoding/resizing, encrypting (the ppml op, including
     the host↔device copies), writing, and images/s.
@@ -245,52 +251,55 @@ def encrypt_dataset(
     skipped, written, done_before = [], 0, 0
     bar = _progress(total=len(items), enabled=progress, desc="encrypt")
     t_start = time.perf_counter()
-    for k in range(n_shards):
-        lo, hi = k * shard_size, min(len(items), (k + 1) * shard_size)
-        names = [os.path.join(dst, f"shard-{k:05d}-{part}") for part in
-                 ("images.npy", "labels.npy", "index.npy", "skipped.json")]
-        if all(os.path.exists(p) for p in names):  # a finished shard from an earlier run
-            done_before += hi - lo
-            with open(names[3]) as fh:
-                skipped += json.load(fh)
-            bar.update(hi - lo)
-            continue
-        outs, labels, index, shard_skipped = [], [], [], []
-        for b0 in range(lo, hi, batch_size):
+    workers = workers if workers is not None else min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for k in range(n_shards):
+            lo, hi = k * shard_size, min(len(items), (k + 1) * shard_size)
+            names = [os.path.join(dst, f"shard-{k:05d}-{part}") for part in
+                     ("images.npy", "labels.npy", "index.npy", "skipped.json")]
+            if all(os.path.exists(p) for p in names):  # a finished shard from an earlier run
+                done_before += hi - lo
+                with open(names[3]) as fh:
+                    skipped += json.load(fh)
+                bar.update(hi - lo)
+                continue
+            outs, labels, index, shard_skipped = [], [], [], []
+            for b0 in range(lo, hi, batch_size):
+                t0 = time.perf_counter()
+                imgs = []
+                batch = range(b0, min(hi, b0 + batch_size))
+                # Decoding and resizing release the GIL (PIL's C code): threads scale them; map keeps the order.
+                for i, img in zip(batch, pool.map(_try_load, [(src, items[i], size) for i in batch])):
+                    if isinstance(img, Exception):  # any unreadable image is reported and skipped
+                        shard_skipped.append({"path": items[i].path, "error": f"{type(img).__name__}: {img}"})
+                        continue
+                    imgs.append(img)
+                    labels.append(items[i].label)
+                    index.append(i)
+                t1 = time.perf_counter()
+                timing["decode_s"] += t1 - t0
+                if imgs:
+                    x = torch.stack(imgs).to(dev)
+                    if scheme == "rs":
+                        perm = torch.as_tensor(perms[index[-len(imgs):]].astype(np.int64)).to(dev)
+                        y = ppml.shuffle_patches(x, patch_size, perm)[0]
+                    else:
+                        y = ppml.mix_subpatches(x, patch_size, grid)
+                    outs.append(y.cpu())
+                timing["encrypt_s"] += time.perf_counter() - t1
+                bar.update(min(hi, b0 + batch_size) - b0)
+                _postfix(bar, written + len(index), time.perf_counter() - t_start)
             t0 = time.perf_counter()
-            imgs = []
-            for i in range(b0, min(hi, b0 + batch_size)):
-                try:
-                    imgs.append(load_source_image(src, items[i], size))
-                except Exception as exc:  # noqa: BLE001 - any unreadable image is reported and skipped
-                    shard_skipped.append({"path": items[i].path, "error": f"{type(exc).__name__}: {exc}"})
-                    continue
-                labels.append(items[i].label)
-                index.append(i)
-            t1 = time.perf_counter()
-            timing["decode_s"] += t1 - t0
-            if imgs:
-                x = torch.stack(imgs).to(dev)
-                if scheme == "rs":
-                    perm = torch.as_tensor(perms[index[-len(imgs):]].astype(np.int64)).to(dev)
-                    y = ppml.shuffle_patches(x, patch_size, perm)[0]
-                else:
-                    y = ppml.mix_subpatches(x, patch_size, grid)
-                outs.append(y.cpu())
-            timing["encrypt_s"] += time.perf_counter() - t1
-            bar.update(min(hi, b0 + batch_size) - b0)
-            _postfix(bar, written + len(index), time.perf_counter() - t_start)
-        t0 = time.perf_counter()
-        skipped += shard_skipped
-        empty = np.zeros((0, 3, side, side), np.uint8 if scheme == "rs" else np.float32)
-        images = torch.cat(outs).numpy() if outs else empty
-        _write_atomic(names[1], _npy_bytes(np.asarray(labels, np.int64)))
-        _write_atomic(names[2], _npy_bytes(np.asarray(index, np.int64)))
-        _write_atomic(names[3], _json_bytes(shard_skipped))
-        _write_atomic(names[0], _npy_bytes(np.ascontiguousarray(images)))  # last: a shard is done when all 4 exist
-        written += len(index)
-        timing["write_s"] += time.perf_counter() - t0
-    bar.close()
+            skipped += shard_skipped
+            empty = np.zeros((0, 3, side, side), np.uint8 if scheme == "rs" else np.float32)
+            images = torch.cat(outs).numpy() if outs else empty
+            _write_atomic(names[1], _npy_bytes(np.asarray(labels, np.int64)))
+            _write_atomic(names[2], _npy_bytes(np.asarray(index, np.int64)))
+            _write_atomic(names[3], _json_bytes(shard_skipped))
+            _write_atomic(names[0], _npy_bytes(np.ascontiguousarray(images)))  # last: a shard is done when all 4 exist
+            written += len(index)
+            timing["write_s"] += time.perf_counter() - t0
+        bar.close()
 
     shards, total = [], 0
     for k in range(n_shards):
@@ -318,6 +327,13 @@ def encrypt_dataset(
         "encrypt_share": round(timing["encrypt_s"] / max(sum(timing.values()), 1e-9), 4),
         "device": str(dev),
     }
+
+
+def _try_load(args):
+    try:
+        return load_source_image(*args)
+    except Exception as exc:  # noqa: BLE001 - reported by the caller
+        return exc
 
 
 def _progress(total: int, enabled: bool, desc: str):
