@@ -11,8 +11,8 @@ Settings (``TrainConfig``):
   per rank, per epoch. A checkpoint holds the optimizer, the schedule and every rank's generator states, so a run
   stopped mid-epoch (``stop_after`` steps, SIGINT or SIGTERM: the step finishes, a checkpoint is written) and resumed
   reproduces the uninterrupted run exactly.
-- DDP: launched by torchrun (``WORLD_SIZE`` > 1) it uses gloo on CPU, nccl on CUDA, a seeded per-epoch shard of the
-  training set per rank, and checks at every checkpoint that all ranks hold identical parameters. Only rank 0 writes.
+- DDP: launched by torchrun (``WORLD_SIZE`` > 1) it uses gloo on CPU, nccl on CUDA, torch's DistributedSampler (seeded,
+  per epoch), and checks at every checkpoint that all ranks hold identical parameters. Only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -276,15 +276,14 @@ def _param_digest(model: nn.Module) -> float:
 
 
 def _epoch_order(n: int, cfg: TrainConfig, epoch: int, d: _Dist) -> list[Tensor]:
-    """This rank's batches of the epoch: a permutation seeded by (seed, epoch), cut into world-size shards (padded
-    by wrapping so every rank takes the same number of steps), then batches."""
-    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-    order = torch.randperm(n, generator=gen)
-    per_rank = math.ceil(n / d.world)
-    if per_rank * d.world > n:
-        order = torch.cat([order, order[: per_rank * d.world - n]])
-    mine = order[d.rank :: d.world]
-    return list(mine.split(cfg.batch_size))
+    """This rank's batches of the epoch, from torch's DistributedSampler (a permutation seeded by seed + epoch, padded
+    by wrapping so every rank takes the same number of steps, strided by rank); one process is the world-size-1 case.
+    The data are in-memory tensors, so the indices are batched directly, without a DataLoader."""
+    from torch.utils.data import DistributedSampler
+
+    sampler = DistributedSampler(range(n), num_replicas=d.world, rank=d.rank, shuffle=True, seed=cfg.seed)
+    sampler.set_epoch(epoch)
+    return list(torch.tensor(list(sampler), dtype=torch.int64).split(cfg.batch_size))
 
 
 def _rank_generator(cfg: TrainConfig, epoch: int, d: _Dist) -> torch.Generator:
