@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops._common import describe
+from .ops._common import check_positive_int, describe
 
 __all__ = [
     "EncryptedAugment",
@@ -84,8 +84,7 @@ def _check_x(x, op: str) -> None:
 
 def _check_patch(x: Tensor, patch_size, op: str) -> tuple[int, int]:
     """Returns the tile grid (H/p, W/p)."""
-    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size <= 0:
-        raise ValueError(f"{_NS}.{op}: patch_size must be a positive integer, got {patch_size!r}")
+    check_positive_int(patch_size, f"{_NS}.{op}", "patch_size")
     H, W = x.shape[-2:]
     if H % patch_size or W % patch_size:
         raise ValueError(f"{_NS}.{op}: patch_size must divide H and W, got patch_size={patch_size} for H={H}, W={W}")
@@ -679,8 +678,7 @@ class EncryptedAugment(nn.Module):
     ) -> None:
         super().__init__()
         op = "EncryptedAugment"
-        if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size <= 0:
-            raise ValueError(f"{_NS}.{op}: patch_size must be a positive integer, got {patch_size!r}")
+        check_positive_int(patch_size, f"{_NS}.{op}", "patch_size")
         self.patch_size = patch_size
         self.hflip = _check_prob(hflip, op, "hflip")
         self.vflip = _check_prob(vflip, op, "vflip")

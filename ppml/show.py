@@ -431,21 +431,3 @@ def run_show(args: argparse.Namespace) -> int:
         f"({', '.join(column_titles())}), {pixels}, {os.path.getsize(out):,} bytes"
     )
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m ppml.show INPUT... --out grid.png`` (the same as ``ppml show``)."""
-    import sys
-
-    parser = argparse.ArgumentParser(prog="ppml", description="Privacy-preserving vision learning on encrypted images")
-    add_show_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["show", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -42,6 +42,19 @@ def _image_folder(root, n_per_class=4, corrupt=()):
     return str(root)
 
 
+def _crash_on_write(monkeypatch, n: int) -> None:
+    """Makes the n-th file write of ppml.data.encrypted raise KeyboardInterrupt: a run killed at that point."""
+    real, calls = enc._write_atomic, []
+
+    def crashing(path, data):
+        calls.append(path)
+        if len(calls) == n:
+            raise KeyboardInterrupt("simulated kill")
+        real(path, data)
+
+    monkeypatch.setattr(enc, "_write_atomic", crashing)
+
+
 def test_rs_digits_roundtrip_format_and_exact_decrypt(tmp_path):
     dst = str(tmp_path / "enc")
     summary = enc.encrypt_dataset("digits", dst, key_seed=0, **SMALL)
@@ -92,19 +105,10 @@ def test_killed_and_rerun_is_byte_identical(tmp_path, monkeypatch, crash_after_w
     ref = str(tmp_path / "ref")
     enc.encrypt_dataset("digits", ref, key_seed=7, **SMALL)
     cut = str(tmp_path / "cut")
-    real, calls = enc._write_atomic, []
-
-    def crashing(path, data):
-        calls.append(path)
-        # the key file, job.json and index.json come first; then 4 files per shard
-        if len(calls) == 3 + crash_after_writes:
-            raise KeyboardInterrupt("simulated kill")
-        real(path, data)
-
-    monkeypatch.setattr(enc, "_write_atomic", crashing)
+    _crash_on_write(monkeypatch, 3 + crash_after_writes)  # job.json, the key file, index.json; then 4 files a shard
     with pytest.raises(KeyboardInterrupt):
         enc.encrypt_dataset("digits", cut, key_seed=7, **SMALL)
-    monkeypatch.setattr(enc, "_write_atomic", real)
+    monkeypatch.undo()
     assert not os.path.exists(os.path.join(cut, "manifest.json"))
     summary = enc.encrypt_dataset("digits", cut, key_seed=7, **SMALL)
     assert summary["resumed_images"] == 500 * (crash_after_writes // 4)
@@ -117,19 +121,11 @@ def test_killed_and_rerun_is_byte_identical(tmp_path, monkeypatch, crash_after_w
 
 def test_resume_without_key_seed_keeps_the_keys_already_drawn(tmp_path, monkeypatch):
     dst = str(tmp_path / "enc")
-    real, calls = enc._write_atomic, []
-
-    def crashing(path, data):
-        calls.append(path)
-        if len(calls) == 8:
-            raise KeyboardInterrupt
-        real(path, data)
-
-    monkeypatch.setattr(enc, "_write_atomic", crashing)
+    _crash_on_write(monkeypatch, 8)
     with pytest.raises(KeyboardInterrupt):
         enc.encrypt_dataset("digits", dst, **SMALL)
     keys_before = np.load(dst + ".keys.npy")
-    monkeypatch.setattr(enc, "_write_atomic", real)
+    monkeypatch.undo()
     enc.encrypt_dataset("digits", dst, **SMALL)
     assert np.array_equal(np.load(dst + ".keys.npy"), keys_before)
     enc.decrypt_dataset(dst, str(tmp_path / "plain"), dst + ".keys.npy", progress=False)  # the keys still fit
@@ -181,18 +177,10 @@ def test_refusals(tmp_path):
 
 def test_unfinished_run_with_other_arguments_is_refused(tmp_path, monkeypatch):
     dst = str(tmp_path / "enc")
-    real, calls = enc._write_atomic, []
-
-    def crashing(path, data):
-        calls.append(path)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        real(path, data)
-
-    monkeypatch.setattr(enc, "_write_atomic", crashing)
+    _crash_on_write(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         enc.encrypt_dataset("digits", dst, **SMALL)
-    monkeypatch.setattr(enc, "_write_atomic", real)
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="other arguments"):
         enc.encrypt_dataset("digits", dst, **{**SMALL, "patch_size": 8})
 

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 import ppml
-from ppml.show import SEPARATOR, add_show_parser, header_height, load_inputs, main, make_grid_image, run_show
+from ppml.cli import main
+from ppml.show import SEPARATOR, add_show_parser, header_height, load_inputs, make_grid_image, run_show
 
 RS = (32, 16, 8)
 NCOLS = len(RS) + 2
@@ -187,10 +188,10 @@ def test_run_show_errors(tmp_path):
 
 
 def test_main_reports_errors_with_exit_code_2(tmp_path, capsys):
-    assert main([str(tmp_path / "nope"), "--out", str(tmp_path / "g.png"), "--size", "32"]) == 2
+    assert main(["show", str(tmp_path / "nope"), "--out", str(tmp_path / "g.png"), "--size", "32"]) == 2
     assert "error: ppml show: INPUT '" in capsys.readouterr().err
     _write_png(tmp_path / "a.png", (9, 9, 9))
-    assert main([str(tmp_path / "a.png"), "--out", str(tmp_path / "g.png"), "--size", "32", "--seed", "1"]) == 0
+    assert main(["show", str(tmp_path / "a.png"), "--out", str(tmp_path / "g.png"), "--size", "32", "--seed", "1"]) == 0
     assert (tmp_path / "g.png").is_file()
 
 

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._progress import progress
+
 _OP = "ppml.data"
 
 
@@ -97,7 +99,7 @@ def _decode_folder(root: str, img_size: int, desc: str) -> tuple[Tensor, Tensor,
         raise ValueError(f"{_OP}.load_image_folder: no images under {root!r}")
     xs = torch.empty(len(ds), 3, img_size, img_size)
     ys = torch.empty(len(ds), dtype=torch.int64)
-    for i in _progress(range(len(ds)), desc=desc):
+    for i in progress(range(len(ds)), desc=desc, leave=False):
         img, label = ds[i]
         xs[i] = img.expand(3, -1, -1) if img.shape[0] == 1 else img[:3]
         ys[i] = label
@@ -133,11 +135,3 @@ def load_dataset(data: str, img_size: int) -> TensorSplit:
     if data == "digits":
         return load_digits(img_size)
     return load_image_folder(data, img_size)
-
-
-def _progress(it, desc: str):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        return it
-    return tqdm(it, desc=desc, leave=False)

@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .._progress import progress as _progress_bar
+
 FORMAT = "ppml-encrypted-v1"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 _ENC, _DEC = "ppml encrypt", "ppml decrypt"
@@ -249,7 +251,7 @@ def encrypt_dataset(
     n_shards = (len(items) + shard_size - 1) // shard_size
     timing = {"decode_s": 0.0, "encrypt_s": 0.0, "write_s": 0.0}
     skipped, written, done_before = [], 0, 0
-    bar = _progress(total=len(items), enabled=progress, desc="encrypt")
+    bar = _progress_bar(total=len(items), enabled=progress, desc="encrypt", unit="img")
     t_start = time.perf_counter()
     workers = workers if workers is not None else min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -336,26 +338,6 @@ def _try_load(args):
         return exc
 
 
-def _progress(total: int, enabled: bool, desc: str):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        enabled = False
-    if not enabled:
-        class _Null:
-            def update(self, n):
-                pass
-
-            def close(self):
-                pass
-
-            def set_postfix_str(self, s):
-                pass
-
-        return _Null()
-    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True)
-
-
 def _postfix(bar, n: int, seconds: float) -> None:
     if seconds > 0:
         bar.set_postfix_str(f"{n / seconds:.0f} img/s")
@@ -440,7 +422,7 @@ def decrypt_dataset(dst: str, out: str, keys: str, *, progress: bool = True) -> 
     with open(os.path.join(dst, "index.json")) as fh:
         items = json.load(fh)["items"]
     p = manifest["patch_size"]
-    bar = _progress(total=len(idx), enabled=progress, desc="decrypt")
+    bar = _progress_bar(total=len(idx), enabled=progress, desc="decrypt", unit="img")
     for b in torch.arange(len(idx)).split(256):
         perm = torch.as_tensor(perms[idx[b].numpy()].astype(np.int64))
         plain = ppml.unshuffle_patches(x[b], perm, p)

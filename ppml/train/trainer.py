@@ -32,6 +32,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._progress import progress
+
 _OP = "ppml train"
 
 ENCRYPTIONS = ("none", "rs", "mi")
@@ -290,12 +292,6 @@ def _rank_generator(cfg: TrainConfig, epoch: int, d: _Dist) -> torch.Generator:
     return torch.Generator().manual_seed((cfg.seed * 7919 + epoch) * 65_537 + d.rank)
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Runs (or resumes) a training run; returns the final summary (also printed as one JSON line and written to
-    ``DIR/summary.json``). Raises SystemExit(130) after a checkpoint when interrupted by a signal."""
-    return _Trainer(cfg).run()
-
-
 class _Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         cfg.check()
@@ -381,8 +377,10 @@ class _Trainer:
             ).to(self.device)
         self.model = model
         self.ddp = nn.parallel.DistributedDataParallel(model) if d.world > 1 else model
-        decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n and "token" not in n]
-        no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "pos_embed" not in n and "token" not in n)]
+        # Weight decay on matrices only: not on biases, norms, the class token or position embeddings (as timm/DeiT).
+        decay, no_decay = [], []
+        for n, p in model.named_parameters():
+            (decay if p.ndim > 1 and "pos_embed" not in n and "token" not in n else no_decay).append(p)
         self.opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
         )
@@ -478,12 +476,13 @@ class _Trainer:
         d = self.d
         state = (gen.get_state(), torch.get_rng_state(), list(self.epoch_loss))
         states = [state]
-        digests = [_param_digest(self.model)]
+        digest = _param_digest(self.model)
+        digests = [digest]
         if d.world > 1:
             states = [None] * d.world
             dist.all_gather_object(states, state)
             digests = [None] * d.world
-            dist.all_gather_object(digests, _param_digest(self.model))
+            dist.all_gather_object(digests, digest)
         if len(set(digests)) != 1:
             raise RuntimeError(f"{_OP}: ranks hold different parameters (digests {digests}): DDP is out of sync")
         self.last_digests = digests
@@ -542,7 +541,7 @@ class _Trainer:
                     torch.manual_seed(cfg.seed * 7919 + epoch * 104_729 + d.rank)
                 self.model.train()
                 t0 = time.perf_counter()
-                bar = _progress(range(first, len(batches)), f"epoch {epoch + 1}/{cfg.epochs}", d.main)
+                bar = progress(range(first, len(batches)), desc=f"epoch {epoch + 1}/{cfg.epochs}", enabled=d.main, leave=False)
                 for step in bar:
                     b = batches[step]
                     x, ya, yb, lam = self._prepare(self.train_x[b].to(self.device), self.train_y[b].to(self.device), gen)
@@ -557,8 +556,7 @@ class _Trainer:
                     self.epoch_loss[0] += loss.item() * len(b)
                     self.epoch_loss[1] += len(b)
                     steps_run += 1
-                    if hasattr(bar, "set_postfix"):
-                        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{self.sched.get_last_lr()[0]:.2e}")
+                    bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{self.sched.get_last_lr()[0]:.2e}")
                     halt = stop_after is not None and steps_run >= stop_after
                     if _any_rank(halt or stop.signum is not None, d, self.device) and step + 1 < len(batches):
                         self._save(epoch, step + 1, gen)
@@ -613,16 +611,6 @@ class _Trainer:
                 json.dump(final, fh)
             print(json.dumps(final), flush=True)
         return final
-
-
-def _progress(it, desc: str, enabled: bool):
-    if not enabled:
-        return it
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        return it
-    return tqdm(it, desc=desc, leave=False, dynamic_ncols=True)
 
 
 def run(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None) -> dict:
