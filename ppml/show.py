@@ -154,8 +154,6 @@ def make_grid_image(
         ValueError: images not uint8 [B, 3, H, W] with B >= 1, a patch size not a positive int, a patch size not
             dividing H and W, or ``mi_grid`` not dividing ``mi_patch``.
     """
-    from PIL import Image, ImageDraw
-
     from . import shuffle_patches
 
     if not isinstance(images, Tensor) or images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
@@ -179,7 +177,22 @@ def make_grid_image(
         cells.append(shuffle_patches(images, p, generator=generator)[0])
     cells.append(_mi_cell(images, mi_patch, mi_grid))
 
+    return compose_columns(
+        cells, column_titles(rs_patches, mi_patch, mi_grid), column_titles(rs_patches, mi_patch, mi_grid, short=True),
+        labels=labels,
+    )
+
+
+def compose_columns(cells: Sequence[Tensor], titles: Sequence[str], short_titles: Sequence[str] | None = None, *,
+                    labels: bool = True):
+    """Lays out columns of uint8 ``[B, 3, H, W]`` images (one row per image) with :data:`SEPARATOR` white pixels
+    between cells and, with ``labels``, a header row of titles (``short_titles[c]`` where ``titles[c]`` is wider
+    than a cell). Returns a ``PIL.Image.Image``."""
+    from PIL import Image, ImageDraw
+
+    B, _, H, W = cells[0].shape
     n = len(cells)
+    short_titles = titles if short_titles is None else short_titles
     sep = SEPARATOR
     top = header_height(W) + sep if labels else 0
     canvas = np.full((top + B * H + (B - 1) * sep, n * W + (n - 1) * sep, 3), 255, dtype=np.uint8)
@@ -195,12 +208,10 @@ def make_grid_image(
         font = _load_font(_font_size(W))
         hh = header_height(W)
         probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-        long = column_titles(rs_patches, mi_patch, mi_grid)
-        short = column_titles(rs_patches, mi_patch, mi_grid, short=True)
         for c in range(n):
-            title = long[c]
+            title = titles[c]
             if probe.textbbox((0, 0), title, font=font)[2] > W:
-                title = short[c]
+                title = short_titles[c]
             # Each title is drawn on its own cell-wide strip and pasted, so a title too wide is clipped at its column.
             strip = Image.new("RGB", (W, hh), (255, 255, 255))
             draw = ImageDraw.Draw(strip)

@@ -320,6 +320,7 @@ def solve_jigsaw(
     compatibility: str = "mgc",
     restarts: int = 1,
     slack: int = 2,
+    missing: Tensor | None = None,
 ) -> Tensor:
     """Attacks RS encryption: reassembles each shuffled image on its known (H/p)×(W/p) grid.
 
@@ -334,6 +335,12 @@ def solve_jigsaw(
             confidence of adjacent pairs wins (cost grows linearly).
         slack: how many pieces the first greedy block may overhang the grid on each axis before Gallagher-style
             trimming (keep the fullest grid-sized window) and refilling; 0 grows strictly inside the grid.
+        missing (Tensor[B, N] or Tensor[N] bool, optional): ciphertext tiles that carry no content (the patch-drop
+            defence: dropped tiles are blanked, and the attacker sees which). They take no part in the
+            dissimilarities, confidences or best buddies; the present pieces are placed first and the missing ones
+            fill the cells left over, so the answer is still a permutation. Score it on the present tiles
+            (``present=~missing`` in :func:`~ppml.attacks.direct_comparison` and
+            :func:`~ppml.attacks.neighbor_comparison`).
 
     Returns:
         Tensor[B, N] int64 (Tensor[N] for a single image), in the key's convention: ``perm_hat[b, i]`` is the grid
@@ -363,26 +370,57 @@ def solve_jigsaw(
     if grid is not None and tuple(grid) != (rows, cols):
         raise ValueError(f"{_OP}: grid must be (H/p, W/p) = {(rows, cols)} for {describe(encrypted)}, got {grid!r}")
     n = rows * cols
+    if missing is not None:
+        if (
+            not isinstance(missing, Tensor)
+            or missing.dtype != torch.bool
+            or tuple(missing.reshape(-1, n).shape) != (b, n)
+            or missing.dim() != encrypted.dim() - 2
+        ):
+            want = f"[{n}]" if single else f"[{b}, {n}]"
+            raise ValueError(f"{_OP}: missing must be a bool tensor {want} (one flag per tile), got {describe(missing)}")
+        missing = missing.reshape(b, n).cpu()
     out = torch.empty(b, n, dtype=torch.int64)
     for k in range(b):
-        out[k] = _solve_one(x[k].detach().to("cpu", torch.float64), p, rows, cols, compatibility, restarts, slack)
+        gone = None if missing is None else missing[k]
+        out[k] = _solve_one(x[k].detach().to("cpu", torch.float64), p, rows, cols, compatibility, restarts, slack, gone)
     out = out.to(encrypted.device)
     return out[0] if single else out
 
 
-def _solve_one(img: Tensor, p: int, rows: int, cols: int, compatibility: str, restarts: int, slack: int) -> Tensor:
+def _confidence_of_present(d: Tensor, present: Tensor | None) -> tuple[Tensor, Tensor]:
+    """:func:`_confidence` over the present pieces only; a pair involving a missing piece gets a confidence below
+    every real pair (finite, so a cell next to a missing piece can still be scored) and is never a best buddy."""
+    if present is None or bool(present.all()):
+        return _confidence(d)
+    keep = torch.nonzero(present).squeeze(1)
+    n = d.shape[0]
+    conf = torch.full((n, n), -2e6, dtype=d.dtype)  # below _confidence's clamp of -1e6
+    buddies = torch.zeros(n, n, dtype=torch.bool)
+    if keep.numel() >= 2:
+        sub_conf, sub_bud = _confidence(d[keep][:, keep])
+        conf[keep[:, None], keep[None, :]] = sub_conf
+        buddies[keep[:, None], keep[None, :]] = sub_bud
+    conf.fill_diagonal_(float("-inf"))
+    return conf, buddies
+
+
+def _solve_one(
+    img: Tensor, p: int, rows: int, cols: int, compatibility: str, restarts: int, slack: int, missing: Tensor | None
+) -> Tensor:
     """One image ``Tensor[C, H, W]`` float64 -> ``Tensor[N]`` int64 cell of each tile."""
     n = rows * cols
     if n == 1:
         return torch.zeros(1, dtype=torch.int64)
+    present = None if missing is None else ~missing
     lo, hi = img.min(), img.max()
     img = (img - lo) * (255.0 / (hi - lo)) if hi > lo else img - lo
     c = img.shape[0]
     pieces = img.reshape(c, rows, p, cols, p).permute(1, 3, 0, 2, 4).reshape(n, c, p, p)  # tile i, row-major
     d_r = _right_dissimilarity(pieces, compatibility)
     d_b = _right_dissimilarity(pieces.transpose(2, 3), compatibility)
-    conf_r, bud_r = _confidence(d_r)
-    conf_b, bud_b = _confidence(d_b)
+    conf_r, bud_r = _confidence_of_present(d_r, present)
+    conf_b, bud_b = _confidence_of_present(d_b, present)
     best, best_score = None, float("-inf")
     for seed in _seed_order(conf_r, conf_b, bud_r, bud_b, rows, cols)[:restarts].tolist():
         cells = _place(conf_r, conf_b, bud_r, bud_b, rows, cols, seed, slack)

@@ -35,7 +35,16 @@ def _perm_pair(perm_hat: Tensor, perm: Tensor, op: str) -> tuple[Tensor, Tensor]
     return ph, pk
 
 
-def direct_comparison(perm_hat: Tensor, perm: Tensor) -> Tensor:
+def _present_mask(present: Tensor | None, like: Tensor, op: str) -> Tensor | None:
+    """``present`` (the tiles that were not dropped) as ``[B, N]`` bool on like's device, or None for all."""
+    if present is None:
+        return None
+    if not isinstance(present, Tensor) or present.dtype != torch.bool or present.numel() != like.numel():
+        raise ValueError(f"{op}: present must be a bool tensor shaped like perm {tuple(like.shape)}, got {describe(present)}")
+    return present.reshape(like.shape).to(like.device)
+
+
+def direct_comparison(perm_hat: Tensor, perm: Tensor, present: Tensor | None = None) -> Tensor:
     """Fraction of pieces the reconstruction puts in their true cell (Cho et al. 2010, "direct comparison").
 
     The reconstruction holds in cell ``j`` the ciphertext tile ``i = perm_hat⁻¹[j]``, whose true cell is ``perm[i]``;
@@ -45,28 +54,39 @@ def direct_comparison(perm_hat: Tensor, perm: Tensor) -> Tensor:
     Args:
         perm_hat (Tensor[B, N] or Tensor[N]): the attack's estimate of the key.
         perm (Tensor[B, N] or Tensor[N]): the true key.
+        present (Tensor[B, N] or Tensor[N] bool, optional): the ciphertext tiles that carry content (patch-drop
+            defence); the fraction is over those only. Default: all.
 
     Returns:
         Tensor[B] float32 in [0, 1] (B = 1 for 1-D input). Identical-looking pieces count as wrong when swapped.
     """
-    ph, pk = _perm_pair(perm_hat, perm, "ppml.attacks.direct_comparison")
-    return (ph == pk).float().mean(1)
+    op = "ppml.attacks.direct_comparison"
+    ph, pk = _perm_pair(perm_hat, perm, op)
+    mask = _present_mask(present, pk, op)
+    hit = (ph == pk).float()
+    if mask is None:
+        return hit.mean(1)
+    return (hit * mask).sum(1) / mask.sum(1).clamp_min(1)
 
 
-def perfect_reconstruction(perm_hat: Tensor, perm: Tensor) -> Tensor:
-    """Whether every piece is in its true cell (``perm_hat == perm`` row-wise).
+def perfect_reconstruction(perm_hat: Tensor, perm: Tensor, present: Tensor | None = None) -> Tensor:
+    """Whether every (present) piece is in its true cell (``perm_hat == perm`` row-wise).
 
     Args:
-        perm_hat, perm (Tensor[B, N] or Tensor[N]): as in :func:`direct_comparison`.
+        perm_hat, perm, present: as in :func:`direct_comparison`.
 
     Returns:
         Tensor[B] bool; its mean over a data set is the perfect reconstruction rate.
     """
-    ph, pk = _perm_pair(perm_hat, perm, "ppml.attacks.perfect_reconstruction")
-    return (ph == pk).all(1)
+    op = "ppml.attacks.perfect_reconstruction"
+    ph, pk = _perm_pair(perm_hat, perm, op)
+    mask = _present_mask(present, pk, op)
+    return ((ph == pk) | (False if mask is None else ~mask)).all(1)
 
 
-def neighbor_comparison(perm_hat: Tensor, perm: Tensor, grid: tuple[int, int]) -> Tensor:
+def neighbor_comparison(
+    perm_hat: Tensor, perm: Tensor, grid: tuple[int, int], present: Tensor | None = None
+) -> Tensor:
     """Fraction of true neighbour pairs that the reconstruction keeps as neighbours in the same relation.
 
     With ``pos[a] = perm_hat[perm⁻¹[a]]`` the cell to which the reconstruction moves the piece whose true cell is
@@ -78,12 +98,15 @@ def neighbor_comparison(perm_hat: Tensor, perm: Tensor, grid: tuple[int, int]) -
     Args:
         perm_hat, perm (Tensor[B, N] or Tensor[N]): as in :func:`direct_comparison`.
         grid: ``(rows, cols)`` with rows·cols = N.
+        present (Tensor[B, N] or Tensor[N] bool, optional): the ciphertext tiles that carry content; only true pairs
+            whose two pieces are both present count. Default: all.
 
     Returns:
-        Tensor[B] float32 in [0, 1] (1 when the grid has a single cell and no pairs).
+        Tensor[B] float32 in [0, 1] (1 when there are no pairs to count).
     """
     op = "ppml.attacks.neighbor_comparison"
     ph, pk = _perm_pair(perm_hat, perm, op)
+    mask = _present_mask(present, pk, op)
     try:
         rows, cols = (int(v) for v in grid)
     except (TypeError, ValueError):
@@ -95,11 +118,15 @@ def neighbor_comparison(perm_hat: Tensor, perm: Tensor, grid: tuple[int, int]) -
     pos = torch.gather(ph, 1, inv).reshape(-1, rows, cols)  # pos[b, r, c]: where the piece of true cell (r, c) went
     right = (pos[:, :, 1:] == pos[:, :, :-1] + 1) & (pos[:, :, :-1] % cols != cols - 1)
     below = pos[:, 1:, :] == pos[:, :-1, :] + cols
-    pairs = rows * (cols - 1) + (rows - 1) * cols
-    if pairs == 0:
-        return torch.ones(ph.shape[0], device=ph.device)
+    if mask is None:
+        pairs = torch.full((ph.shape[0],), rows * (cols - 1) + (rows - 1) * cols, device=ph.device)
+    else:
+        here = torch.gather(mask, 1, inv).reshape(-1, rows, cols)  # here[b, r, c]: the piece of true cell (r, c) exists
+        pair_r, pair_b = here[:, :, 1:] & here[:, :, :-1], here[:, 1:, :] & here[:, :-1, :]
+        right, below = right & pair_r, below & pair_b
+        pairs = pair_r.flatten(1).sum(1) + pair_b.flatten(1).sum(1)
     kept = right.flatten(1).sum(1) + below.flatten(1).sum(1)
-    return kept.float() / pairs
+    return torch.where(pairs > 0, kept.float() / pairs.clamp_min(1), 1.0)
 
 
 # ---- pixel metrics -------------------------------------------------------------------------------------------------
