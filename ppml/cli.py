@@ -1,4 +1,4 @@
-"""The ``ppml`` command line (also ``python -m ppml``): ``train``, ``encrypt``, ``decrypt``, ``show``."""
+"""The ``ppml`` command line (also ``python -m ppml``): ``train``, ``encrypt``, ``decrypt``, ``show``, ``attack``."""
 
 from __future__ import annotations
 
@@ -160,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     from .show import add_show_parser
 
     add_show_parser(sub)
+    from .attacks.cli import add_attack_parser
+
+    add_attack_parser(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

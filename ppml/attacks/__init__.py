@@ -1,11 +1,72 @@
 """Attacks on the encryptions and the metrics that score them.
 
 - :func:`solve_jigsaw`: a jigsaw-puzzle solver against RS (random patch shuffling) on the known grid.
-- :func:`direct_comparison`, :func:`neighbor_comparison`, :func:`perfect_reconstruction`: how much of the key an
-  attack recovered; :func:`psnr`, :func:`ssim`: how close a reconstruction is to the plaintext.
+- :func:`train_position_attacker`, :func:`solve_with_attacker`: a learned attack on RS — a PE-free ViT trained on
+  public images to predict each shuffled patch's original cell, decoded into a key by the Hungarian algorithm
+  (:func:`assign_positions`).
+- :func:`unmix_thumbnail`, :func:`unmix_least_norm`, :func:`unmix_smooth`, :func:`train_unmix_decoder`: attacks on
+  MI (mixing sub-patches) — exact patch means, the least-norm and the smoothest consistent images, a learned decoder.
+- :func:`direct_comparison`, :func:`neighbor_comparison`, :func:`perfect_reconstruction`,
+  :func:`position_accuracy`: how much of the key an attack recovered; :func:`psnr`, :func:`ssim`: how close a
+  reconstruction is to the plaintext.
+
+The learned attacks need timm, scipy and scikit-image (``ppml[train]``); those are imported when first used.
 """
 
 from .jigsaw import solve_jigsaw
+from .learned import (
+    HELD_OUT,
+    PUBLIC_PHOTOS,
+    PositionAttacker,
+    assign_positions,
+    cache_dir,
+    load_photo,
+    load_position_attacker,
+    position_accuracy,
+    predict_position_logits,
+    public_images,
+    sample_crops,
+    solve_with_attacker,
+    train_position_attacker,
+)
 from .metrics import direct_comparison, neighbor_comparison, perfect_reconstruction, psnr, ssim
+from .mi_inversion import (
+    UnmixDecoder,
+    load_unmix_decoder,
+    train_unmix_decoder,
+    unmix,
+    unmix_least_norm,
+    unmix_smooth,
+    unmix_thumbnail,
+    unmix_with_decoder,
+)
 
-__all__ = ["direct_comparison", "neighbor_comparison", "perfect_reconstruction", "psnr", "solve_jigsaw", "ssim"]
+__all__ = [
+    "HELD_OUT",
+    "PUBLIC_PHOTOS",
+    "PositionAttacker",
+    "UnmixDecoder",
+    "assign_positions",
+    "cache_dir",
+    "direct_comparison",
+    "load_photo",
+    "load_position_attacker",
+    "load_unmix_decoder",
+    "neighbor_comparison",
+    "perfect_reconstruction",
+    "position_accuracy",
+    "predict_position_logits",
+    "psnr",
+    "public_images",
+    "sample_crops",
+    "solve_jigsaw",
+    "solve_with_attacker",
+    "ssim",
+    "train_position_attacker",
+    "train_unmix_decoder",
+    "unmix",
+    "unmix_least_norm",
+    "unmix_smooth",
+    "unmix_thumbnail",
+    "unmix_with_decoder",
+]
