@@ -1,4 +1,5 @@
-"""The ``ppml`` command line (also ``python -m ppml``): ``train``, ``encrypt``, ``decrypt``, ``show``, ``attack``."""
+"""The ``ppml`` command line (also ``python -m ppml``): ``train``, ``encrypt``, ``decrypt``, ``show``, ``attack``,
+``detect``."""
 
 from __future__ import annotations
 
@@ -163,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     from .attacks.cli import add_attack_parser
 
     add_attack_parser(sub)
+    from .detection.cli import add_detect_parser
+
+    add_detect_parser(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

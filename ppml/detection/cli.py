@@ -1,0 +1,124 @@
+"""``ppml detect train|eval`` (registered on ``ppml``'s sub-commands by :func:`add_detect_parser`)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+
+def _train_parser(sub) -> None:
+    from .engine import COCO_DEFAULTS, SYNTHETIC_DEFAULTS, DetectConfig
+    from .model import ENCRYPTIONS, HEADS
+
+    d = DetectConfig()
+    p = sub.add_parser(
+        "train",
+        help="train a YOLOS-style detector on encrypted images",
+        description=(
+            "Train a YOLOS-style ViT detector on encrypted images; evaluate with pycocotools (AP, AP50, AP75, APs, "
+            "APm, APl). Single process, or `torchrun --nproc_per_node=N -m ppml detect train ...` for DDP (gloo on "
+            "CPU, nccl on GPU). Writes DIR/checkpoint.pt every epoch, DIR/metrics.jsonl and DIR/summary.json; "
+            "SIGINT/SIGTERM finish the step, save and exit; --resume continues exactly. Settings left unset take "
+            f"data-dependent defaults: built-in data {SYNTHETIC_DEFAULTS}; a COCO folder (YOLOS-S-like) "
+            f"{COCO_DEFAULTS} (None: the backbone's own size, ViT-S)."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("data and encryption")
+    g.add_argument("--data", default=d.data, help="'synthetic' (built in, made offline into --synthetic-root) or a "
+                   "COCO folder: ROOT/annotations/instances_<split>.json + ROOT/<split>/ (<split>2017 also found)")
+    g.add_argument("--synthetic-root", default=None, help="where the built-in set is made or reused "
+                   "(default: DIR/synthetic)")
+    g.add_argument("--synthetic-train", type=int, default=d.synthetic_train, help="built-in set: training images")
+    g.add_argument("--synthetic-val", type=int, default=d.synthetic_val, help="built-in set: validation images")
+    g.add_argument("--train-split", default=d.train_split)
+    g.add_argument("--val-split", default=d.val_split)
+    g.add_argument("--encryption", choices=ENCRYPTIONS, default=d.encryption,
+                   help="none: plain images; mi: MI ciphertext (mivit backbone); rs: RS ciphertext (pevit backbone)")
+    g.add_argument("--img-size", type=int, default=None, help="square canvas side (the longer side is resized to it)")
+    g.add_argument("--patch-size", type=int, default=None, help="RS / MI patch = the model's patch")
+    g.add_argument("--grid", type=int, default=d.grid, help="MI: g×g sub-patches per patch")
+    g.add_argument("--key-seed", type=int, default=None, help="seed the RS keys (reproducible; default: OS entropy)")
+    g = p.add_argument_group("model and loss")
+    g.add_argument("--backbone", default=None, help="timm / ppml name (default: vit_small / mivit_small / "
+                   "pevit_small _patch16_224 per encryption, resized by the options below)")
+    g.add_argument("--head", choices=HEADS, default=None, help="box (YOLOS; default for none, mi) or membership "
+                   "(per-token object membership decoded with the owner's RS keys; default for rs)")
+    g.add_argument("--embed-dim", type=int, default=None)
+    g.add_argument("--depth", type=int, default=None)
+    g.add_argument("--num-heads", type=int, default=None)
+    g.add_argument("--num-det-tokens", type=int, default=None, help="[DET] tokens (YOLOS: 100)")
+    g.add_argument("--membership-dim", type=int, default=d.membership_dim)
+    g.add_argument("--drop-path", type=float, default=d.drop_path)
+    g.add_argument("--eos-coef", type=float, default=d.eos_coef, help="weight of the 'no object' class")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=None)
+    g.add_argument("--batch-size", type=int, default=None, help="per process")
+    g.add_argument("--lr", type=float, default=None, help="AdamW peak learning rate")
+    g.add_argument("--min-lr", type=float, default=d.min_lr)
+    g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--clip-grad", type=float, default=d.clip_grad, help="max gradient norm (0: off)")
+    g = p.add_argument_group("augmentation (plain images, on the owner's side, before encryption)")
+    g.add_argument("--hflip", type=float, default=d.hflip)
+    g.add_argument("--crop", type=float, default=d.crop, help="probability of a random crop")
+    g.add_argument("--crop-min", type=float, default=d.crop_min, help="smallest crop side (fraction)")
+    g.add_argument("--scale-min", type=float, default=d.scale_min, help="smallest resize (fraction of the canvas)")
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on GPU)")
+    g.add_argument("--workers", type=int, default=d.workers, help="DataLoader worker processes")
+    g.add_argument("--eval-every", type=int, default=d.eval_every, help="COCO eval every N epochs (0: at the end)")
+    g.add_argument("--out", default=d.out, help="run directory")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    g.add_argument("--stop-after", type=int, default=None, help="stop (with a checkpoint) after this many steps")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .engine import DetectConfig, train
+
+    fields = {f.name for f in dataclasses.fields(DetectConfig)}
+    train(DetectConfig(**{k: v for k, v in vars(args).items() if k in fields}), resume=args.resume,
+          stop_after=args.stop_after)
+    return 0
+
+
+def _eval_parser(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="COCO AP of a trained detector",
+        description="Evaluate DIR/checkpoint.pt on its validation split with pycocotools' COCOeval; prints the "
+        "summary (stderr) and a JSON line (stdout), writes DIR/eval.json.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--out", required=True, help="the run directory")
+    p.add_argument("--checkpoint", default=None, help="default DIR/checkpoint.pt")
+    p.add_argument("--data", default=None, help="another COCO folder (default: the run's data)")
+    p.add_argument("--split", default=None, help="another split (default: the run's --val-split)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--key-seed", type=int, default=None, help="seed the owner's RS keys (default: the run's)")
+    p.set_defaults(func=_run_eval)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from .engine import evaluate_run
+
+    evaluate_run(args.out, checkpoint=args.checkpoint, data=args.data, split=args.split, batch_size=args.batch_size,
+                 device=args.device, key_seed=args.key_seed)
+    return 0
+
+
+def add_detect_parser(subparsers) -> argparse.ArgumentParser:
+    """Registers ``detect`` (with ``train`` and ``eval``) on an argparse subparsers object; returns its parser."""
+    p = subparsers.add_parser(
+        "detect",
+        help="object detection on encrypted images (YOLOS-style ViT, COCO format)",
+        description="Object detection on encrypted images: `ppml detect train` and `ppml detect eval`.",
+    )
+    sub = p.add_subparsers(dest="detect_command", required=True)
+    _train_parser(sub)
+    _eval_parser(sub)
+    return p
