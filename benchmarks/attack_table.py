@@ -5,9 +5,9 @@
     python benchmarks/attack_table.py --images skimage:astronaut path/to/photo.jpg
 
 Each setting is one ``ppml attack`` run (``ppml.cli.main``), so the table is exactly what the command reports: RS at
-p = 8, 16, 32 with 0 % and 25 % patch drop and with a 2-pixel gap between patches (jigsaw solver and the learned
-ViT attacker), and MI at p = 16 with g = 2 and 4 (thumbnail upsampling, least-norm, smoothed least-norm where the
-command has it, learned decoder). Scores are means over the images; seconds are per image (the attack only: the
+p = 8, 16, 32 with 0 % and 25 % patch drop (jigsaw solver and the learned ViT attacker) and with a 2-pixel gap
+between patches (jigsaw), and MI at p = 16 with g = 2 and 4 (thumbnail upsampling, least-norm, smoothed least-norm where the
+command has it, learned decoder). Scores are means over the images (PSNR: the median, since an exact reconstruction scores +inf); seconds are per image (the attack only: the
 learned attackers' one-off training is reported separately by their cache). Keys come from ``--seed`` (default 0)
 so a rerun gives the same ciphertext. Prints Markdown with the machine and versions and writes
 ``benchmarks/results/attacks-<timestamp>.json``.
@@ -16,15 +16,18 @@ so a rerun gives the same ciphertext. Prints Markdown with the machine and versi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
+import io
 import json
-import platform
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+# Run as a script, so benchmarks/ is on sys.path and the shared helpers import by their module name.
+from _timing import environment
 
 from ppml.cli import main as ppml_main
 
@@ -35,7 +38,7 @@ MI_SETTINGS = [(16, 2), (16, 4)]
 
 
 def run_setting(argv: list[str]) -> list[dict]:
-    with tempfile.TemporaryDirectory() as out:
+    with tempfile.TemporaryDirectory() as out, contextlib.redirect_stdout(io.StringIO()):  # its per-image table
         rc = ppml_main([*argv, "--out", out, "--no-progress"])
         if rc != 0:
             raise SystemExit(f"ppml {' '.join(argv)} failed with exit status {rc}")
@@ -46,7 +49,11 @@ def mean_rows(rows: list[dict], keys: list[str]) -> dict[str, dict]:
     by_attacker: dict[str, list[dict]] = {}
     for r in rows:
         by_attacker.setdefault(r["attacker"], []).append(r)
-    return {a: {k: sum(r[k] for r in rs) / len(rs) for k in [*keys, "seconds"]} for a, rs in by_attacker.items()}
+    # PSNR is +inf for an exact reconstruction: its median stays meaningful where a mean would not.
+    return {
+        a: {k: (statistics.median if k == "psnr" else statistics.fmean)([r[k] for r in rs]) for k in [*keys, "seconds"]}
+        for a, rs in by_attacker.items()
+    }
 
 
 def fmt(v: float, digits: int = 3) -> str:
@@ -63,13 +70,15 @@ def main() -> int:
 
     t0 = time.perf_counter()
     rs_keys = ["direct", "neighbour", "perfect", "psnr", "ssim"]
-    rs_table = ["| p | drop | gap | attacker | direct | neighbour | perfect | PSNR (dB) | SSIM | s / image |",
+    rs_table = ["| p | drop | gap | attacker | direct | neighbour | perfect | PSNR median (dB) | SSIM | s / image |",
                 "|---|---|---|---|---|---|---|---|---|---|"]
     record: dict = {"rs": [], "mi": []}
     for p, drop, gap in RS_SETTINGS:
         argv = ["attack", "--scheme", "rs", "--patch-size", str(p), "--drop", str(drop), "--gap", str(gap),
-                "--size", str(args.size), "--seed", str(args.seed), *args.images]
-        if args.quick:
+                "--size", str(args.size), "--seed", str(args.seed), "--threads", "1", *args.images]
+        if args.quick or gap:
+            # A gap changes the image size (224 -> 192 at p = 16), i.e. another learned attacker to train; it is near
+            # chance without a gap already, so the gap rows are the jigsaw's.
             argv += ["--attackers", "jigsaw"]
         rows = run_setting(argv)
         for attacker, m in mean_rows(rows, rs_keys).items():
@@ -77,10 +86,10 @@ def main() -> int:
                             f"{fmt(m['perfect'], 2)} | {fmt(m['psnr'], 1)} | {fmt(m['ssim'])} | {m['seconds']:.2f} |")
         record["rs"].append({"patch_size": p, "drop": drop, "gap": gap, "rows": rows})
         print(rs_table[-1], file=sys.stderr, flush=True)
-    mi_table = ["| p | g | attacker | PSNR (dB) | SSIM | s / image |", "|---|---|---|---|---|---|"]
+    mi_table = ["| p | g | attacker | PSNR median (dB) | SSIM | s / image |", "|---|---|---|---|---|---|"]
     for p, g in MI_SETTINGS:
         argv = ["attack", "--scheme", "mi", "--patch-size", str(p), "--grid", str(g), "--size", str(args.size),
-                "--seed", str(args.seed), *args.images]
+                "--seed", str(args.seed), "--threads", "1", *args.images]
         if args.quick:
             argv += ["--attackers", "thumbnail,least-norm"]
         rows = run_setting(argv)
@@ -90,13 +99,14 @@ def main() -> int:
         print(mi_table[-1], file=sys.stderr, flush=True)
     total = time.perf_counter() - t0
 
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    print(f"Attacks on {', '.join(args.images)} at {args.size}×{args.size} (means over the images), {machine}; "
-          f"whole run {total:.0f} s\n")
+    env = environment("cpu")
+    machine = f"{env['cpu']}, {env['cores']} cores, torch {env['torch']}, ppml {env['ppml_commit']}"
+    print(f"Attacks on {', '.join(args.images)} at {args.size}×{args.size} (means over the images; PSNR: median), "
+          f"{machine}; whole run {total:.0f} s\n")
     print("\n".join(rs_table) + "\n\n" + "\n".join(mi_table))
     RESULTS_DIR.mkdir(exist_ok=True)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    record |= {"images": args.images, "size": args.size, "seed": args.seed, "seconds": total, "machine": machine}
+    record |= {"images": args.images, "size": args.size, "seed": args.seed, "seconds": total, "environment": env}
     (RESULTS_DIR / f"attacks-{stamp}.json").write_text(json.dumps(record, indent=1))
     return 0
 
