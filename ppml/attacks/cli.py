@@ -212,8 +212,9 @@ def add_attack_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "attack",
         help="attack RS / MI ciphertext of your images and report what leaks",
-        description=__doc__.split("\n\n")[0].strip() + " Attackers see only the ciphertext (and p, the grid, which "
-        "tiles are blank); the key is drawn here and used only to score them.",
+        description="Encrypt the images here, run the attacks of the scheme on the ciphertext alone (plus p, the "
+        "grid and which tiles are blank), print how much each recovers, and draw what it sees. The key is drawn "
+        "here and used only to score them.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("images", nargs="*", metavar="IMAGES",
