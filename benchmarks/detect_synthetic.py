@@ -11,7 +11,7 @@ scikit-image photos), DETR-style augmentation on the plain side, a 64-pixel canv
 sub-patches → 32-pixel ciphertext), a ViT of width 64, depth 4, 4 heads, 10 [DET] tokens, AdamW lr 1e-3, batch 16,
 seed 0, one torch thread per run (``--threads``). Rows:
 
-- plain / MI with YOLOS's box head (the paper's PEYOLOS for MI; with per-slot reference points);
+- plain / MI with YOLOS's box head (the paper's PEYOLOS for MI);
 - plain / MI / RS with the membership head (per-token object membership + in-patch extents; RS: decoded by the
   owner with the keys — the design ppml uses for RS);
 - RS with the box head: the control that shows why boxes cannot be regressed from shuffled tokens without the key;
