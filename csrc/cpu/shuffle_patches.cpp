@@ -61,17 +61,19 @@ template <int64_t Bytes>
 void gather_tile_rows(const ShuffleGeometry& g, const int64_t* perm, const char* src, char* dst, int64_t run_bytes) {
   constexpr int64_t kAheadBytes = int64_t{64} << 10;
   constexpr int64_t kLine = 64;
-  // Locals, not g's fields: stores through char* may alias g, and the compiler would reload them every copy.
-  const int64_t p = g.patch, tiles_x = g.tiles_x, row = g.row_units;  // row: bytes per image row
-  const int64_t tiles_y = g.height / p;
+  const int64_t tiles_y = g.height / g.patch;
   const int64_t units = g.planes * tiles_y;
-  const int64_t unit_bytes = p * row;
+  const int64_t unit_bytes = g.patch * g.row_units;  // row_units: bytes per image row
   const int64_t ahead_units = (kAheadBytes + unit_bytes - 1) / unit_bytes;
-  const int64_t prefetch_per_row = (unit_bytes + p - 1) / p;  // bytes of the linear stream prefetched per output row
+  const int64_t prefetch_per_row = (unit_bytes + g.patch - 1) / g.patch;  // linear-stream bytes per output row
   // ~64 KiB of output per task: large enough to amortise scheduling, small enough to balance the cores.
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, unit_bytes));
   at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
-    std::vector<const char*> from(static_cast<size_t>(tiles_x));
+    // Copies local to this call: captured variables live in the closure, which a char* store may alias, so the
+    // copy loop would reload them after every store; these stay in registers.
+    const int64_t p = g.patch, tiles_x = g.tiles_x, row = g.row_units, run = run_bytes;
+    std::vector<const char*> from_storage(static_cast<size_t>(tiles_x));
+    const char** const from = from_storage.data();
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t plane = unit / tiles_y;
       const int64_t ty = unit - plane * tiles_y;
@@ -96,7 +98,7 @@ void gather_tile_rows(const ShuffleGeometry& g, const int64_t* perm, const char*
           if constexpr (Bytes > 0) {
             copy_run<Bytes>(o + tx * Bytes, from[tx] + shift);
           } else {
-            std::memcpy(o + tx * run_bytes, from[tx] + shift, run_bytes);
+            std::memcpy(o + tx * run, from[tx] + shift, run);
           }
         }
       }
