@@ -146,8 +146,9 @@ def test_solver_places_present_pieces_around_a_missing_row():
     assert shift.numel() == 1 and int(shift) in (0, cols)
     blank_cells = perm_hat[missing].sort().values
     assert torch.equal(blank_cells, torch.arange(cols) + (0 if int(shift) else (rows - 1) * cols))
-    with pytest.raises(ValueError, match="solve_jigsaw: missing must be a bool tensor"):
-        solve_jigsaw(enc, p, missing=missing[0])
+    for bad in (missing[0], missing[:, :5], missing.int()):  # wrong rank, wrong size (no reshape fits), not bool
+        with pytest.raises(ValueError, match="solve_jigsaw: missing must be a bool tensor"):
+            solve_jigsaw(enc, p, missing=bad)
 
 
 def test_solver_without_drops_is_unchanged_by_an_all_false_mask():

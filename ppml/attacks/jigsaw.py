@@ -371,14 +371,11 @@ def solve_jigsaw(
         raise ValueError(f"{_OP}: grid must be (H/p, W/p) = {(rows, cols)} for {describe(encrypted)}, got {grid!r}")
     n = rows * cols
     if missing is not None:
-        if (
-            not isinstance(missing, Tensor)
-            or missing.dtype != torch.bool
-            or tuple(missing.reshape(-1, n).shape) != (b, n)
-            or missing.dim() != encrypted.dim() - 2
-        ):
-            want = f"[{n}]" if single else f"[{b}, {n}]"
-            raise ValueError(f"{_OP}: missing must be a bool tensor {want} (one flag per tile), got {describe(missing)}")
+        want = (n,) if single else (b, n)
+        if not isinstance(missing, Tensor) or missing.dtype != torch.bool or tuple(missing.shape) != want:
+            raise ValueError(
+                f"{_OP}: missing must be a bool tensor {list(want)} (one flag per tile), got {describe(missing)}"
+            )
         missing = missing.reshape(b, n).cpu()
     out = torch.empty(b, n, dtype=torch.int64)
     for k in range(b):
