@@ -34,6 +34,8 @@ import time
 
 import torch
 
+from ppml.detection.engine import AP_NAMES
+
 RUNS = [
     ("plain", "none", "box", "vit (PE)"),
     ("MI", "mi", "box", "mivit (PE)"),
@@ -112,13 +114,13 @@ def main() -> int:
     print("| data | backbone | head | AP | AP50 | AP75 | APs | APm | APl | train s | wall s |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        aps = " | ".join(f"{r[k]:.3f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl"))
+        aps = " | ".join(f"{r[k]:.3f}" for k in AP_NAMES)
         wall = f"{r['wall_s']:.0f}" if r["wall_s"] is not None else "—"
         print(f"| {r['data']} | {r['model']} | {r['head']} | {aps} | {r['train_s']:.0f} | {wall} |")
     rs = os.path.join(args.out, "rs-membership", "checkpoint.pt")
     if os.path.exists(rs):
         nokey = _without_key(rs, root)
-        aps = " | ".join(f"{nokey[k]:.3f}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl"))
+        aps = " | ".join(f"{nokey[k]:.3f}" for k in AP_NAMES)
         print(f"| RS, decoded without the key | pevit (no PE, RPE) | membership | {aps} | — | — |")
     print("\nCommands:\n")
     for r in rows:

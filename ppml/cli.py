@@ -61,22 +61,33 @@ def _train_parser(sub) -> None:
     g.add_argument("--mixup", type=float, default=d.mixup, help="Mixup alpha (0: off)")
     g.add_argument("--cutmix", type=float, default=d.cutmix, help="patch CutMix alpha (0: off)")
     g.add_argument("--patch-drop", type=float, default=d.patch_drop, help="share of patches erased")
-    g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on GPU)")
-    g.add_argument("--out", default=d.out, help="run directory")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    g.add_argument("--stop-after", type=int, default=None, help="stop (with a checkpoint) after this many steps")
+    add_run_options(p.add_argument_group("run"), d)
     p.set_defaults(func=_run_train)
+
+
+def add_run_options(group, defaults) -> None:
+    """The options every training command shares (``ppml train``, ``ppml detect train``): --seed, --device, --amp,
+    --out, --resume, --stop-after; ``defaults`` is the command's config dataclass instance (seed, device, out)."""
+    group.add_argument("--seed", type=int, default=defaults.seed)
+    group.add_argument("--device", default=defaults.device, help="auto, cpu, cuda, cuda:1")
+    group.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                       help="bf16 autocast (default: on GPU)")  # fmt: skip
+    group.add_argument("--out", default=defaults.out, help="run directory")
+    group.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    group.add_argument("--stop-after", type=int, default=None, help="stop (with a checkpoint) after this many steps")
+
+
+def config_from_args(config_cls, args: argparse.Namespace):
+    """``config_cls`` (a dataclass) built from the parsed options that are its fields."""
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    return config_cls(**{k: v for k, v in vars(args).items() if k in fields})
 
 
 def _run_train(args: argparse.Namespace) -> int:
     from .train.trainer import TrainConfig, run
 
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    run(cfg, resume=args.resume, stop_after=args.stop_after)  # rank 0 prints the summary (or stop) JSON line
+    # rank 0 prints the summary (or stop) JSON line
+    run(config_from_args(TrainConfig, args), resume=args.resume, stop_after=args.stop_after)
     return 0
 
 

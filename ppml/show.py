@@ -111,13 +111,21 @@ def check_size(height: int, width: int, patches: Sequence[int], where: str, what
         )
 
 
+def to_uint8(images: Tensor) -> Tensor:
+    """Images in 0..255 as uint8 for drawing: round-half-even (``torch.round``), clamp (uint8 passes through)."""
+    return images if images.dtype == torch.uint8 else torch.round(images.float()).clamp_(0, 255).to(torch.uint8)
+
+
+def mi_display(mixed: Tensor, grid: int) -> Tensor:
+    """MI ciphertext ``[B, C, H/g, W/g]`` (0..255) as uint8 at the plain size: :func:`to_uint8`, nearest ×grid."""
+    return to_uint8(mixed).repeat_interleave(grid, dim=2).repeat_interleave(grid, dim=3)
+
+
 def _mi_cell(images: Tensor, patch_size: int, grid: int) -> Tensor:
     """MI ciphertext as uint8 at the input's size: mean of sub-patches, round-half-even, clamp, nearest ×grid."""
     from . import mix_subpatches
 
-    mixed = mix_subpatches(images, patch_size=patch_size, grid=grid)  # float32 in 0..255 for uint8 input
-    mixed = torch.round(mixed).clamp_(0, 255).to(torch.uint8)
-    return mixed.repeat_interleave(grid, dim=2).repeat_interleave(grid, dim=3)
+    return mi_display(mix_subpatches(images, patch_size=patch_size, grid=grid), grid)  # float32 0..255 for uint8
 
 
 def make_grid_image(

@@ -92,10 +92,6 @@ def _mi_attack(name: str, cipher: Tensor, p: int, g: int, args: argparse.Namespa
     return Attempt(recon, secs)
 
 
-def _to_uint8(x: Tensor) -> Tensor:
-    return x if x.dtype == torch.uint8 else torch.round(x.float()).clamp_(0, 255).to(torch.uint8)
-
-
 def _check_args(args: argparse.Namespace) -> list[str]:
     """Validates the options; returns the attackers to run."""
     known = RS_ATTACKERS if args.scheme == "rs" else MI_ATTACKERS
@@ -126,7 +122,7 @@ def _check_args(args: argparse.Namespace) -> list[str]:
 def run_attack(args: argparse.Namespace) -> int:
     """Runs ``ppml attack``; returns 0 (bad options raise ValueError / FileNotFoundError naming the option)."""
     from .. import mix_subpatches
-    from ..show import _load, compose_columns
+    from ..show import _load, compose_columns, mi_display, to_uint8
     from .defences import encrypt_rs_defended
     from .metrics import direct_comparison, neighbor_comparison, perfect_reconstruction, psnr, ssim
 
@@ -162,7 +158,7 @@ def run_attack(args: argparse.Namespace) -> int:
     else:
         g = args.grid
         cipher = mix_subpatches(images, patch_size=p, grid=g)  # float32, 0..255
-        shown_cipher = _to_uint8(cipher).repeat_interleave(g, dim=2).repeat_interleave(g, dim=3)
+        shown_cipher = mi_display(cipher, g)
         plain = images
         for name in attackers:
             att = _mi_attack(name, cipher, p, g, args)
@@ -177,7 +173,7 @@ def run_attack(args: argparse.Namespace) -> int:
         os.makedirs(args.out, exist_ok=True)
         for name, recon in figures.items():
             fig = compose_columns(
-                [_to_uint8(plain), _to_uint8(shown_cipher), _to_uint8(recon)],
+                [to_uint8(plain), to_uint8(shown_cipher), to_uint8(recon)],
                 ["plain", f"{args.scheme.upper()} ciphertext", f"{name} reconstruction"],
                 ["plain", "cipher", name],
             )
@@ -231,7 +227,8 @@ def add_attack_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=4, help="images taken from a folder or 'digits'")
     p.add_argument("--restarts", type=int, default=1, help="jigsaw: seeds grown per image")
     p.add_argument("--train-steps", type=int, default=None,
-                   help="vit / decoder: training steps (default: ppml.attacks.ATTACKER_SETTINGS / DECODER_SETTINGS); "
+                   help="vit / decoder: training steps (default: ppml.attacks.learned.ATTACKER_SETTINGS / "
+                   "ppml.attacks.mi_inversion.DECODER_SETTINGS); "
                    "a finished attacker with the same settings is loaded from the cache (~/.cache/ppml/attacks or "
                    "$PPML_CACHE_DIR), an interrupted one resumed")
     p.add_argument("--threads", type=int, default=None,

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
+
+from ..cli import add_run_options, config_from_args
 
 
 def _train_parser(sub) -> None:
@@ -65,23 +66,16 @@ def _train_parser(sub) -> None:
     g.add_argument("--crop-min", type=float, default=d.crop_min, help="smallest crop side (fraction)")
     g.add_argument("--scale-min", type=float, default=d.scale_min, help="smallest resize (fraction of the canvas)")
     g = p.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bf16 autocast (default: on GPU)")
+    add_run_options(g, d)
     g.add_argument("--workers", type=int, default=d.workers, help="DataLoader worker processes")
     g.add_argument("--eval-every", type=int, default=d.eval_every, help="COCO eval every N epochs (0: at the end)")
-    g.add_argument("--out", default=d.out, help="run directory")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    g.add_argument("--stop-after", type=int, default=None, help="stop (with a checkpoint) after this many steps")
     p.set_defaults(func=_run_train)
 
 
 def _run_train(args: argparse.Namespace) -> int:
     from .engine import DetectConfig, train
 
-    fields = {f.name for f in dataclasses.fields(DetectConfig)}
-    train(DetectConfig(**{k: v for k, v in vars(args).items() if k in fields}), resume=args.resume,
-          stop_after=args.stop_after)
+    train(config_from_args(DetectConfig, args), resume=args.resume, stop_after=args.stop_after)
     return 0
 
 
