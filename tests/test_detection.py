@@ -417,6 +417,43 @@ def test_synthetic_set_is_deterministic_and_exact(synthetic_root, tmp_path):
             assert 0 <= x and 0 <= y and x + w <= 192 and y + h <= 144 and 0 < a["area"] <= w * h
 
 
+
+def test_synthetic_set_made_by_two_processes_at_once(tmp_path, monkeypatch):
+    """Two runs started together on one folder: the one that finishes second uses the first one's set (it used to
+    fail with 'Directory not empty'); a set with other settings is still refused."""
+    import ppml.detection.synthetic as synthetic
+
+    root = str(tmp_path / "shared")
+    draw, raced = synthetic._draw_image, []
+
+    def draw_while_another_process_finishes(*args, **kwargs):
+        if not raced:
+            raced.append(True)
+            monkeypatch.setattr(synthetic, "_draw_image", draw)
+            make_synthetic_coco(root, 6, 2)  # the other process: starts later, finishes first
+            monkeypatch.setattr(synthetic, "_draw_image", draw_while_another_process_finishes)
+        return draw(*args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "_draw_image", draw_while_another_process_finishes)
+    assert make_synthetic_coco(root, 6, 2)["root"] == root and raced
+    assert sorted(os.listdir(tmp_path)) == ["shared"]  # no temporary folder left behind
+    assert len(os.listdir(os.path.join(root, "train"))) == 6
+    raced.clear()
+    other = str(tmp_path / "other")
+
+    def draw_while_a_different_set_lands(*args, **kwargs):
+        if not raced:
+            raced.append(True)
+            monkeypatch.setattr(synthetic, "_draw_image", draw)
+            make_synthetic_coco(other, 5, 2)
+            monkeypatch.setattr(synthetic, "_draw_image", draw_while_a_different_set_lands)
+        return draw(*args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "_draw_image", draw_while_a_different_set_lands)
+    with pytest.raises(OSError):
+        make_synthetic_coco(other, 6, 2)
+    assert sorted(os.listdir(tmp_path)) == ["other", "shared"]
+
 def _metrics(out: str) -> list[dict]:
     with open(os.path.join(out, "metrics.jsonl")) as fh:
         return [json.loads(line) for line in fh if line.strip()]

@@ -19,6 +19,7 @@ import colorsys
 import json
 import os
 import shutil
+import tempfile
 
 import numpy as np
 
@@ -166,9 +167,11 @@ def make_synthetic_coco(
                               f"wanted {settings}: remove it or choose another folder")
     if os.path.isdir(root) and os.listdir(root):
         raise FileExistsError(f"{_WHERE}: root must be empty or hold a synthetic set, got {root!r} with other files")
-    tmp = f"{root.rstrip(os.sep)}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     photos = _photos()
+    # A folder of its own next to root (one per call, so two at once never share one), renamed into place at the end.
+    parent = os.path.dirname(os.path.abspath(root))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(root.rstrip(os.sep)) + ".tmp", dir=parent)
     os.makedirs(os.path.join(tmp, "annotations"))
     for split_id, (split, count) in enumerate((("train", num_train), ("val", num_val))):
         os.makedirs(os.path.join(tmp, split))
@@ -187,8 +190,18 @@ def make_synthetic_coco(
             json.dump(coco, fh)
     with open(os.path.join(tmp, "synthetic.json"), "w") as fh:
         json.dump(settings, fh)
-    if os.path.isdir(root):
-        os.rmdir(root)  # empty (checked above)
-    os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
-    os.replace(tmp, root)
+    try:
+        if os.path.isdir(root):
+            os.rmdir(root)  # empty (checked above), unless another process has filled it since
+        os.replace(tmp, root)
+    except OSError:
+        # Another process (say, a second run started at the same time on the same folder) finished first: its set
+        # is the same one when the settings match, so use it.
+        shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.exists(stamp):
+            with open(stamp) as fh:
+                theirs = json.load(fh)
+            if {k: theirs.get(k) for k in settings} == settings:
+                return {**settings, "root": root}
+        raise
     return {**settings, "root": root}
