@@ -454,13 +454,117 @@ def test_synthetic_set_made_by_two_processes_at_once(tmp_path, monkeypatch):
         make_synthetic_coco(other, 6, 2)
     assert sorted(os.listdir(tmp_path)) == ["other", "shared"]
 
+
 def _metrics(out: str) -> list[dict]:
     with open(os.path.join(out, "metrics.jsonl")) as fh:
         return [json.loads(line) for line in fh if line.strip()]
 
 
-@pytest.mark.parametrize("encryption", ["none", "mi"])
-def test_box_head_overfits_a_batch(synthetic_root, encryption, one_thread):
+# ---- the spatial prior on the [DET] tokens ----------------------------------------------------------------------
+
+
+def _prior_model(depth: int = 2, **kw):
+    torch.manual_seed(0)
+    model = build_detector(3, encryption="none", img_size=32, patch_size=8, embed_dim=24, depth=depth, num_heads=3,
+                           num_det_tokens=5, **kw).eval()
+    with torch.no_grad():  # away from the initial grid and scales, so an index mix-up cannot hide
+        model.det_reference.normal_(0, 1)
+        model.det_prior_scale.normal_(2, 1)
+    return model
+
+
+def test_det_attention_bias_matches_a_loop():
+    model = _prior_model()
+    bias = model.det_attention_bias()
+    gh, gw = model.grid_size
+    n, q, heads = gh * gw, model.num_det_tokens, 3
+    assert bias.shape == (heads, n + q, n + q)
+    expected = torch.zeros(heads, n + q, n + q)
+    ref = torch.sigmoid(model.det_reference.detach())
+    scale = torch.log1p(torch.exp(model.det_prior_scale.detach()))  # softplus, written out
+    for h in range(heads):
+        for j in range(q):
+            for tile in range(n):
+                cx, cy = (tile % gw + 0.5) / gw, (tile // gw + 0.5) / gh
+                expected[h, n + j, tile] = -scale[h] * ((ref[j, 0] - cx) ** 2 + (ref[j, 1] - cy) ** 2)
+    torch.testing.assert_close(bias.detach(), expected)
+    assert model.det_attention_bias().requires_grad  # reference points and scales are learned
+
+
+def test_det_prior_attention_against_a_hand_written_block():
+    """One block, recomputed by hand from its weights (attention softmax(q k^T / sqrt(d) + bias) v, pre-norm MLP):
+    the bias reaches the [DET] rows of the attention and nothing else."""
+    model = _prior_model(depth=1)
+    x = torch.randn(2, 3, 32, 32)
+    bb = model.backbone
+    with torch.no_grad():
+        patches, det = model.forward_tokens(x)
+        t = bb._pos_embed(bb.patch_embed(x))
+        t = torch.cat([t, (model.det_token + model.det_pos_embed).expand(2, -1, -1)], dim=1)
+        blk = bb.blocks[0]
+        a = blk.norm1(t)
+        heads, d = blk.attn.num_heads, t.shape[-1] // blk.attn.num_heads
+        qkv = F_linear(a, blk.attn.qkv).reshape(2, -1, 3, heads, d).permute(2, 0, 3, 1, 4)
+        logits = qkv[0] @ qkv[1].transpose(-1, -2) / d**0.5 + model.det_attention_bias()[None]
+        att = (logits.softmax(-1) @ qkv[2]).transpose(1, 2).reshape(2, -1, heads * d)
+        t = t + F_linear(att, blk.attn.proj)
+        t = t + blk.mlp(blk.norm2(t))
+        t = bb.norm(t)
+    n = patches.shape[1]
+    torch.testing.assert_close(patches, t[:, :n], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(det, t[:, n:], rtol=1e-4, atol=1e-5)
+
+
+def F_linear(x, layer):
+    return x @ layer.weight.T + layer.bias
+
+
+def test_det_prior_none_is_yolos_and_box_centres_are_relative():
+    """With the scales at ~0 the biased blocks compute what plain YOLOS computes; the box centre is then the plain
+    model's raw output shifted by the slot's reference logit."""
+    prior = _prior_model()
+    plain = build_detector(3, encryption="none", img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=3,
+                           num_det_tokens=5, det_prior="none").eval()
+    state = {k: v for k, v in prior.state_dict().items() if not k.startswith("det_")} | {
+        "det_token": prior.det_token, "det_pos_embed": prior.det_pos_embed}
+    plain.load_state_dict(state)
+    with torch.no_grad():
+        prior.det_prior_scale.fill_(-60.0)  # softplus(-60) ~ 1e-26
+        x = torch.randn(2, 3, 32, 32)
+        a, b = prior(x), plain(x)
+        raw = torch.logit(b["pred_boxes"].double())
+    torch.testing.assert_close(a["pred_logits"], b["pred_logits"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a["pred_boxes"][..., 2:], b["pred_boxes"][..., 2:], rtol=1e-5, atol=1e-6)
+    centre = torch.sigmoid(raw[..., :2] + prior.det_reference.detach().double())
+    torch.testing.assert_close(a["pred_boxes"][..., :2].double(), centre, rtol=1e-4, atol=1e-5)
+
+
+def test_det_prior_defaults_and_errors():
+    from ppml.detection import YOLOS
+    from ppml.detection.engine import saved_config
+
+    common = dict(img_size=32, patch_size=8, embed_dim=24, depth=1, num_heads=3, num_det_tokens=4)
+    assert build_detector(3, encryption="none", **common).det_prior == "gaussian"
+    assert build_detector(3, encryption="mi", **common).det_prior == "gaussian"
+    assert build_detector(3, encryption="none", head="membership", **common).det_prior == "none"
+    assert build_detector(3, encryption="rs", **common).det_prior == "none"
+    assert build_detector(3, encryption="rs", head="box", **common).det_prior == "none"
+    with pytest.raises(ValueError, match="det_prior='gaussian'.*position embeddings"):
+        build_detector(3, encryption="rs", head="box", det_prior="gaussian", **common)
+    with pytest.raises(ValueError, match="det_prior must be one of gaussian, none, got 'grid'"):
+        YOLOS(build_detector(3, **common).backbone, 3, 4, det_prior="grid")
+    with pytest.raises(ValueError, match="--det-prior must be one of gaussian, none"):
+        DetectConfig(det_prior="grid").check()
+    with pytest.raises(ValueError, match="has no bias"):
+        build_detector(3, det_prior="none", **common).det_attention_bias()
+    # checkpoints from before the prior existed are plain YOLOS; newer ones keep their setting
+    assert saved_config({"config": {"encryption": "none"}})["det_prior"] == "none"
+    assert saved_config({"config": {"det_prior": None}})["det_prior"] is None
+
+
+@pytest.mark.parametrize("encryption,det_prior", [("none", "gaussian"), ("mi", "gaussian"), ("none", "none"),
+                                                   ("mi", "none")])
+def test_box_head_overfits_a_batch(synthetic_root, encryption, det_prior, one_thread):
     """The fastest check that targets, matcher, loss, gradients and decoding fit together: a small box-head detector
     memorises 8 built-in images (their canvases as the trainer gets them) to a near-zero set loss, and the owner's
     decoded detections then land on the ground-truth boxes with the right labels."""
@@ -470,10 +574,11 @@ def test_box_head_overfits_a_batch(synthetic_root, encryption, one_thread):
     x, targets, keys = owner.encrypt(torch.stack([c for c, _ in items]), [t for _, t in items])
     torch.manual_seed(0)
     model = build_detector(images.num_classes, encryption=encryption, img_size=32, patch_size=8, embed_dim=48,
-                           depth=2, num_heads=3, num_det_tokens=6)
+                           depth=2, num_heads=3, num_det_tokens=6, det_prior=det_prior)
+    assert model.det_prior == det_prior
     crit = SetCriterion(images.num_classes)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(200):
+    for _ in range(400):  # the smallest objects' boxes need ~400 steps to reach IoU > 0.5 with the prior on MI
         losses = crit(model(x), targets)
         opt.zero_grad()
         losses["loss"].backward()

@@ -9,7 +9,7 @@ from ..cli import add_run_options, config_from_args
 
 def _train_parser(sub) -> None:
     from .engine import COCO_DEFAULTS, SYNTHETIC_DEFAULTS, DetectConfig
-    from .model import ENCRYPTIONS, HEADS
+    from .model import ENCRYPTIONS, HEADS, PRIORS
 
     d = DetectConfig()
     p = sub.add_parser(
@@ -49,6 +49,10 @@ def _train_parser(sub) -> None:
     g.add_argument("--depth", type=int, default=None)
     g.add_argument("--num-heads", type=int, default=None)
     g.add_argument("--num-det-tokens", type=int, default=None, help="[DET] tokens (YOLOS: 100)")
+    g.add_argument("--det-prior", choices=PRIORS, default=None, help="gaussian: each [DET] slot gets a reference "
+                   "point, a distance bias on its attention and a box centre relative to it (trains from scratch; "
+                   "default for the box head on vit / mivit); none: YOLOS as published (default otherwise; the only "
+                   "choice for RS, whose tokens have no grid position)")
     g.add_argument("--membership-dim", type=int, default=d.membership_dim)
     g.add_argument("--drop-path", type=float, default=d.drop_path)
     g.add_argument("--eos-coef", type=float, default=d.eos_coef, help="weight of the 'no object' class")

@@ -41,7 +41,7 @@ from ..train.trainer import (
 from .data import Augment, CocoDetection, Owner, prepare_image, resolve_coco
 from .losses import SetCriterion
 from .matcher import HungarianMatcher
-from .model import ENCRYPTIONS, HEADS, build_detector, default_backbone
+from .model import ENCRYPTIONS, HEADS, PRIORS, build_detector, default_backbone
 from .synthetic import make_synthetic_coco
 
 _OP = "ppml detect"
@@ -81,6 +81,7 @@ class DetectConfig:
     num_heads: int | None = None
     num_det_tokens: int | None = None
     membership_dim: int = 64
+    det_prior: str | None = None
     drop_path: float = 0.0
     epochs: int | None = None
     batch_size: int | None = None
@@ -120,6 +121,8 @@ class DetectConfig:
             raise ValueError(f"{_OP}: --encryption must be one of {', '.join(ENCRYPTIONS)}, got {self.encryption!r}")
         if self.value("head") not in HEADS:
             raise ValueError(f"{_OP}: --head must be one of {', '.join(HEADS)}, got {self.head!r}")
+        if self.det_prior is not None and self.det_prior not in PRIORS:
+            raise ValueError(f"{_OP}: --det-prior must be one of {', '.join(PRIORS)}, got {self.det_prior!r}")
         for name in ("img_size", "patch_size", "grid", "epochs", "batch_size", "num_det_tokens", "synthetic_train",
                      "synthetic_val", "membership_dim"):
             v = self.value(name)
@@ -146,11 +149,17 @@ class DetectConfig:
             patch_size=self.value("patch_size"), grid=self.grid, embed_dim=self.value("embed_dim"),
             depth=self.value("depth"), num_heads=self.value("num_heads"), num_det_tokens=self.value("num_det_tokens"),
             head=self.value("head"), drop_path=self.drop_path, membership_dim=self.membership_dim,
+            det_prior=self.det_prior,
         )
 
     def owner(self) -> Owner:
         return Owner(self.encryption, self.value("patch_size"), self.value("img_size"), grid=self.grid,
                      head=self.value("head"))
+
+
+def saved_config(ckpt: dict) -> dict:
+    """A checkpoint's DetectConfig fields. Checkpoints written before ``det_prior`` existed were plain YOLOS."""
+    return {"det_prior": "none", **ckpt["config"]}
 
 
 def _mix(*parts: int) -> int:
@@ -329,7 +338,7 @@ class _DetectRun:
         if not os.path.exists(self.ckpt_path):
             raise FileNotFoundError(f"{_OP}: --resume given but there is no checkpoint at {self.ckpt_path}")
         ckpt = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
-        saved, mine = ckpt["config"], dataclasses.asdict(cfg)
+        saved, mine = saved_config(ckpt), dataclasses.asdict(cfg)
         changed = {k: (saved.get(k), v) for k, v in mine.items() if k not in _FREE and saved.get(k) != v}
         if changed:
             raise ValueError(f"{_OP}: --resume with settings that differ from the checkpoint's (saved, given): "
@@ -353,7 +362,7 @@ class _DetectRun:
         from timm.optim import param_groups_weight_decay
 
         groups = param_groups_weight_decay(self.model, cfg.weight_decay,
-                                           no_weight_decay_list=("*pos_embed", "det_token"))
+                                           no_weight_decay_list=("*pos_embed", "det_token", "det_reference"))
         self.opt = torch.optim.AdamW(groups, lr=cfg.value("lr"))
         self.schedule_cfg = SimpleNamespace(seed=cfg.seed, batch_size=cfg.value("batch_size"),
                                             epochs=cfg.value("epochs"), lr=cfg.value("lr"), min_lr=cfg.min_lr,
@@ -495,7 +504,7 @@ class _DetectRun:
                 if not last and stop_after is not None and steps_run >= stop_after:
                     return self._stop(epoch + 1, 0, f"--stop-after {stop_after}")
         final = {"final": True, "epochs": epochs, **(ap or {}), "train_loss": row.get("train_loss"),
-                 "encryption": cfg.encryption, "head": cfg.value("head"),
+                 "encryption": cfg.encryption, "head": cfg.value("head"), "det_prior": self.model.det_prior,
                  "backbone": cfg.backbone or default_backbone(cfg.encryption),
                  "param_digests": getattr(self, "digests", None)}
         if d.main:
@@ -524,7 +533,7 @@ def evaluate_run(out: str, *, checkpoint: str | None = None, data: str | None = 
     if not os.path.exists(path):
         raise FileNotFoundError(f"{_OP} eval: no checkpoint at {path!r} (train with `ppml detect train --out DIR`)")
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = DetectConfig(**ckpt["config"])
+    cfg = DetectConfig(**saved_config(ckpt))
     if data is not None:
         cfg.data = data
     if split is not None:
@@ -548,7 +557,8 @@ def evaluate_run(out: str, *, checkpoint: str | None = None, data: str | None = 
         amp = cfg.amp if cfg.amp is not None else dev.type == "cuda"
         stats = evaluate(model, val, cfg, dev, d, batch_size=batch_size, amp=amp)
         result = {**stats, "images": len(val), "epoch": ckpt["epoch"], "step": ckpt["step"],
-                  "encryption": cfg.encryption, "head": cfg.value("head"), "split": cfg.val_split,
+                  "encryption": cfg.encryption, "head": cfg.value("head"), "det_prior": model.det_prior,
+                  "split": cfg.val_split,
                   "eval_s": round(time.perf_counter() - t0, 3)}
         if d.main:
             if save:

@@ -17,6 +17,17 @@ object (or "no object") from each after the last block. ppml builds the ViT with
 
 The membership head also works on plain and MI tokens (they stay in place: decoding needs no key), which gives a
 like-for-like comparison of the three encryptions.
+
+**Spatial prior** (``det_prior="gaussian"``, the default for the box head on ``vit_*`` / ``mivit_*``). YOLOS starts
+from DeiT weights; from scratch (nothing can be downloaded here) its [DET] tokens' attention stays uniform over the
+patches, every slot predicts the same mean box and COCO AP stays at zero (measured: ``benchmarks/detect_synthetic.py``,
+README). As in SMCA (Gao et al., 2021) and Anchor / Deformable DETR, each slot q gets a reference point r_q (learnable,
+initialised on a grid over the canvas), the attention logits from [DET] token q to patch token n get the additive bias
+``-s_h * |r_q - c_n|^2`` in every block (c_n: the patch centre, canvas fractions; one learnable scale s_h per head,
+initialised from 1, nearly global, to 200, about one patch of a 64-token grid), and the box centre is predicted
+relative to r_q (``sigmoid(logit(r_q) + offset)``). Everything else — tokens, heads, matcher, losses — is YOLOS's.
+The prior needs the tokens' grid positions, so it exists only for backbones with position embeddings (plain and MI,
+whose patches stay in place), never for RS; ``det_prior="none"`` is plain YOLOS.
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ from torch import Tensor, nn
 from ..ops._common import describe
 
 HEADS = ("box", "membership")
+PRIORS = ("gaussian", "none")
 ENCRYPTIONS = ("none", "mi", "rs")
 _BACKBONE_PREFIX = {"none": "vit", "mi": "mivit", "rs": "pevit"}
 _WHERE = "ppml.detection"
@@ -60,6 +72,8 @@ class YOLOS(nn.Module):
         num_det_tokens: Q, the most objects one image can hold (YOLOS: 100).
         head: ``"box"`` (class + box MLPs) or ``"membership"`` (class MLP + per-token membership and extents).
         membership_dim: width of the slot/token projections of the membership head.
+        det_prior: ``"gaussian"`` (reference points and a distance bias on the [DET] tokens' attention, see the
+            module docstring; needs a backbone with position embeddings) or ``"none"`` (YOLOS as published).
 
     Shapes:
         input (Tensor[B, C, H', W']): what the backbone takes (plain images, or the MI / RS ciphertext).
@@ -75,10 +89,13 @@ class YOLOS(nn.Module):
         num_det_tokens: int = 100,
         head: str = "box",
         membership_dim: int = 64,
+        det_prior: str = "none",
     ) -> None:
         super().__init__()
         if head not in HEADS:
             raise ValueError(f"{_WHERE}.YOLOS: head must be one of {', '.join(HEADS)}, got {head!r}")
+        if det_prior not in PRIORS:
+            raise ValueError(f"{_WHERE}.YOLOS: det_prior must be one of {', '.join(PRIORS)}, got {det_prior!r}")
         for name, v in (("num_classes", num_classes), ("num_det_tokens", num_det_tokens),
                         ("membership_dim", membership_dim)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -99,6 +116,22 @@ class YOLOS(nn.Module):
         if getattr(backbone, "pos_embed", None) is not None:
             self.det_pos_embed = nn.Parameter(torch.zeros(1, num_det_tokens, d))
             nn.init.trunc_normal_(self.det_pos_embed, std=0.02)
+        self.det_prior = det_prior
+        if det_prior == "gaussian":
+            if self.det_pos_embed is None:
+                raise ValueError(f"{_WHERE}.YOLOS: det_prior='gaussian' places the [DET] slots on the patch grid, so it "
+                                 f"needs a backbone with position embeddings (vit_*, mivit_*); got "
+                                 f"{type(backbone).__name__} without one (RS tokens have no grid position): use "
+                                 f"det_prior='none'")
+            # Reference points on a ceil(sqrt(Q))-wide grid of cell centres, row-major (logits: the box centres are
+            # predicted as offsets in logit space).
+            side = math.ceil(math.sqrt(num_det_tokens))
+            q = torch.arange(num_det_tokens, dtype=torch.float32)
+            ref = torch.stack(((q % side + 0.5) / side, (q // side + 0.5) / math.ceil(num_det_tokens / side)), -1)
+            self.det_reference = nn.Parameter(torch.logit(ref))
+            heads = backbone.blocks[0].attn.num_heads
+            scale = torch.logspace(0.0, math.log10(200.0), heads) if heads > 1 else torch.tensor([14.0])
+            self.det_prior_scale = nn.Parameter(scale + torch.log(-torch.expm1(-scale)))  # softplus^-1
         self.class_embed = MLP(d, d, num_classes + 1, 3)
         if head == "box":
             self.bbox_embed = MLP(d, d, 4, 3)
@@ -120,14 +153,47 @@ class YOLOS(nn.Module):
         det = self.det_token.expand(x.shape[0], -1, -1)
         if self.det_pos_embed is not None:
             det = det + self.det_pos_embed
-        x = bb.norm(bb.blocks(bb.norm_pre(torch.cat([x, det], dim=1))))
+        x = bb.norm_pre(torch.cat([x, det], dim=1))
+        if self.det_prior == "none":
+            x = bb.blocks(x)
+        else:
+            # scaled_dot_product_attention wants a float mask in the query's dtype (bf16 / fp16 under autocast).
+            dev = x.device.type
+            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+            bias = self.det_attention_bias().to(dtype)[None]
+            for block in bb.blocks:
+                x = block(x, attn_mask=bias)
+        x = bb.norm(x)
         return x[:, : -self.num_det_tokens], x[:, -self.num_det_tokens :]
+
+    def det_attention_bias(self) -> Tensor:
+        """The spatial prior's additive attention bias, Tensor[H, N + Q, N + Q] (sequence: N patch tokens, then Q
+        [DET] tokens): ``-s_h * |r_q - c_n|^2`` from [DET] token q to patch token n, 0 everywhere else."""
+        if self.det_prior != "gaussian":
+            raise ValueError(f"{_WHERE}.YOLOS.det_attention_bias: the model was built with det_prior="
+                             f"{self.det_prior!r}, which has no bias")
+        gh, gw = self.grid_size
+        n, q = gh * gw, self.num_det_tokens
+        dev = self.det_reference.device
+        rows, cols = torch.meshgrid(torch.arange(gh, device=dev), torch.arange(gw, device=dev), indexing="ij")
+        centres = torch.stack(((cols.reshape(-1) + 0.5) / gw, (rows.reshape(-1) + 0.5) / gh), -1)  # [N, 2] (x, y)
+        dist2 = (self.det_reference.float().sigmoid()[:, None, :] - centres[None]).square().sum(-1)  # [Q, N]
+        scale = F.softplus(self.det_prior_scale.float())  # [H]
+        det_to_patch = -scale[:, None, None] * dist2  # [H, Q, N]
+        top = det_to_patch.new_zeros(scale.shape[0], n, n + q)
+        bottom = torch.cat((det_to_patch, det_to_patch.new_zeros(scale.shape[0], q, q)), dim=2)
+        return torch.cat((top, bottom), dim=1)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         patches, det = self.forward_tokens(x)
         out = {"pred_logits": self.class_embed(det)}
         if self.head == "box":
-            out["pred_boxes"] = self.bbox_embed(det).sigmoid()
+            raw = self.bbox_embed(det)
+            if self.det_prior == "gaussian":  # the centre is an offset from the slot's reference point
+                centre = (raw[..., :2] + self.det_reference).sigmoid()
+                out["pred_boxes"] = torch.cat((centre, raw[..., 2:].sigmoid()), dim=-1)
+            else:
+                out["pred_boxes"] = raw.sigmoid()
             return out
         B, Q, N, k = det.shape[0], det.shape[1], patches.shape[1], self.membership_dim
         slots = self.slot_embed(det).view(B, Q, 5, k)
@@ -164,6 +230,7 @@ def build_detector(
     head: str | None = None,
     drop_path: float = 0.0,
     membership_dim: int = 64,
+    det_prior: str | None = None,
     **backbone_kwargs: Any,
 ) -> YOLOS:
     """Builds a :class:`YOLOS` detector (randomly initialised, nothing downloaded).
@@ -181,6 +248,7 @@ def build_detector(
         head: ``box`` (default for none / mi) or ``membership`` (default for rs; see the module docstring).
         drop_path: stochastic depth rate of the backbone.
         membership_dim: projection width of the membership head.
+        det_prior: ``gaussian`` or ``none`` (see :class:`YOLOS`); default :func:`default_det_prior`.
         **backbone_kwargs: passed to ``timm.create_model`` (e.g. ``rpe=False`` for pevit).
     """
     import timm
@@ -209,7 +277,16 @@ def build_detector(
         raise ValueError(f"{_WHERE}.build_detector: backbone {name!r} could not be built: {exc}") from exc
     if head is None:
         head = "membership" if encryption == "rs" else "box"
-    return YOLOS(net, num_classes, num_det_tokens=num_det_tokens, head=head, membership_dim=membership_dim)
+    if det_prior is None:
+        det_prior = default_det_prior(head, getattr(net, "pos_embed", None) is not None)
+    return YOLOS(net, num_classes, num_det_tokens=num_det_tokens, head=head, membership_dim=membership_dim,
+                 det_prior=det_prior)
+
+
+def default_det_prior(head: str, has_pos_embed: bool) -> str:
+    """``gaussian`` for the box head on a backbone with position embeddings (plain, MI), else ``none`` (the
+    membership head, compared like for like across plain / MI / RS, and any backbone without a grid: RS)."""
+    return "gaussian" if head == "box" and has_pos_embed else "none"
 
 
 def membership_targets(boxes: Tensor, grid_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
