@@ -70,6 +70,31 @@ def _without_key(checkpoint: str, root: str) -> dict:
     return evaluate(model, load_splits(cfg)[1], cfg, torch.device("cpu"), log=False, owner=owner)
 
 
+def _run_pool(todo: list[dict], jobs: int, env: dict) -> tuple[int, dict[str, float]]:
+    """Runs each row's command (resuming a run that has a checkpoint), ``jobs`` at a time. Returns (0, {out: wall
+    seconds}), or the first failure's exit status after stopping the runs still going."""
+    pending, running, seconds = list(todo), [], {}
+    while pending or running:
+        while pending and len(running) < jobs:
+            p = pending.pop(0)
+            cmd = p["cmd"] + (["--resume"] if os.path.exists(os.path.join(p["out"], "checkpoint.pt")) else [])
+            print(f"[detect_synthetic] {shlex.join(cmd)}", file=sys.stderr, flush=True)
+            proc = subprocess.Popen([sys.executable, *cmd[1:]], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL, env=env)
+            running.append(dict(p, proc=proc, t0=time.perf_counter()))
+        time.sleep(1)
+        for r in [r for r in running if r["proc"].poll() is not None]:
+            running.remove(r)
+            if r["proc"].returncode != 0:
+                print(f"[detect_synthetic] failed ({r['proc'].returncode}): {shlex.join(r['cmd'])}", file=sys.stderr)
+                for other in running:
+                    other["proc"].terminate()
+                return r["proc"].returncode, seconds
+            seconds[r["out"]] = time.perf_counter() - r["t0"]
+            print(f"[detect_synthetic] {r['out']}: {seconds[r['out']]:.0f} s", file=sys.stderr)
+    return 0, seconds
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--epochs", type=int, default=150, help="epochs of every run but the RS box-head control")
@@ -96,41 +121,22 @@ def main() -> int:
             "--lr", "1e-3", "--epochs", str(epochs), "--eval-every", "0", "--seed", "0", "--out", out,
         ]
         plan.append(dict(data=data, model=model, head=head, prior=prior, epochs=epochs, out=out, cmd=cmd))
-    running, seconds = [], {}
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    for p in plan + [None] * args.jobs:  # the trailing Nones drain the pool
-        while running and (p is None or len(running) >= args.jobs):
-            for r in list(running):
-                if r["proc"].poll() is not None:
-                    running.remove(r)
-                    if r["proc"].returncode != 0:
-                        print(f"[detect_synthetic] failed ({r['proc'].returncode}): {shlex.join(r['cmd'])}",
-                              file=sys.stderr)
-                        for other in running:
-                            other["proc"].terminate()
-                        return r["proc"].returncode
-                    seconds[r["out"]] = time.perf_counter() - r["t0"]
-                    print(f"[detect_synthetic] {r['out']}: {seconds[r['out']]:.0f} s", file=sys.stderr)
-            if p is None and not running:
-                break
-            time.sleep(1)
-        if p is None:
-            continue
+    todo = []
+    for p in plan:
         done = os.path.join(p["out"], "summary.json")
-        if os.path.exists(done):
-            with open(done) as fh:
-                had = json.load(fh)["epochs"]
-            if had != p["epochs"]:
-                print(f"[detect_synthetic] {p['out']} holds a finished run of {had} epochs, this row wants "
-                      f"{p['epochs']}: remove the folder or choose another --out", file=sys.stderr)
-                return 2
-            print(f"[detect_synthetic] {p['out']} is done already: reusing it", file=sys.stderr)
+        if not os.path.exists(done):
+            todo.append(p)
             continue
-        cmd = p["cmd"] + (["--resume"] if os.path.exists(os.path.join(p["out"], "checkpoint.pt")) else [])
-        print(f"[detect_synthetic] {shlex.join(cmd)}", file=sys.stderr, flush=True)
-        proc = subprocess.Popen([sys.executable, *cmd[1:]], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                env=env)
-        running.append(dict(p, proc=proc, t0=time.perf_counter()))
+        with open(done) as fh:
+            had = json.load(fh)["epochs"]
+        if had != p["epochs"]:
+            print(f"[detect_synthetic] {p['out']} holds a finished run of {had} epochs, this row wants "
+                  f"{p['epochs']}: remove the folder or choose another --out", file=sys.stderr)
+            return 2
+        print(f"[detect_synthetic] {p['out']} is done already: reusing it", file=sys.stderr)
+    rc, seconds = _run_pool(todo, args.jobs, {**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+    if rc != 0:
+        return rc
     rows = []
     for p in plan:
         with open(os.path.join(p["out"], "summary.json")) as fh:

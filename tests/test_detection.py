@@ -504,19 +504,15 @@ def test_det_prior_attention_against_a_hand_written_block():
         blk = bb.blocks[0]
         a = blk.norm1(t)
         heads, d = blk.attn.num_heads, t.shape[-1] // blk.attn.num_heads
-        qkv = F_linear(a, blk.attn.qkv).reshape(2, -1, 3, heads, d).permute(2, 0, 3, 1, 4)
+        qkv = torch.nn.functional.linear(a, blk.attn.qkv.weight, blk.attn.qkv.bias).reshape(2, -1, 3, heads, d).permute(2, 0, 3, 1, 4)
         logits = qkv[0] @ qkv[1].transpose(-1, -2) / d**0.5 + model.det_attention_bias()[None]
         att = (logits.softmax(-1) @ qkv[2]).transpose(1, 2).reshape(2, -1, heads * d)
-        t = t + F_linear(att, blk.attn.proj)
+        t = t + torch.nn.functional.linear(att, blk.attn.proj.weight, blk.attn.proj.bias)
         t = t + blk.mlp(blk.norm2(t))
         t = bb.norm(t)
     n = patches.shape[1]
     torch.testing.assert_close(patches, t[:, :n], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(det, t[:, n:], rtol=1e-4, atol=1e-5)
-
-
-def F_linear(x, layer):
-    return x @ layer.weight.T + layer.bias
 
 
 def test_det_prior_none_is_yolos_and_box_centres_are_relative():

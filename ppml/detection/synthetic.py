@@ -123,6 +123,19 @@ def _draw_image(photos, rng, width, height, max_objects, min_size, max_size):
     return img, anns
 
 
+def _saved_settings(root: str) -> dict | None:
+    """The settings a finished set in ``root`` was made with (its ``synthetic.json``), or None."""
+    stamp = os.path.join(root, "synthetic.json")
+    if not os.path.exists(stamp):
+        return None
+    with open(stamp) as fh:
+        return json.load(fh)
+
+
+def _same_set(saved: dict, settings: dict) -> bool:
+    return {k: saved.get(k) for k in settings} == settings
+
+
 def make_synthetic_coco(
     root: str,
     num_train: int = 1000,
@@ -157,11 +170,9 @@ def make_synthetic_coco(
     if not 4 <= min_size <= max_size or max_size > min(width, height):
         raise ValueError(f"{_WHERE}: need 4 <= min_size <= max_size <= min(width, height), got min_size={min_size}, "
                          f"max_size={max_size}, image {width}x{height}")
-    stamp = os.path.join(root, "synthetic.json")
-    if os.path.exists(stamp):
-        with open(stamp) as fh:
-            old = json.load(fh)
-        if {k: old.get(k) for k in settings} == settings:
+    old = _saved_settings(root)
+    if old is not None:
+        if _same_set(old, settings):
             return {**settings, "root": root}
         raise FileExistsError(f"{_WHERE}: {root!r} holds a synthetic set made with other settings {old}; "
                               f"wanted {settings}: remove it or choose another folder")
@@ -198,10 +209,8 @@ def make_synthetic_coco(
         # Another process (say, a second run started at the same time on the same folder) finished first: its set
         # is the same one when the settings match, so use it.
         shutil.rmtree(tmp, ignore_errors=True)
-        if os.path.exists(stamp):
-            with open(stamp) as fh:
-                theirs = json.load(fh)
-            if {k: theirs.get(k) for k in settings} == settings:
-                return {**settings, "root": root}
+        theirs = _saved_settings(root)
+        if theirs is not None and _same_set(theirs, settings):
+            return {**settings, "root": root}
         raise
     return {**settings, "root": root}
