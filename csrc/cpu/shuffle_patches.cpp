@@ -50,8 +50,9 @@ inline void copy_run(char* dst, const char* src) {
 // One task unit is a tile row of one plane (p image rows, L1/L2-sized): its tiles' source addresses are computed
 // once, then output rows are written in order, each a sequence of run copies from N scattered source tiles. No
 // hardware prefetcher can predict those reads, so two software prefetches feed them:
-// - each copy prefetches the same tile's next row (float32 on the 2-core development VM: ~0.45x -> ~0.65x of memcpy
-//   bandwidth; distances 2-4 and L2 hints were no better; non-temporal stores did not help);
+// - each copy of a run of 32 bytes or more prefetches the same tile's next row (float32 on the 2-core development
+//   VM: ~0.45x -> ~0.65x of memcpy bandwidth; distances 2-4 and L2 hints were no better; non-temporal stores did not
+//   help);
 // - the units of a task read, between them, every byte of the planes they cover, in no useful order. The source is
 //   also one linear stream of units, so each unit prefetches (into L2) the unit kAheadBytes further on in memory
 //   order, spread over its p output rows: the planes arrive sequentially, which DRAM and the L2 serve best, before
@@ -61,6 +62,11 @@ template <int64_t Bytes>
 void gather_tile_rows(const ShuffleGeometry& g, const int64_t* perm, const char* src, char* dst, int64_t run_bytes) {
   constexpr int64_t kAheadBytes = int64_t{64} << 10;
   constexpr int64_t kLine = 64;
+  // Runs shorter than this skip the next-row prefetch: a 16-byte run (uint8, p = 16) pays one prefetch per 16
+  // bytes moved, and its line holds three other tiles' rows that the linear stream below has already brought in
+  // (uint8 B=64 / B=256 on the development VM, 2 threads: ~0.4 -> ~0.5 and ~0.83 -> ~0.92 of copy; 32-byte runs
+  // and longer are better with it).
+  constexpr int64_t kMinPrefetchedRun = 32;
   const int64_t tiles_y = g.height / g.patch;
   const int64_t units = g.planes * tiles_y;
   const int64_t unit_bytes = g.patch * g.row_units;  // row_units: bytes per image row
@@ -72,6 +78,7 @@ void gather_tile_rows(const ShuffleGeometry& g, const int64_t* perm, const char*
     // Copies local to this call: captured variables live in the closure, which a char* store may alias, so the
     // copy loop would reload them after every store; these stay in registers.
     const int64_t p = g.patch, tiles_x = g.tiles_x, row = g.row_units, run = run_bytes;
+    const bool next_row_prefetch = (Bytes > 0 ? Bytes : run) >= kMinPrefetchedRun;
     std::vector<const char*> from_storage(static_cast<size_t>(tiles_x));
     const char** const from = from_storage.data();
     for (int64_t unit = begin; unit < end; ++unit) {
@@ -92,7 +99,7 @@ void gather_tile_rows(const ShuffleGeometry& g, const int64_t* perm, const char*
         }
         char* o = out + r * row;
         const int64_t shift = r * row;
-        const bool ahead = r + 1 < p;
+        const bool ahead = next_row_prefetch && r + 1 < p;
         for (int64_t tx = 0; tx < tiles_x; ++tx) {
           if (ahead) __builtin_prefetch(from[tx] + shift + row);
           if constexpr (Bytes > 0) {
