@@ -57,7 +57,12 @@ inline void copy_run(char* dst, const char* src) {
 //   also one linear stream of units, so each unit prefetches (into L2) the unit kAheadBytes further on in memory
 //   order, spread over its p output rows: the planes arrive sequentially, which DRAM and the L2 serve best, before
 //   the scattered reads want them (single-thread float32 B=64: ~0.6x -> ~0.8x of memcpy; 16 KiB and 256 KiB were
-//   worse than 64 KiB, and the linear prefetch alone without the next-row one was worse than neither).
+//   worse than 64 KiB, and for float32 the linear prefetch alone without the next-row one was worse than neither).
+// Measured on that VM and not kept (each no better, or better only where the other regime got worse): tile-major
+// order (scattered 16-byte stores cost more than scattered loads), the planes' tiles first rearranged tile-major in
+// a per-thread scratch and then gathered, output rows in row-in-tile-major order (every source line used whole while
+// in L1), two 16-byte runs joined into one 32-byte store, the C planes of an image in one unit, two output rows per
+// pass, and madvise(MADV_HUGEPAGE) on fresh outputs (from ~20 ms to 6-76 ms per float32 B=64 call: erratic here).
 template <int64_t Bytes>
 void gather_tile_rows(const ShuffleGeometry& g, const int64_t* perm, const char* src, char* dst, int64_t run_bytes) {
   constexpr int64_t kAheadBytes = int64_t{64} << 10;
