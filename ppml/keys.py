@@ -12,6 +12,17 @@ import numpy as np
 import torch
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """Moves keys drawn on the host to `device` without making the host wait: a copy from pageable memory
+    synchronises with the GPU, one from pinned memory is queued on the stream like any kernel."""
+    if device is None:
+        return t
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def random_permutations(
     batch: int,
     num_patches: int,
@@ -38,12 +49,10 @@ def random_permutations(
         # 63-bit keys from the OS CSPRNG; ties (probability ~N^2/2^64) only fall back to index order.
         raw = np.frombuffer(os.urandom(8 * batch * num_patches), dtype=np.int64).reshape(batch, num_patches)
         keys = torch.from_numpy(raw & np.int64(0x7FFFFFFFFFFFFFFF))
-        perm = torch.argsort(keys, dim=1, stable=True)
-        return perm.to(device) if device is not None else perm
+        return to_device(torch.argsort(keys, dim=1, stable=True), device)
     gen_device = generator.device
     keys = torch.randint(0, 2**62, (batch, num_patches), generator=generator, device=gen_device, dtype=torch.int64)
-    perm = torch.argsort(keys, dim=1, stable=True)
-    return perm.to(device) if device is not None else perm
+    return to_device(torch.argsort(keys, dim=1, stable=True), device)
 
 
 def invert_permutations(perm: torch.Tensor) -> torch.Tensor:
@@ -74,5 +83,4 @@ def random_simplex(
     else:
         u = torch.rand((batch, rows, k), generator=generator, device=generator.device, dtype=torch.float64)
         e = -torch.log1p(-u)  # u in [0, 1): 1 - u in (0, 1]
-    w = e / e.sum(-1, keepdim=True)
-    return w.to(device=device if device is not None else e.device, dtype=dtype)
+    return to_device((e / e.sum(-1, keepdim=True)).to(dtype), device)

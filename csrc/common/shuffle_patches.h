@@ -46,8 +46,9 @@ C10_HOST_DEVICE inline Index shuffle_source_offset(const ShuffleGeometry& g, Ind
   return shuffle_row_offset<Index>(g, plane, sy * static_cast<Index>(g.patch) + r) + sx * static_cast<Index>(g.run_units);
 }
 
-// Clamp of a tile index into [0, N): perm is validated before any kernel runs, so this never changes a valid key; it
-// only guarantees that no corrupted key can make a kernel read outside the image.
+// Clamp of a tile index into [0, N): perm is validated before the gather runs (on the host for CPU tensors, by a
+// device-side assert queued ahead of it for CUDA ones), so this never changes a valid key; it only guarantees that no
+// bad key can make a kernel read outside the image, whatever happens to the check.
 template <typename Index>
 C10_HOST_DEVICE inline Index clamp_tile(Index tile, Index num_tiles) {
   return tile < 0 ? Index(0) : (tile >= num_tiles ? num_tiles - 1 : tile);

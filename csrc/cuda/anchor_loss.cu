@@ -8,6 +8,7 @@
 #include <cmath>
 
 #include "common/anchor_loss.h"
+#include "common/device_assert.h"
 
 namespace ppml::ops {
 namespace {
@@ -30,6 +31,14 @@ __device__ T block_reduce(T v, T* shared) {
   return r;
 }
 
+// The label of `row`, checked on the device: a label outside [0, C) stops the stream with a device-side assert (no
+// host round trip per call, as in torch's index ops), and is clamped so that it can never index outside the anchors.
+__device__ __forceinline__ int64_t checked_label(const int64_t* __restrict__ y, int64_t row, int64_t C) {
+  const int64_t lab = y[row];
+  CUDA_KERNEL_ASSERT_MSG(lab >= 0 && lab < C, "ppml.anchor_loss: labels must lie in [0, C)");
+  return lab < 0 ? 0 : (lab >= C ? C - 1 : lab);
+}
+
 // One block per row of the chunk: logits from the dot products in z (in place), log-sum-exp and loss, then the
 // gradient coefficients w_c in place of the logits and their row sum.
 template <typename acc_t>
@@ -38,7 +47,7 @@ __global__ void anchor_rows_kernel(const acc_t* __restrict__ f, const acc_t* __r
                                    acc_t* __restrict__ z, acc_t* __restrict__ loss, acc_t* __restrict__ wsum,
                                    int64_t r0, int64_t C, int64_t D, int metric, acc_t gamma) {
   __shared__ acc_t shared[kThreads / 32];
-  const int64_t i = blockIdx.x, row = r0 + i, lab = y[row];
+  const int64_t i = blockIdx.x, row = r0 + i, lab = checked_label(y, row, C);
   const acc_t* fr = f + row * D;
   acc_t* zr = z + i * C;
   acc_t fn2 = 0, dy2 = 0;
@@ -99,9 +108,9 @@ template <typename acc_t>
 __global__ void anchor_finish_kernel(const acc_t* __restrict__ f, const acc_t* __restrict__ a,
                                      const acc_t* __restrict__ anorm, const int64_t* __restrict__ y,
                                      const acc_t* __restrict__ wsum, acc_t* __restrict__ g, acc_t* __restrict__ loss,
-                                     int64_t r0, int64_t D, int metric, acc_t pull, bool softmax) {
+                                     int64_t r0, int64_t C, int64_t D, int metric, acc_t pull, bool softmax) {
   __shared__ acc_t shared[kThreads / 32];
-  const int64_t i = blockIdx.x, row = r0 + i, lab = y[row];
+  const int64_t i = blockIdx.x, row = r0 + i, lab = checked_label(y, row, C);
   const acc_t* fr = f + row * D;
   const acc_t* ay = a + lab * D;
   acc_t* gr = g + i * D;
@@ -167,7 +176,7 @@ void run(const at::Tensor& F, const at::Tensor& A, const at::Tensor& y, Metric m
     }
     anchor_finish_kernel<acc_t><<<n, kThreads, 0, stream>>>(
         F.const_data_ptr<acc_t>(), A.const_data_ptr<acc_t>(), anorm.const_data_ptr<acc_t>(), y.const_data_ptr<int64_t>(),
-        wsum.const_data_ptr<acc_t>(), Gc.mutable_data_ptr<acc_t>(), loss.mutable_data_ptr<acc_t>(), r0, D,
+        wsum.const_data_ptr<acc_t>(), Gc.mutable_data_ptr<acc_t>(), loss.mutable_data_ptr<acc_t>(), r0, C, D,
         static_cast<int>(metric), pull, softmax);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
@@ -179,14 +188,9 @@ std::tuple<at::Tensor, at::Tensor> anchor_loss_cuda(const at::Tensor& features, 
   check_anchor_args(features, anchors, labels, scale, pull, softmax);
   const c10::cuda::CUDAGuard guard(features.device());
   const Metric m = parse_metric(std::string_view(metric.data(), metric.size()));
-  const int64_t B = features.size(0), C = anchors.size(0);
+  const int64_t B = features.size(0);
   const at::Tensor y = labels.contiguous();
-  if (B > 0) {
-    // One synchronising read: a label outside [0, C) would index outside the anchors.
-    const at::Tensor bad = ((y < 0) | (y >= C)).any();
-    TORCH_CHECK_VALUE(!bad.item<bool>(), "ppml.anchor_loss: labels must lie in [0, C) with C=", C,
-                      ", got a label outside it");
-  }
+  // Labels are checked in the kernels (checked_label), never with a synchronising read here.
   const auto acc = features.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor F = features.to(acc).contiguous();
   const at::Tensor A = anchors.to(acc).contiguous();

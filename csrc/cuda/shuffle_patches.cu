@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "common/device_assert.h"
 #include "common/shuffle_patches.h"
 
 namespace ppml::ops {
@@ -14,13 +15,21 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// Marks bad[0] when an entry is out of range or a value repeats within its row.
-__global__ void check_perm_rows_kernel(const int64_t* perm, int32_t* seen, int32_t* bad, int64_t B, int64_t N) {
+// Key validation without a host round trip (the way torch's own index ops do it): each row of perm must be a
+// permutation of 0..N-1, and a row that is not stops the stream with a device-side assert naming the op. `seen`
+// counts each value of each row (zeroed by the caller). The shuffle kernel clamps every tile index it reads, so even
+// with device asserts compiled out (TORCH_DISABLE_GPU_ASSERTS) no key can make it read or write outside the tensors.
+__global__ void check_perm_rows_kernel(const int64_t* __restrict__ perm, int32_t* __restrict__ seen, int64_t B,
+                                       int64_t N) {
   const int64_t total = B * N;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t v = perm[i];
-    if (v < 0 || v >= N || atomicAdd(seen + (i / N) * N + v, 1) != 0) atomicExch(bad, 1);
+    const bool in_range = v >= 0 && v < N;
+    // a value already counted in its row is a repeat, so some other value is missing
+    const bool first = in_range && atomicAdd(seen + (i / N) * N + v, 1) == 0;
+    CUDA_KERNEL_ASSERT_MSG(in_range && first,
+                           "ppml.shuffle_patches: every row of perm must be a permutation of 0..N-1 (N=(H/p)*(W/p))");
   }
 }
 
@@ -51,20 +60,17 @@ __global__ void shuffle_patches_kernel(const Unit* __restrict__ src, Unit* __res
   }
 }
 
+// Queues the key check on the current stream: no synchronisation, so a call costs no host round trip and can be
+// captured in a CUDA graph. A bad key surfaces as a device-side assert ("CUDA error: device-side assert triggered",
+// with the message above on stderr) at the next synchronisation, as with torch's index ops.
 void check_perm_rows_cuda(const at::Tensor& perm) {
   const int64_t B = perm.size(0), N = perm.size(1);
   if (B * N == 0) return;
   auto seen = at::zeros({B, N}, perm.options().dtype(at::kInt));
-  auto bad = at::zeros({1}, perm.options().dtype(at::kInt));
   const int64_t blocks = std::min<int64_t>((B * N + kThreads - 1) / kThreads, 65535);
-  auto stream = at::cuda::getCurrentCUDAStream();
-  check_perm_rows_kernel<<<blocks, kThreads, 0, stream>>>(perm.const_data_ptr<int64_t>(),
-                                                           seen.mutable_data_ptr<int32_t>(),
-                                                           bad.mutable_data_ptr<int32_t>(), B, N);
+  check_perm_rows_kernel<<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      perm.const_data_ptr<int64_t>(), seen.mutable_data_ptr<int32_t>(), B, N);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  // One synchronising read: a clear error now beats a silently wrong result (or a device assert) later.
-  TORCH_CHECK_VALUE(bad.item<int32_t>() == 0, "ppml.shuffle_patches: every row of perm must be a permutation of 0..", N - 1,
-              " (N=(H/p)*(W/p)=", N, "), at least one row is not");
 }
 
 template <typename Unit, typename Index>

@@ -69,6 +69,22 @@ def register_fallback_kernels() -> None:
                 _extension.fallback_registered.add((op, key))
 
 
+def check_values(ok: torch.Tensor, message) -> None:
+    """Checks a property of tensor data (``ok``: a 0-d bool tensor) without making the host wait for a device.
+
+    On CPU a failure raises ``ValueError(message())`` at once (``message`` is called only then, so it may read the
+    data to say what was wrong). On a GPU the check is queued as a device-side assert (``torch._assert_async``), as
+    torch's own index ops do: the call never synchronises, and a failure stops the stream with ``CUDA error:
+    device-side assert triggered`` at the next synchronisation, the message on stderr. Kernels clamp what they index
+    with, so a bad value never reads or writes out of bounds either way.
+    """
+    if ok.device.type == "cpu":
+        if not bool(ok):
+            raise ValueError(message())
+    else:
+        torch._assert_async(ok, message(device_side=True))
+
+
 def check_positive_int(value, op: str, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{op}: {name} must be a positive integer, got {value!r}")

@@ -16,7 +16,7 @@ from .. import _dispatch
 from ..anchors import make_anchors
 from ..reference import anchor_loss as _reference_loss
 from ..reference.anchor_loss import COS_EPS, DIST2_EPS, METRICS, accumulation_dtype, anchor_logits
-from ._common import describe, fallback_kernel, lib
+from ._common import check_values, describe, fallback_kernel, lib
 
 OP = "ppml.anchor_loss"
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -52,9 +52,16 @@ def _check(features, anchors, labels, metric, scale, pull, softmax, op: str = OP
 
 
 def _check_labels(labels: Tensor, num_classes: int, op: str = OP) -> None:
-    if labels.numel() and not bool(((labels >= 0) & (labels < num_classes)).all()):
-        bad = labels[(labels < 0) | (labels >= num_classes)][0].item()
-        raise ValueError(f"{op}: labels must lie in [0, C) with C={num_classes}, got {bad}")
+    """Labels in [0, C): an error at once on CPU, a device-side assert on a GPU (no host sync)."""
+    if not labels.numel():
+        return
+    outside = (labels < 0) | (labels >= num_classes)
+
+    def message(device_side: bool = False) -> str:
+        got = "a label outside it" if device_side else str(labels[outside][0].item())
+        return f"{op}: labels must lie in [0, C) with C={num_classes}, got {got}"
+
+    check_values(~outside.any(), message)
 
 
 @torch.library.register_fake("ppml::anchor_loss")

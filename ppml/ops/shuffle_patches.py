@@ -9,7 +9,7 @@ from torch._subclasses.fake_tensor import is_fake
 from .. import _dispatch
 from ..keys import invert_permutations, random_permutations
 from ..reference import shuffle_patches as _reference_shuffle
-from ._common import check_images, check_positive_int, describe, empty_output, fallback_kernel, lib
+from ._common import check_images, check_positive_int, check_values, describe, empty_output, fallback_kernel, lib
 
 OP = "ppml.shuffle_patches"
 
@@ -42,13 +42,20 @@ def _check(images: Tensor, perm: Tensor | None, patch_size: int, op: str = OP) -
 
 
 def _check_perm_values(perm: Tensor, op: str = OP) -> None:
-    """Every row a permutation of 0..N-1 (reads the data: one sync on CUDA)."""
+    """Every row a permutation of 0..N-1: an error at once on CPU, a device-side assert on a GPU (no host sync)."""
     if perm.numel() == 0:
         return
     n = perm.shape[1]
-    expected = torch.arange(n, device=perm.device, dtype=perm.dtype)
-    if not bool((perm.sort(dim=1).values == expected).all()):
-        raise ValueError(f"{op}: every row of perm must be a permutation of 0..{n - 1} (N=(H/p)*(W/p)={n}), got one that is not")
+    in_range = (perm >= 0) & (perm < n)
+    # each in-range value counted once per row; a row is a permutation iff every count is exactly 1
+    counts = torch.zeros_like(perm).scatter_add_(1, perm.clamp(0, n - 1), in_range.to(perm.dtype))
+    bad_rows = (counts != 1).any(1)
+
+    def message(device_side: bool = False) -> str:
+        which = "at least one row is not" if device_side else f"row {int(bad_rows.nonzero()[0, 0])} is not"
+        return f"{op}: every row of perm must be a permutation of 0..{n - 1} (N=(H/p)*(W/p)={n}), {which}"
+
+    check_values(~bad_rows.any(), message)
 
 
 @torch.library.register_fake("ppml::shuffle_patches")
