@@ -1,5 +1,10 @@
 """Builds ppml._C: the CPU C++ kernels always, the CUDA kernels when CUDA is usable (or FORCE_CUDA=1).
 
+The compiler: CXX (and CC) when set; otherwise the default c++ when it links against the C++ runtime torch runs
+with, else the first compiler found that does (ppml/_toolchain.py says why this matters). After the build, a
+self-test in a child process makes ppml._C raise a C++ error on bad input: if that crashes instead of raising a
+ValueError, the build fails and says which compiler to use.
+
 `pip install .` needs no environment variables: CUDA_HOME defaults to /usr/local/cuda when nvcc is there, and the
 CUDA headers that pip's CUDA build of torch ships (site-packages/nvidia/cu13/include, where cusparse.h lives) are put
 on the include path. Set FORCE_CUDA=0 to skip the CUDA kernels, PPML_CUDA_ARCH to choose the architectures
@@ -7,9 +12,12 @@ on the include path. Set FORCE_CUDA=0 to skip the CUDA kernels, PPML_CUDA_ARCH t
 """
 
 import glob
+import importlib.util
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 from setuptools import find_packages, setup
 
@@ -31,6 +39,20 @@ if _cuda_home and not os.environ.get("CUDA_HOME"):
 
 import torch  # noqa: E402
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def _load_toolchain():
+    # By path: ppml itself cannot be imported before it is built.
+    spec = importlib.util.spec_from_file_location("_ppml_toolchain", os.path.join(ROOT, "ppml", "_toolchain.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_toolchain = _load_toolchain()
+_compiler_env, _compiler_why = _toolchain.pick_compiler()
+os.environ.update(_compiler_env)  # read by torch's BuildExtension when it compiles (CXX; CC becomes nvcc's -ccbin)
+print("ppml: compiler " + _compiler_why)
 
 
 def _want_cuda():
@@ -93,18 +115,60 @@ def _extensions():
     ]
 
 
+def _selftest(package_root: str) -> dict:
+    if not os.path.exists(os.path.join(package_root, "ppml", "__init__.py")):
+        print(f"ppml: self-test not run, no ppml package beside the new _C in {package_root}")
+        return {"selftest": "not run"}
+    env = {k: v for k, v in os.environ.items() if k not in ("PPML_DISABLE_NATIVE", "TRITON_INTERPRET")}
+    # A child process: a crash must not take the build down with it, and the new _C must be loaded fresh.
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "ppml", "_selftest.py"), package_root], env=env,
+                         capture_output=True, text=True, timeout=600)
+    if out.returncode == 0:
+        return {"selftest": "ok: C++ errors from ppml._C reach Python as ValueError"}
+    if out.returncode == 3:
+        # _C does not load here (e.g. a cross build): nothing to test, and ppml will say why at run time.
+        print("ppml: self-test skipped, ppml._C does not load in this environment: " + out.stdout.strip())
+        return {"selftest": "skipped: " + out.stdout.strip()}
+    if out.returncode > 0 and out.returncode != 4:
+        # A Python error in the child (an import failing, say) is not what this test looks for: report, go on.
+        print("ppml: WARNING: self-test could not run:\n" + out.stderr[-2000:])
+        return {"selftest": "could not run: " + (out.stderr.strip().splitlines() or ["?"])[-1]}
+    how = "raised no ValueError or a garbled one" if out.returncode == 4 else f"crashed with signal {-out.returncode}"
+    raise RuntimeError(
+        f"ppml: the freshly built ppml._C {how} when it had to raise a C++ error on bad input, where a ValueError was "
+        f"expected. Compiler: {_compiler_why}. A crash here means ppml._C and torch do not share one C++ runtime; "
+        "rebuild with a compiler whose libstdc++ is the one torch loads, e.g. CXX=/usr/bin/g++ CC=/usr/bin/gcc, "
+        "and see `python -m ppml._toolchain`.\n" + out.stdout[-2000:] + out.stderr[-4000:]
+    )
+
+
 class _BuildExt(BuildExtension):
-    """Records what _C was built against, so ppml can refuse a _C built for another torch instead of crashing."""
+    """Records what _C was built against and with (so ppml can refuse a _C built for another torch instead of
+    crashing), then runs the self-test."""
 
     def run(self):
         super().run()
+        cxx = _toolchain.compiler_info(os.environ.get("CXX", "c++"))
         info = {
             "torch": torch.__version__,
             "cuda": bool(self.distribution.ppml_with_cuda),
             "cuda_reason": self.distribution.ppml_cuda_reason,
             "torch_cuda": torch.version.cuda,
+            "cxx": cxx["path"],
+            "cxx_version": cxx["version"],
+            "cxx_libstdc++": cxx["libstdc++"],
+            "torch_libstdc++": _toolchain.loaded_libraries().get("libstdc++"),
+            "torch_compiler": _toolchain.torch_compiler(),
         }
-        for base in {self.build_lib, ROOT} if self.inplace else {self.build_lib}:
+        bases = {self.build_lib, ROOT} if self.inplace else {self.build_lib}
+        self._write_info(bases, info)
+        # The package next to the new _C: the source tree for in-place builds, else build_lib (build_py ran first).
+        info.update(_selftest(ROOT if self.inplace else self.build_lib))
+        self._write_info(bases, info)
+
+    @staticmethod
+    def _write_info(bases, info):
+        for base in bases:
             path = os.path.join(base, "ppml", "_build_info.json")
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "w") as f:

@@ -84,3 +84,70 @@ def test_extension_for_another_torch_is_refused(tmp_path, monkeypatch):
     assert not _extension.native_loaded()
     assert "built against torch 0.0.1" in _extension.native_reason("cpu", "shuffle_patches")
     assert "--no-build-isolation" in _extension.native_reason("cpu", "shuffle_patches")
+
+
+# ---- the C++ runtime ppml._C is built with (the first GPU run crashed on bad input with a foreign one) -------------
+
+
+def test_selftest_passes_for_this_build():
+    # The post-build self-test, on the installed ppml: a C++ error from _C arrives as the documented ValueError.
+    if not _extension.native_loaded():
+        pytest.skip(f"ppml._C not loaded: {ppml.backend_info()['native']}")
+    out = subprocess.run([sys.executable, "-m", "ppml._selftest"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count("ValueError as documented") == 2
+    assert _extension.build_info().get("selftest", "").startswith("ok"), _extension.build_info()
+
+
+def test_extension_uses_the_process_cpp_runtime():
+    if not _extension.native_loaded():
+        pytest.skip(f"ppml._C not loaded: {ppml.backend_info()['native']}")
+    from ppml import _toolchain
+
+    so = ppml._C.__file__
+    rt = _toolchain.extension_runtime(so)
+    if not rt["needed"]:
+        pytest.skip("readelf is not available")
+    assert rt["defines_runtime"] == [], f"{so} carries its own C++ runtime: {rt}"
+    assert "libstdc++.so.6" in rt["needed"]
+
+
+def _compiler(path, lib):
+    return {"command": path, "path": path, "version": f"{path} 1.0", "libstdc++": lib}
+
+
+def test_toolchain_names_a_compiler_without_shared_runtime():
+    from ppml import _toolchain
+
+    loaded = {"libstdc++": "/usr/lib/libstdc++.so.6.0.33"}
+    assert _toolchain.runtime_mismatch(_compiler("/usr/bin/g++", "/usr/lib/libstdc++.so.6.0.33"), loaded) is None
+    why = _toolchain.runtime_mismatch(_compiler("/opt/gcc/bin/g++", None), loaded)
+    assert "no shared libstdc++" in why and "/opt/gcc/bin/g++" in why
+    why = _toolchain.runtime_mismatch(_compiler("/opt/gcc/bin/g++", "/opt/gcc/lib64/libstdc++.so.6.0.34"), loaded)
+    assert "/opt/gcc/lib64/libstdc++.so.6.0.34" in why and "/usr/lib/libstdc++.so.6.0.33" in why
+
+
+def test_pick_compiler_prefers_one_with_torchs_runtime(monkeypatch):
+    from ppml import _toolchain
+
+    runtime = "/usr/lib/libstdc++.so.6.0.33"
+    compilers = {
+        "c++": _compiler("/opt/gcc/bin/c++", None),
+        "g++": _compiler("/opt/gcc/bin/c++", None),
+        "/usr/bin/c++": _compiler("/usr/bin/x86_64-linux-gnu-g++-13", runtime),
+        "/usr/bin/g++": _compiler("/usr/bin/x86_64-linux-gnu-g++-13", runtime),
+    }
+    monkeypatch.setattr(_toolchain, "loaded_libraries", lambda: {"libstdc++": runtime})
+    monkeypatch.setattr(_toolchain, "compiler_info", lambda cmd: compilers[cmd])
+    monkeypatch.setattr(_toolchain, "_c_compiler_beside", lambda path: "/usr/bin/x86_64-linux-gnu-gcc-13")
+    env, why = _toolchain.pick_compiler({})
+    assert env == {"CXX": "/usr/bin/x86_64-linux-gnu-g++-13", "CC": "/usr/bin/x86_64-linux-gnu-gcc-13"}
+    assert "instead of c++" in why and "no shared libstdc++" in why
+    # a CXX the user chose is kept, with the warning
+    compilers["/opt/gcc/bin/g++"] = _compiler("/opt/gcc/bin/g++", None)
+    env, why = _toolchain.pick_compiler({"CXX": "/opt/gcc/bin/g++"})
+    assert env == {} and "WARNING" in why
+    # nothing better to be had: keep the default, say so
+    compilers["/usr/bin/c++"] = compilers["/usr/bin/g++"] = _compiler("/opt/gcc/bin/c++", None)
+    env, why = _toolchain.pick_compiler({})
+    assert env == {} and why.startswith("WARNING: no compiler found")
