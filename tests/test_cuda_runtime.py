@@ -1,0 +1,101 @@
+"""On a GPU: the shuffle, mix and anchor calls never make the host wait for the device, and a bad key or label stops
+the stream with a device-side assert that names the op (instead of a crash, an out-of-bounds access or a silently
+wrong result). Skipped without CUDA; benchmarks/gpu_check.sh runs them on the lent GPU."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import ppml
+from ppml import _dispatch, reference
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+BACKENDS = ("native", "triton", "reference")
+
+
+def _available(op: str, backend: str) -> None:
+    why = _dispatch.unavailable_reason(op, backend, "cuda")
+    if why is not None:
+        pytest.skip(f"{backend} cannot run {op} on cuda: {why}")
+
+
+def _calls(backend: str):
+    """Every public entry point of the three ops on CUDA tensors, forward and backward; returns what to compare."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 64, 64, generator=gen).cuda().requires_grad_(True)
+    enc, perm = ppml.shuffle_patches(x, 16, backend=backend)  # keys drawn from OS entropy, moved to the GPU
+    dec = ppml.unshuffle_patches(enc, perm, 16, backend=backend)
+    out = torch.empty_like(x.detach())
+    ppml.shuffle_patches(x.detach(), 16, perm, backend=backend, out=out)
+    weights = ppml.random_mixing_weights(4, 16, 2, device="cuda")
+    mixed = ppml.mix_subpatches(x, 16, 2, backend=backend) + ppml.mix_subpatches(x, 16, 2, weights, backend=backend)
+    f = torch.randn(32, 24, generator=gen).cuda().requires_grad_(True)
+    anchors = ppml.make_anchors(10, 24, "simplex").cuda()
+    labels = torch.randint(0, 10, (32,), generator=gen).cuda()
+    loss = sum(ppml.anchor_loss(f, anchors, labels, metric=m, scale=4.0, pull=0.1, backend=backend)
+               for m in ("sqeuclidean", "euclidean", "cosine"))
+    (dec.square().sum() + mixed.sum() + loss).backward()
+    return x, enc, perm, dec, out, x.grad, f.grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_calls_never_synchronise(backend):
+    for op in ("shuffle_patches", "mix_subpatches", "anchor_loss"):
+        _available(op, backend)
+    _calls(backend)  # first calls outside the check: Triton compiles, cuBLAS creates its handle
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        x, enc, perm, dec, out, grad_x, grad_f = _calls(backend)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    # and the results are still right
+    assert torch.equal(enc, reference.shuffle_patches(x.detach(), perm, 16))
+    assert torch.equal(out, enc) and torch.equal(dec, x.detach())
+    assert grad_x is not None and torch.isfinite(grad_x).all() and torch.isfinite(grad_f).all()
+
+
+_BAD = {
+    "shuffle native": "torch.ops.ppml.shuffle_patches(x, torch.zeros(2, 16, dtype=torch.long, device='cuda'), 8)",
+    "shuffle native out-of-range": "torch.ops.ppml.shuffle_patches(x, torch.full((2, 16), 99, device='cuda'), 8)",
+    "shuffle triton": "torch.ops.ppml.shuffle_patches_triton(x, torch.zeros(2, 16, dtype=torch.long, device='cuda'), 8)",
+    "shuffle reference": "ppml.shuffle_patches(x, 8, torch.zeros(2, 16, dtype=torch.long, device='cuda'), "
+    "backend='reference')",
+    "unshuffle": "ppml.unshuffle_patches(x, torch.zeros(2, 16, dtype=torch.long, device='cuda'), 8)",
+    "anchor native": "torch.ops.ppml.anchor_loss(f, a, torch.tensor([0, 5], device='cuda'), 'cosine', 1.0, 0.0, True)",
+    "anchor triton": "torch.ops.ppml.anchor_loss_triton(f, a, torch.tensor([0, -1], device='cuda'), 'cosine', 1.0, "
+    "0.0, True)",
+}
+_EXPECTED = {"shuffle": "ppml.shuffle_patches", "unshuffle": "ppml.unshuffle_patches", "anchor": "ppml.anchor_loss"}
+
+
+@pytest.mark.parametrize("case", sorted(_BAD))
+def test_bad_key_stops_the_stream_with_a_named_assert(case):
+    # In a child process: a device-side assert leaves the CUDA context unusable, as with torch's own index ops.
+    if "triton" in case:
+        _available("shuffle_patches" if "shuffle" in case else "anchor_loss", "triton")
+    code = (
+        "import torch, ppml\n"
+        "x = torch.rand(2, 3, 32, 32, device='cuda'); f = torch.randn(2, 8, device='cuda')\n"
+        "a = torch.randn(3, 8, device='cuda')\n"
+        f"{_BAD[case]}\n"
+        "torch.cuda.synchronize()\n"
+        "print('NO ERROR')\n"
+    )
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    text = out.stdout + out.stderr
+    assert out.returncode > 0, f"{case}: exit status {out.returncode} (a crash, or no error):\n{text[-3000:]}"
+    assert "NO ERROR" not in text
+    assert "device-side assert" in text, text[-3000:]
+    if "native" in case:
+        # ppml's CUDA kernels carry the message; the Python paths use torch._assert_async, whose CUDA kernel prints
+        # torch's generic assertion instead (documented in the README).
+        name = _EXPECTED[case.split()[0]]
+        assert name in text, f"the assert does not name {name}:\n{text[-3000:]}"
