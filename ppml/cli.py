@@ -7,6 +7,8 @@ import argparse
 import dataclasses
 import sys
 
+from ._device import DEVICE_HELP
+
 
 def _train_parser(sub) -> None:
     from .train.trainer import DEFAULT_MODELS, ENCRYPTIONS, LOSSES, MODES, TrainConfig
@@ -69,7 +71,7 @@ def add_run_options(group, defaults) -> None:
     """The options every training command shares (``ppml train``, ``ppml detect train``): --seed, --device, --amp,
     --out, --resume, --stop-after; ``defaults`` is the command's config dataclass instance (seed, device, out)."""
     group.add_argument("--seed", type=int, default=defaults.seed)
-    group.add_argument("--device", default=defaults.device, help="auto, cpu, cuda, cuda:1")
+    group.add_argument("--device", default=defaults.device, help=DEVICE_HELP)
     group.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                        help="bf16 autocast (default: on GPU)")  # fmt: skip
     group.add_argument("--out", default=defaults.out, help="run directory")

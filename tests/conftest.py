@@ -116,3 +116,59 @@ def run_aot_script(code: str) -> None:
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
                          cwd=os.path.dirname(os.path.abspath(__file__)))
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
+# ---- CUDA set-up without a GPU --------------------------------------------------------------------------------------
+class FakeCuda:
+    """What a trainer asked of the mocked ``torch.cuda`` / ``torch.distributed`` (see the ``fake_cuda`` fixture)."""
+
+    def __init__(self) -> None:
+        self.count = 2  # torch.cuda.device_count()
+        self.current = 0  # torch.cuda.current_device()
+        self.set_device: list[int] = []  # the index of every torch.cuda.set_device call
+        self.backends: list = []  # the backend of every init_process_group call
+        self.initialized = False
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """``torch.cuda`` as on a machine with two GPUs (current device 0) and torch.distributed's process-group set-up,
+    mocked so that the trainers' device set-up runs on a machine without CUDA. ``set_device``, like the real one,
+    refuses a CUDA ``torch.device`` without an index ("Expected a torch.device with a specified index or an integer,
+    but got:cuda") and makes the index current. No torchrun variables are set (the test sets them)."""
+    fake = FakeCuda()
+
+    def set_device(device):
+        if isinstance(device, str):
+            device = torch.device(device)
+        if isinstance(device, torch.device):
+            if device.type != "cuda":
+                raise ValueError(f"Expected a cuda device, but got: {device}")
+            if device.index is None:
+                raise ValueError(f"Expected a torch.device with a specified index or an integer, but got:{device}")
+            device = device.index
+        assert isinstance(device, int) and 0 <= device < fake.count, device
+        fake.set_device.append(device)
+        fake.current = device
+
+    def init_process_group(backend=None, *args, **kwargs):
+        assert not fake.initialized
+        fake.backends.append(backend)
+        fake.initialized = True
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: fake.count)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: fake.current)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: fake.initialized)
+    monkeypatch.setattr(torch.distributed, "init_process_group", init_process_group)
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    return fake
+
+
+def backend_device_types(backend) -> set[str]:
+    """The tensor device types a process group made with ``init_process_group(backend=backend)`` can reduce."""
+    from torch.distributed.distributed_c10d import BackendConfig
+
+    return set(BackendConfig(backend).get_device_backend_map())

@@ -655,3 +655,58 @@ def test_ddp_two_cpu_ranks_and_cli_eval(synthetic_root, tmp_path, capsys, one_th
     assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all" in res.err
     ev = json.loads(res.out.strip().splitlines()[-1])
     assert ev["AP"] == pytest.approx(summary["AP"], abs=1e-3) and os.path.exists(os.path.join(out, "eval.json"))
+
+
+# ---- CUDA set-up, checked without a GPU (torch.cuda and the process-group set-up mocked: conftest's fake_cuda) ----
+TORCHRUN_RANK1 = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}
+
+
+@pytest.mark.parametrize("device,env,expected", [("cuda", {}, 0), ("auto", {}, 0), ("cuda:1", {}, 1),
+                                                 ("cuda", TORCHRUN_RANK1, 1)])
+def test_detect_cuda_setup_gets_a_device_with_an_index(fake_cuda, monkeypatch, tmp_path, device, env, expected):
+    from conftest import backend_device_types
+    from ppml.detection.engine import _DetectRun
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    r = _DetectRun(DetectConfig(device=device, out=str(tmp_path / "run"), **TINY))
+    assert fake_cuda.set_device == [expected]
+    assert r.device == torch.device("cuda", expected) and r.amp
+    if env:  # the epoch's loss sums are all-reduced as a CPU tensor: the group must take CPU tensors too
+        (backend,) = fake_cuda.backends
+        assert backend_device_types(backend) >= {"cpu", "cuda"}
+    else:
+        assert fake_cuda.backends == []
+
+
+def test_detect_eval_cuda_setup_gets_a_device_with_an_index(fake_cuda, monkeypatch, tmp_path):
+    """`ppml detect eval --device cuda` goes through the same set-up (stopped right after it)."""
+    import dataclasses
+
+    from ppml.detection import engine
+
+    path = str(tmp_path / "checkpoint.pt")
+    torch.save({"config": dataclasses.asdict(DetectConfig(out=str(tmp_path), **TINY))}, path)
+
+    def stop(*args, **kwargs):
+        raise RuntimeError("stop after the device set-up")
+
+    monkeypatch.setattr(engine, "load_splits", stop)
+    with pytest.raises(RuntimeError, match="stop after the device set-up"):
+        evaluate_run(str(tmp_path), device="cuda")
+    assert fake_cuda.set_device == [0]
+    for k, v in TORCHRUN_RANK1.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ValueError, match="ppml detect eval: --device cuda:0 under torchrun"):
+        evaluate_run(str(tmp_path), device="cuda:0")
+    assert fake_cuda.set_device == [0]
+
+
+def test_detect_cuda_setup_refuses_an_index_other_than_local_rank(fake_cuda, monkeypatch, tmp_path):
+    from ppml.detection.engine import _DetectRun
+
+    for k, v in TORCHRUN_RANK1.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ValueError, match="ppml detect: --device cuda:0 under torchrun"):
+        _DetectRun(DetectConfig(device="cuda:0", out=str(tmp_path / "run"), **TINY))
+    assert fake_cuda.set_device == [] and fake_cuda.backends == []

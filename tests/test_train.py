@@ -175,3 +175,86 @@ def test_ddp_two_cpu_ranks_stay_in_sync(tmp_path):
     assert summary["final"] and len(summary["param_digests"]) == 2
     assert summary["param_digests"][0] == summary["param_digests"][1]
     assert _metrics(out)[0]["world_size"] == 2
+
+
+# -- CUDA set-up, checked without a GPU: torch.cuda and the process-group set-up are mocked (conftest's fake_cuda) --
+TORCHRUN_RANK1 = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}
+
+
+@pytest.mark.parametrize(
+    "device,env,current,expected",
+    [
+        ("cuda", {}, 0, 0),  # one process: the current CUDA device (torch.cuda.set_device(cuda) used to fail)
+        ("cuda", {}, 1, 1),
+        ("auto", {}, 0, 0),
+        ("cuda:1", {}, 0, 1),  # an explicit index, as is
+        ("cuda", TORCHRUN_RANK1, 0, 1),  # torchrun: cuda:LOCAL_RANK
+        ("auto", TORCHRUN_RANK1, 0, 1),
+        ("cuda:1", TORCHRUN_RANK1, 0, 1),  # an index equal to LOCAL_RANK is accepted
+    ],
+)
+def test_cuda_setup_gets_a_device_with_an_index(fake_cuda, monkeypatch, tmp_path, device, env, current, expected):
+    from ppml.train.trainer import _Trainer
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    fake_cuda.current = current
+    t = _Trainer(TrainConfig(device=device, out=str(tmp_path / "run"), **TINY))
+    assert fake_cuda.set_device == [expected]
+    assert t.device == torch.device("cuda", expected) and t.device.index == expected
+    assert t.amp  # bf16 autocast by default on CUDA
+    assert (t.d.world, t.d.rank, t.d.local_rank) == ((2, 1, 1) if env else (1, 0, 0))
+    assert len(fake_cuda.backends) == (1 if env else 0)
+
+
+def test_torchrun_on_cuda_joins_a_group_that_reduces_cpu_and_cuda_tensors(fake_cuda, monkeypatch, tmp_path):
+    """The trainer all-reduces CPU tensors (the epoch's loss sums, the validation counts) and CUDA ones; a group made
+    with backend="nccl" alone refuses CPU tensors ("No backend type associated with device type cpu")."""
+    from conftest import backend_device_types
+    from ppml.train.trainer import _Trainer
+
+    for k, v in TORCHRUN_RANK1.items():
+        monkeypatch.setenv(k, v)
+    _Trainer(TrainConfig(device="cuda", out=str(tmp_path / "run"), **TINY))
+    (backend,) = fake_cuda.backends
+    assert backend_device_types(backend) >= {"cpu", "cuda"}
+    from torch.distributed.distributed_c10d import BackendConfig
+
+    assert BackendConfig(backend).get_device_backend_map()["cuda"] == "nccl"
+
+
+@pytest.mark.parametrize(
+    "device,env,match",
+    [
+        ("cuda:0", TORCHRUN_RANK1, "LOCAL_RANK=1 uses cuda:1"),  # torchrun: an index other than LOCAL_RANK
+        ("cuda:2", {}, "device_count\\(\\) is 2"),
+        ("cuda", {"WORLD_SIZE": "3", "RANK": "2", "LOCAL_RANK": "2"}, "LOCAL_RANK=2 needs cuda:2"),
+        ("gpu", {}, "--device must be auto, cpu, cuda or cuda:N"),
+    ],
+)
+def test_cuda_setup_refuses_a_device_it_cannot_use(fake_cuda, monkeypatch, tmp_path, device, env, match):
+    from ppml.train.trainer import _Trainer
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ValueError, match=match):
+        _Trainer(TrainConfig(device=device, out=str(tmp_path / "run"), **TINY))
+    assert fake_cuda.set_device == [] and fake_cuda.backends == []
+
+
+def test_cuda_asked_for_without_cuda(monkeypatch, tmp_path, capsys):
+    """No CUDA: --device cuda is a clean CLI error (exit 2), auto falls back to the CPU without touching CUDA."""
+    from ppml.cli import main
+    from ppml.train.trainer import _Trainer
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: pytest.fail(f"set_device({d}) without CUDA"))
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["train", "--device", "cuda", "--out", str(tmp_path / "x")]) == 2
+    assert "--device cuda requested but torch.cuda.is_available() is False" in capsys.readouterr().err
+    t = _Trainer(TrainConfig(device="auto", out=str(tmp_path / "run"), **TINY))
+    assert t.device == torch.device("cpu") and not t.amp
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "LOCAL_RANK" in capsys.readouterr().out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from .._device import DEVICE_HELP
 from ..cli import add_run_options, config_from_args
 
 
@@ -96,7 +97,7 @@ def _eval_parser(sub) -> None:
     p.add_argument("--data", default=None, help="another COCO folder (default: the run's data)")
     p.add_argument("--split", default=None, help="another split (default: the run's --val-split)")
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--key-seed", type=int, default=None, help="seed the owner's RS keys (default: the run's)")
     p.set_defaults(func=_run_eval)
 

@@ -4,7 +4,7 @@ Conventions of ``ppml train`` (and its helpers, imported from :mod:`ppml.train.t
 epoch; SIGINT / SIGTERM / ``stop_after`` finish the step and write one; ``resume`` continues exactly (the run's random
 draws are functions of (seed, epoch, image) and (key seed, epoch, step), and the checkpoint holds the global RNG
 state); ``DIR/metrics.jsonl`` (one line per epoch), ``DIR/summary.json``; tqdm progress on stderr; torchrun DDP
-(gloo on CPU, nccl on GPU) with torch's DistributedSampler, identical parameters checked at every checkpoint.
+(gloo on CPU; nccl on GPU, gloo for CPU tensors; cuda:LOCAL_RANK per process) with torch's DistributedSampler, identical parameters checked at every checkpoint.
 
 The trainer only ever receives ciphertext and the targets of :class:`~ppml.detection.data.Owner`; the owner's part
 (augmenting the plain images, encrypting, and at evaluation decoding predictions with the RS keys) runs in the
@@ -310,10 +310,8 @@ def evaluate(model: nn.Module, dataset: CocoDetection, cfg: DetectConfig, device
 class _DetectRun:
     def __init__(self, cfg: DetectConfig) -> None:
         cfg.check()
-        if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"{_OP}: --device {cfg.device} requested but torch.cuda.is_available() is False")
         self.cfg = cfg
-        self.d, self.device = _init_distributed(cfg.device)
+        self.d, self.device = _init_distributed(cfg.device, _OP)
         self.ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
         self.metrics_path = os.path.join(cfg.out, "metrics.jsonl")
         self.amp = cfg.amp if cfg.amp is not None else self.device.type == "cuda"
@@ -541,7 +539,7 @@ def evaluate_run(out: str, *, checkpoint: str | None = None, data: str | None = 
     if key_seed is not None:
         cfg.key_seed = key_seed
     cfg.device = device
-    d, dev = _init_distributed(device)
+    d, dev = _init_distributed(device, f"{_OP} eval")
     try:
         if cfg.synthetic:
             root = cfg.synthetic_root or os.path.join(cfg.out, "synthetic")

@@ -11,7 +11,8 @@ Settings (``TrainConfig``):
   per rank, per epoch. A checkpoint holds the optimizer, the schedule and every rank's generator states, so a run
   stopped mid-epoch (``stop_after`` steps, SIGINT or SIGTERM: the step finishes, a checkpoint is written) and resumed
   reproduces the uninterrupted run exactly.
-- DDP: launched by torchrun (``WORLD_SIZE`` > 1) it uses gloo on CPU, nccl on CUDA, torch's DistributedSampler (seeded,
+- DDP: launched by torchrun (``WORLD_SIZE`` > 1) it uses gloo on CPU; on CUDA, nccl (gloo for the few CPU
+  tensors it all-reduces) and one GPU per process, cuda:LOCAL_RANK; torch's DistributedSampler (seeded,
   per epoch), and checks at every checkpoint that all ranks hold identical parameters. Only rank 0 writes.
 """
 
@@ -32,6 +33,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._device import distributed_backend, resolve_device
 from .._progress import progress
 
 _OP = "ppml train"
@@ -134,20 +136,18 @@ class _Dist:
         return self.rank == 0
 
 
-def _init_distributed(device_arg: str) -> tuple[_Dist, torch.device]:
+def _init_distributed(device_arg: str, op: str = _OP) -> tuple[_Dist, torch.device]:
+    """This process's rank and device, the CUDA device made current, the process group joined under torchrun.
+
+    The device comes from :func:`ppml._device.resolve_device`: CUDA always with an index (a bare ``cuda`` is the
+    current CUDA device, or ``cuda:LOCAL_RANK`` when torchrun starts several processes)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     d = _Dist(world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")))
-    if device_arg == "auto":
-        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device_arg)
+    device = resolve_device(device_arg, d.local_rank if world > 1 else None, op=op)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"{_OP}: --device {device_arg} requested but torch.cuda.is_available() is False")
-        if world > 1:
-            device = torch.device("cuda", d.local_rank)
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend=distributed_backend(device))
     return d, device
 
 
