@@ -120,7 +120,8 @@ def pick_compiler(environ=os.environ) -> tuple[dict[str, str], str]:
 def extension_runtime(so_path: str) -> dict:
     """The shared libraries `so_path` needs and the C++ runtime symbols it defines itself (empty when it uses the
     process's runtime, as it should)."""
-    needed = [m.group(1) for m in re.finditer(r"\(NEEDED\)\s+Shared library: \[(.+?)\]", _run(["readelf", "-d", so_path]) or "")]
+    dynamic = _run(["readelf", "-d", so_path]) or ""
+    needed = [m.group(1) for m in re.finditer(r"\(NEEDED\)\s+Shared library: \[(.+?)\]", dynamic)]
     defined = set()
     for line in (_run(["nm", "--defined-only", so_path], timeout=120) or "").splitlines():
         parts = line.split()

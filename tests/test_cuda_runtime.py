@@ -64,7 +64,8 @@ def test_calls_never_synchronise(backend):
 _BAD = {
     "shuffle native": "torch.ops.ppml.shuffle_patches(x, torch.zeros(2, 16, dtype=torch.long, device='cuda'), 8)",
     "shuffle native out-of-range": "torch.ops.ppml.shuffle_patches(x, torch.full((2, 16), 99, device='cuda'), 8)",
-    "shuffle triton": "torch.ops.ppml.shuffle_patches_triton(x, torch.zeros(2, 16, dtype=torch.long, device='cuda'), 8)",
+    "shuffle triton": "torch.ops.ppml.shuffle_patches_triton(x, torch.zeros(2, 16, dtype=torch.long, device='cuda'), "
+    "8)",
     "shuffle reference": "ppml.shuffle_patches(x, 8, torch.zeros(2, 16, dtype=torch.long, device='cuda'), "
     "backend='reference')",
     "unshuffle": "ppml.unshuffle_patches(x, torch.zeros(2, 16, dtype=torch.long, device='cuda'), 8)",
