@@ -136,7 +136,9 @@ def _logits(dots, c, c_mask, lab, anorm, fn2, inv_fden, dy2, zy, gamma, METRIC: 
     return tl.where(c_mask[None, :], z, float("-inf")), d2
 
 
-@triton.jit
+# B and C only bound masks and loops (never an address), so they are not specialised: otherwise B or C equal to 1 or
+# divisible by 16 would each be a separate compile (~1 s), e.g. a training run's last, partial batch.
+@triton.jit(do_not_specialize=["B", "C"])
 def _anchor_loss_kernel(
     features,
     anchors,
@@ -311,7 +313,8 @@ def anchor_loss_triton(
 
     Args:
         features (Tensor[B, D]): float16, bfloat16, float32 or float64.
-        anchors (Tensor[C, D]): any of those float dtypes (widened to the accumulation dtype on load).
+        anchors (Tensor[C, D]): any of those float dtypes (widened to the accumulation dtype on load; for float64
+            features, to float64 before the launch).
         labels (Tensor[B] int64): in [0, C).
         metric: ``"sqeuclidean"``, ``"euclidean"`` or ``"cosine"``.
         scale, pull, softmax: as :func:`ppml.anchor_loss`.
@@ -324,7 +327,10 @@ def anchor_loss_triton(
     C = anchors.shape[0]
     acc_t = accumulation_dtype(features.dtype)
     f = features.contiguous()
-    a = anchors.contiguous()
+    # float64 accumulation takes float64 anchors: widened here (exactly, as the kernel's load would) because Triton
+    # cannot lower a float64 tl.dot whose operand was widened from 16 bits in the kernel (it folds the cast into the
+    # operand's layout and fails in MMAv2 lowering: "fp64 don't support largeK MMA", triton 3.6 and 3.8, sm_90).
+    a = (anchors.to(acc_t) if acc_t == torch.float64 else anchors).contiguous()
     y = labels.contiguous()
     loss = torch.empty(B, dtype=acc_t, device=features.device)
     grad = torch.empty((B, D), dtype=features.dtype, device=features.device)

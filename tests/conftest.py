@@ -18,6 +18,29 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
 
+# Which parametrisations the `triton` tests run. Compiled (on a GPU), every distinct specialisation of a kernel (its
+# pointer dtypes, its constexprs, each int argument equal to 1 or divisible by 16) is a fresh compile of 0.2-2 s, and
+# the full cross products are hundreds of them; in the interpreter nothing is compiled. "all": every parametrisation
+# (the default under TRITON_INTERPRET=1); "gpu": every kernel path (each dtype, metric, softmax / weights branch,
+# block-size class and layout) still launched at least once, repeats of the cross products skipped (the default when
+# compiled; the interpreter run and the AOT tests, which compile every specialisation the "all" set launches, cover
+# them). PPML_TRITON_CASES=all|gpu overrides (=gpu under the interpreter shows what a GPU run launches).
+TRITON_CASES = os.environ.get("PPML_TRITON_CASES") or ("all" if INTERPRET else "gpu")
+if TRITON_CASES not in ("all", "gpu"):
+    raise ValueError(f"PPML_TRITON_CASES must be 'all' or 'gpu', not {TRITON_CASES!r}")
+ALL_TRITON_CASES = TRITON_CASES == "all"
+all_cases_only = pytest.mark.skipif(
+    not ALL_TRITON_CASES, reason="PPML_TRITON_CASES=gpu: repeats a kernel path the GPU set compiles once (=all runs it)"
+)
+
+
+def triton_cases(cases, keep):
+    """`cases` (tuples of parameters) for pytest.mark.parametrize, the ones `keep(*case)` rejects marked all_cases_only.
+    Ids are the parameters joined by "-", as stacked parametrize decorators would make them."""
+    return [
+        pytest.param(*case, id="-".join(map(str, case)), marks=() if keep(*case) else all_cases_only) for case in cases
+    ]
+
 # (layout name, function making a [B, C, H, W] tensor of that layout from a contiguous one)
 LAYOUTS = {
     "contiguous": lambda x: x,
@@ -54,6 +77,15 @@ def backends_for(device: str, op: str = "shuffle_patches", *, triton: bool = Fal
         if _dispatch.unavailable_reason(op, b, device) is None:
             out.append(b)
     return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """On a GPU (compiled Triton), the AOT tests run first: they compile the specialisations the Triton tests launch
+    in parallel (see _AOT_REPLAY), into Triton's cache, where the launches then find them instead of compiling one
+    at a time; and a kernel that does not lower fails there, at once, by name."""
+    if HAS_CUDA and not INTERPRET:
+        first = [item for item in items if item.name == "test_triton_kernel_aot_compiles_for_sm90"]
+        items[:] = first + [item for item in items if item.name != "test_triton_kernel_aot_compiles_for_sm90"]
 
 
 def pytest_report_header(config):
@@ -172,3 +204,94 @@ def backend_device_types(backend) -> set[str]:
     from torch.distributed.distributed_c10d import BackendConfig
 
     return set(BackendConfig(backend).get_device_backend_map())
+
+# The AOT replay: the launcher of a kernel runs on CPU tensors with the kernel swapped for a recorder, over every case
+# a test module launches (its aot_launches()), and each distinct specialisation recorded is compiled for sm_90 exactly
+# as a launch on an H100/H200 would compile it (the kernel's own binder and JITFunction.run's options: same signature,
+# constexprs, int and pointer specialisations, so the compiles land in Triton's cache under the keys the launches look
+# up). A kernel that only fails to lower on the GPU (the interpreter compiles nothing) fails here, on any machine.
+# The compiles run in PPML_AOT_JOBS forked processes (default: one per CPU but one, at most 16; 1 on a 2-CPU machine).
+_AOT_REPLAY = r"""
+import importlib, os, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.compiler.compiler import make_backend
+from triton.runtime.jit import create_function_from_signature
+
+kernel_module = importlib.import_module(KERNEL_MODULE)
+kernel = getattr(kernel_module, KERNEL)
+launches = []
+
+
+class Recorder:
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: launches.append((args, kwargs))
+
+
+import torch
+
+torch.set_num_threads(1)  # tiny CPU tensors; and no thread pool to fork under the compile workers below
+setattr(kernel_module, KERNEL, Recorder())
+try:
+    importlib.import_module(TEST_MODULE).aot_launches()
+finally:
+    setattr(kernel_module, KERNEL, kernel)
+assert launches, "aot_launches() launched nothing"
+
+target = GPUTarget("cuda", 90, 32)
+backend = make_backend(target)
+binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+todo = {}
+for args, kwargs in launches:
+    kwargs = dict(kwargs)
+    # What JITFunction.run adds before it binds the arguments.
+    kwargs["debug"] = kwargs.get("debug", kernel.debug) or triton.knobs.runtime.debug
+    kwargs["instrumentation_mode"] = triton.knobs.compilation.instrumentation_mode
+    bound, spec, opts = binder(*args, **kwargs)
+    key = repr((spec, opts))
+    if key not in todo:
+        options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, spec, opts)
+        what = ({n: t for n, t in signature.items() if t != "constexpr"},
+                {kernel.arg_names[path[0]]: v for path, v in constexprs.items()})
+        todo[key] = (what, signature, constexprs, attrs, options.__dict__)
+todo = list(todo.values())
+
+
+class Compiled:
+    def __init__(self, asm):
+        self.asm = asm
+
+
+def compile_one(i):
+    what, signature, constexprs, attrs, options = todo[i]
+    try:
+        k = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options)
+        return {"ptx": k.asm["ptx"], "cubin": k.asm["cubin"]}, None
+    except Exception as e:
+        return None, f"{what}: {type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
+
+
+jobs = int(os.environ.get("PPML_AOT_JOBS") or max(1, min((os.cpu_count() or 1) - 1, 16)))
+if jobs > 1 and len(todo) > 1:
+    import concurrent.futures, multiprocessing
+    # fork: the workers inherit the recorded specialisations (nothing has been compiled, and no GPU touched, yet).
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+        results = list(pool.map(compile_one, range(len(todo))))
+else:
+    results = [compile_one(i) for i in range(len(todo))]
+ok = [(todo[i][0], Compiled(asm)) for i, (asm, _) in enumerate(results) if asm is not None]
+failed = [err for _, err in results if err is not None]
+exec(CHECKS)
+print(f"{len(launches)} launches, {len(todo)} specialisations, {len(failed)} failed to compile", file=sys.stderr)
+assert not failed, "failed for sm_90:\n" + "\n".join(failed)
+print("ok")
+"""
+
+
+def run_aot_replay(test_module: str, kernel_module: str, kernel: str, checks: str = "") -> None:
+    """Compiles for sm_90 every specialisation of `kernel_module.kernel` that `test_module.aot_launches()` launches
+    through its launcher (see _AOT_REPLAY); `checks` is code run on `ok`, a list of (what, CompiledKernel), e.g.
+    assertions on k.asm["ptx"]."""
+    names = f"KERNEL_MODULE, KERNEL, TEST_MODULE, CHECKS = {kernel_module!r}, {kernel!r}, {test_module!r}, {checks!r}"
+    run_aot_script(names + "\n" + _AOT_REPLAY)

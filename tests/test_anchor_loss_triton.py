@@ -3,7 +3,13 @@ and D around the tiles, several class/row/D blocks), edge values, mixed dtypes a
 
 The `triton` tests run on a GPU, or here on CPU tensors in their own run: ``TRITON_INTERPRET=1 pytest -m triton``
 (the variable must be set before ppml is imported). The AOT test compiles the kernel for sm_90 in a fresh process
-without the interpreter, so it runs in the main run, GPU or not.
+without the interpreter, so it runs in the main run, GPU or not: every specialisation the tests launch
+(aot_launches), mixed dtypes included.
+
+Compile budget (see conftest.TRITON_CASES): compiled, each new (dtypes, metric, softmax, D class) costs ~1 s, so the
+small-D tests share one D class (BLOCK_D = 16, D neither 1 nor a multiple of 16; B and C are not specialised by the
+kernel) and the GPU set compiles each dtype × metric × softmax there once (test_triton_matches_float64_formulas),
+plus the block-size classes of test_triton_block_edges, D = 1, and the mixed-dtype loads.
 
 Oracle: ``loss_and_grad`` on the same inputs widened to float64. Tolerance (DESIGN.md's loss rule, applied per row to
 the gradient's largest entry as well): |ours − ref64| <= 2·|torch_same − ref64| + atol·(1 + |ref64|) + cond, torch_same
@@ -17,9 +23,11 @@ float32 logit is only good to ~1e-3, and torch's own error there, the 2·|torch_
 from __future__ import annotations
 
 
+import itertools
+
 import pytest
 import torch
-from conftest import INTERPRET, run_aot_script
+from conftest import ALL_TRITON_CASES, INTERPRET, run_aot_replay, triton_cases
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -52,13 +60,13 @@ def launch(f, a, y, metric, scale, pull, softmax):
     return anchor_loss_triton(f, a, y, metric, scale, pull, softmax)
 
 
-def make_case(B, C, D, dtype=torch.float32, seed=0, anchor_dtype=None):
+def make_case(B, C, D, dtype=torch.float32, seed=0, anchor_dtype=None, device=DEVICE):
     """Features ~ N(0, 1), anchors of unequal norms (the per-anchor norms matter), labels uniform."""
     g = torch.Generator().manual_seed(seed)
     f = torch.randn(B, D, generator=g, dtype=torch.float64)
     a = torch.randn(C, D, generator=g, dtype=torch.float64) * (0.5 + torch.rand(C, 1, generator=g, dtype=torch.float64))
     y = torch.randint(0, C, (B,), generator=g)
-    return f.to(DEVICE, dtype), a.to(DEVICE, anchor_dtype or dtype), y.to(DEVICE)
+    return f.to(device, dtype), a.to(device, anchor_dtype or dtype), y.to(device)
 
 
 def term_scale(f, a, metric, scale):
@@ -108,35 +116,54 @@ def check(f, a, y, metric, scale, pull, softmax, out=None):
 # ---- the launcher vs the float64 formulas -----------------------------------------------------------------------
 
 
+# Every dtype × metric × setting, in the GPU set too: these are the kernel's paths at the shared small-D class.
+FORMULA_CASES = [(dtype, metric, pull, softmax) for dtype in DTYPES for metric in METRICS for pull, softmax in SETTINGS]
+
+
 @triton_run
-@pytest.mark.parametrize("pull,softmax", SETTINGS)
-@pytest.mark.parametrize("metric", METRICS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype,metric,pull,softmax", triton_cases(FORMULA_CASES, keep=lambda *case: True))
 def test_triton_matches_float64_formulas(dtype, metric, pull, softmax):
-    # C = 20: two class blocks, the second partial; D = 24: not a power of two, one masked D block.
-    f, a, y = make_case(5, 20, 24, dtype, seed=DTYPES.index(dtype))
+    # C = 20: two class blocks, the second partial; D = 12: not a power of two, one masked D block (the small-D class
+    # most tests share; test_triton_block_edges has the others).
+    f, a, y = make_case(5, 20, 12, dtype, seed=DTYPES.index(dtype))
     check(f, a, y, metric, SCALE, pull * PULL_SCALE, softmax)
+
+
+BLOCK_EDGE_SHAPES = [
+    (1, 1, 1),  # B = 1, C = 1 (loss = pull term only, softmax of one class), D = 1
+    (3, 17, 5),  # C one past a class block
+    (16, 16, 16),  # exactly one block of each
+    (37, 50, 20),  # three row blocks (last partial), four class blocks, BLOCK_D = 32
+    (4, 9, 40),  # BLOCK_D = 64, masked
+    (2, 3, 128),  # D = BLOCK_D exactly: the resident-feature path at its limit
+    (2, 3, 129),  # one past it: the looped-D path with a one-column last block
+    (5, 33, 300),  # three D blocks, pass 2 recomputing the dot products per output block
+]
+# The GPU set: the looped-D path (D > 128) with every metric; each other block-size class with one metric (its D
+# masks are metric-blind; D = 5 is the shared small-D class, free for all three).
+_EDGE_METRIC = {1: "cosine", 16: "sqeuclidean", 20: "euclidean", 40: "sqeuclidean", 128: "cosine"}
+
+
+def block_edge_runs(metric, B, C, D, all_cases=ALL_TRITON_CASES):
+    """The (dtype, pull, softmax) runs of one block-edge case: the GPU set keeps float32 with the softmax."""
+    if all_cases:
+        dtypes, settings = (torch.float64, torch.float32), ((0.3, True), (0.7, False))
+        return [(dtype, pull, softmax) for dtype in dtypes for pull, softmax in settings]
+    return [(torch.float32, 0.3, True)]
 
 
 @triton_run
 @pytest.mark.parametrize(
-    "B,C,D",
-    [
-        (1, 1, 1),  # B = 1, C = 1 (loss = pull term only, softmax of one class), D = 1
-        (3, 17, 5),  # C one past a class block
-        (16, 16, 16),  # exactly one block of each
-        (37, 50, 20),  # three row blocks (last partial), four class blocks
-        (2, 3, 128),  # D = BLOCK_D exactly: the resident-feature path at its limit
-        (2, 3, 129),  # one past it: the looped-D path with a one-column last block
-        (5, 33, 300),  # three D blocks, pass 2 recomputing the dot products per output block
-    ],
+    "metric,B,C,D",
+    triton_cases(
+        [(metric, *shape) for metric in METRICS for shape in BLOCK_EDGE_SHAPES],
+        lambda metric, B, C, D: _EDGE_METRIC.get(D, metric) == metric,
+    ),
 )
-@pytest.mark.parametrize("metric", METRICS)
 def test_triton_block_edges(metric, B, C, D):
-    for dtype in (torch.float64, torch.float32):
+    for dtype, pull, softmax in block_edge_runs(metric, B, C, D):
         f, a, y = make_case(B, C, D, dtype, seed=B + C + D)
-        for pull, softmax in ((0.3, True), (0.7, False)):
-            check(f, a, y, metric, SCALE, pull, softmax)
+        check(f, a, y, metric, SCALE, pull, softmax)
 
 
 @triton_run
@@ -144,6 +171,7 @@ def test_triton_block_sizes_cover_the_cases():
     from ppml.kernels.anchor_loss import block_sizes
 
     assert block_sizes(128)[2] == 128 and block_sizes(129)[2] == 128 and block_sizes(5)[2] == 16
+    assert [block_sizes(D)[2] for D in (12, 20, 40)] == [16, 32, 64], "the D classes the tests name"
     assert all(b >= 16 for D in (1, 24, 300) for b in block_sizes(D)), "tl.dot needs tiles >= 16"
     assert block_sizes(1)[:2] == (16, 16), "test_triton_block_edges assumes 16 rows and 16 classes per block"
 
@@ -193,21 +221,27 @@ def test_triton_huge_logits_stable_log_sum_exp(metric):
     assert bool(((grad.double() - ref_g).abs() <= 1e-3 * (1 + ref_g.abs())).all())
 
 
+MIXED_DTYPES = [
+    (torch.float32, torch.float64),
+    (torch.float32, torch.bfloat16),
+    (torch.bfloat16, torch.float32),
+    # float64 features with 16-bit anchors did not compile for the GPU (a float64 tl.dot on an operand widened from 16
+    # bits); the launcher widens such anchors to float64 first.
+    (torch.float64, torch.float16),
+]
+
+
+def mixed_dtype_metrics(f_dtype, a_dtype, all_cases=ALL_TRITON_CASES):
+    """Every metric, or in the GPU set one per pair (the anchors' load and widening do not depend on it)."""
+    return METRICS if all_cases else [METRICS[MIXED_DTYPES.index((f_dtype, a_dtype)) % len(METRICS)]]
+
+
 @triton_run
-@pytest.mark.parametrize(
-    "f_dtype,a_dtype",
-    [
-        (torch.float32, torch.float64),
-        (torch.float32, torch.bfloat16),
-        (torch.bfloat16, torch.float32),
-        (torch.float64, torch.float16),
-    ],
-    ids=str,
-)
+@pytest.mark.parametrize("f_dtype,a_dtype", MIXED_DTYPES, ids=str)
 def test_triton_anchors_of_another_dtype(f_dtype, a_dtype):
     # The accumulation dtype follows the features; anchors are widened (or rounded) to it on load, like .to(acc).
     f, a, y = make_case(5, 20, 12, f_dtype, seed=3, anchor_dtype=a_dtype)
-    for metric in METRICS:
+    for metric in mixed_dtype_metrics(f_dtype, a_dtype):
         check(f, a, y, metric, SCALE, 0.5, True)
 
 
@@ -227,10 +261,16 @@ def test_triton_strided_inputs():
 # ---- fuzzing ------------------------------------------------------------------------------------------------------
 
 
+# D: 1 to 40 (BLOCK_D 16, 32, 64) and 120 to 140 (128, resident or looped). The GPU set draws D from the shared
+# small-D class only (2 to 15: every draw is then a specialisation test_triton_matches_float64_formulas compiled; B and
+# C are not specialised): random D in the other classes would be a compile (~1 s) per new dtype/metric/setting.
+FUZZ_D = st.one_of(st.integers(1, 40), st.integers(120, 140)) if ALL_TRITON_CASES else st.integers(2, 15)
+
+
 @st.composite
 def tiny_cases(draw):
     # At most two row programs; D past 128 now and then for the looped-D path. The interpreter costs ms per program.
-    D = draw(st.one_of(st.integers(1, 40), st.integers(120, 140)))
+    D = draw(FUZZ_D)
     return (
         draw(st.integers(1, 20)),
         draw(st.integers(1, 40)),
@@ -255,10 +295,19 @@ def test_triton_fuzz(case):
 # ---- the op ppml::anchor_loss_triton ------------------------------------------------------------------------------
 
 
+OPCHECK_DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+
+
 @triton_run
 @needs_op
-@pytest.mark.parametrize("metric", METRICS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "dtype,metric",
+    # The GPU set: one metric per dtype (the op's schema, fake and autograd registrations do not depend on it).
+    triton_cases(
+        [(dtype, metric) for dtype in OPCHECK_DTYPES for metric in METRICS],
+        lambda dtype, metric: METRICS.index(metric) == OPCHECK_DTYPES.index(dtype),
+    ),
+)
 def test_triton_op_opcheck(dtype, metric):
     # Small: opcheck calls the kernel a dozen times.
     f, a, y = make_case(3, 4, 5, dtype)
@@ -320,46 +369,60 @@ def test_triton_op_meta_shapes():
 
 # ---- GPU lowering -------------------------------------------------------------------------------------------------
 
-_AOT = """
-import triton
-import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from ppml.kernels.anchor_loss import _NUM_WARPS, _anchor_loss_kernel, block_sizes
 
-ACC = {"fp64": tl.float64, "fp32": tl.float32}
-METRICS = {"sqeuclidean": 0, "euclidean": 1, "cosine": 2}
+def aot_launches(all_cases=ALL_TRITON_CASES):
+    """The launches of the tests above through the launcher, on CPU tensors (test_triton_kernel_aot_compiles_for_sm90
+    records and compiles them): the GPU set, which is what a GPU run compiles (on a GPU the AOT tests run first, so
+    the tests' launches find these compiles in Triton's cache), or with PPML_TRITON_CASES=all every parametrisation
+    and, for the fuzz (random shapes), every dtype × metric × setting in each D class it can draw (minutes). A few
+    more always: the bfloat16 looped-D kernels and float64 at BLOCK_D = 64 (register pressure, see _BLOCK_B in the
+    kernel)."""
+
+    def run(B, C, D, dtype, metric, pull, softmax, scale=SCALE, anchor_dtype=None):
+        f, a, y = make_case(B, C, D, dtype, anchor_dtype=anchor_dtype, device="cpu")
+        launch(f, a, y, metric, scale, pull, softmax)
+
+    for dtype, metric, pull, softmax in FORMULA_CASES:
+        run(5, 20, 12, dtype, metric, pull, softmax)
+    for metric, shape in itertools.product(METRICS, BLOCK_EDGE_SHAPES):
+        if all_cases or _EDGE_METRIC.get(shape[2], metric) == metric:
+            for dtype, pull, softmax in block_edge_runs(metric, *shape, all_cases=all_cases):
+                run(*shape, dtype, metric, pull, softmax)
+    for dtype, metric, (pull, softmax) in itertools.product(
+        [torch.float32, torch.float64, torch.bfloat16], METRICS, SETTINGS
+    ):
+        run(4, 5, 8, dtype, metric, pull, softmax, scale=4.0)  # edge values
+    for dtype, (pull, softmax) in itertools.product([torch.float32, torch.float64], SETTINGS):
+        run(5, 3, 1, dtype, "cosine", pull, softmax, scale=19.0)  # one dimension
+    for f_dtype, a_dtype in MIXED_DTYPES:
+        for metric in mixed_dtype_metrics(f_dtype, a_dtype, all_cases=all_cases):
+            run(5, 20, 12, f_dtype, metric, 0.5, True, anchor_dtype=a_dtype)
+    for metric in METRICS:
+        run(6, 20, 8, torch.float32, metric, 0.0, True, scale=1e4)  # huge logits, strided inputs (same class)
+        run(3, 4, 5, torch.float64, metric, 0.3, True)  # the op: opcheck, gradcheck, compile (same class)
+    for metric in METRICS:
+        run(2, 3, 300, torch.bfloat16, metric, 0.5, True)
+    run(2, 3, 64, torch.float64, "euclidean", 0.5, True)
+    if all_cases:  # the fuzz's D classes
+        fuzz_d = [1, 5, 16, 20, 32, 40, 120, 128, 130]
+        for D, dtype, metric, (pull, softmax) in itertools.product(fuzz_d, DTYPES, METRICS, SETTINGS):
+            run(3, 7, D, dtype, metric, pull, softmax)
 
 
-def compile_(elem, metric, softmax, D):
-    acc = "fp64" if elem == "fp64" else "fp32"
-    bb, bc, bd = block_sizes(D)
-    sig = {"features": "*" + elem, "anchors": "*" + elem, "anorm": "*" + acc, "labels": "*i64", "loss": "*" + acc,
-           "grad": "*" + elem, "B": "i32", "C": "i32", "D": "i32", "scale": "fp64", "pull": "fp64",
-           **{c: "constexpr" for c in ("METRIC", "SOFTMAX", "ONE_D", "ACC", "BLOCK_B", "BLOCK_C", "BLOCK_D")}}
-    consts = {"METRIC": METRICS[metric], "SOFTMAX": softmax, "ONE_D": D <= bd, "ACC": ACC[acc], "BLOCK_B": bb,
-              "BLOCK_C": bc, "BLOCK_D": bd}
-    return triton.compile(ASTSource(_anchor_loss_kernel, sig, consts), target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": _NUM_WARPS})
-
-
-cases = [(elem, metric, True, D) for elem in ("fp32", "bf16") for metric in METRICS for D in ((64,) if elem == "fp32"
-         else (300,))]
-cases += [("fp32", "cosine", False, 64), ("fp64", "euclidean", True, 64)]
-for elem, metric, softmax, D in cases:
-    k = compile_(elem, metric, softmax, D)
+_PTX_CHECKS = """
+for (sig, consts), k in ok:
     ptx = k.asm["ptx"]
-    assert ".target sm_90" in ptx and len(k.asm["cubin"]) > 0, (elem, metric, D)
+    assert ".target sm_90" in ptx and len(k.asm["cubin"]) > 0, consts
     # input_precision="ieee": a TF32 dot would ruin the expanded-form distance ‖f‖² − 2f·a + ‖a‖².
-    assert "tf32" not in ptx, (elem, metric, D)
-    if metric == "euclidean" and elem != "fp64":
-        assert "sqrt.rn.f32" in ptx and "sqrt.approx" not in ptx, (elem, D)
+    assert "tf32" not in ptx, (sig, consts)
+    if str(consts["ACC"]) == "fp32":  # IEEE square roots where there are any (cosine: ‖f‖; Euclidean: the distances)
+        uses_sqrt = consts["METRIC"] == 2 or (consts["METRIC"] == 1 and consts["SOFTMAX"])
+        assert "sqrt.approx" not in ptx and ("sqrt.rn.f32" in ptx or not uses_sqrt), (sig, consts)
     # scale and pull arrive as float64 (a float32 argument would cap the float64 path at ~1e-8).
-    assert ".param .f64" in ptx, (elem, metric, D)
-print("ok")
+    assert ".param .f64" in ptx, (sig, consts)
 """
 
 
 @pytest.mark.skipif(INTERPRET, reason="AOT compile runs in the main (non-interpreter) run")
 def test_triton_kernel_aot_compiles_for_sm90():
-    run_aot_script(_AOT)
+    run_aot_replay("test_anchor_loss_triton", "ppml.kernels.anchor_loss", "_anchor_loss_kernel", _PTX_CHECKS)

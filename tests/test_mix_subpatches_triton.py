@@ -2,7 +2,11 @@
 
 The `triton` tests run on a GPU, or here on CPU tensors in their own run: ``TRITON_INTERPRET=1 pytest -m triton``
 (the variable must be set before ppml is imported). The AOT test compiles the kernel for sm_90 in a fresh process
-without the interpreter, so it runs in the main run, GPU or not.
+without the interpreter, so it runs in the main run, GPU or not: every specialisation the tests launch (aot_launches).
+
+Compile budget (see conftest.TRITON_CASES): compiled, every new dtype, p/g, layout class (NCHW or channels_last) or
+shape whose int arguments are 1 or multiples of 16 is a compile, so the small tests reuse the (1, 2, p, 2p) images of
+test_triton_matches_reference; its GPU set runs every dtype at p = 4, g = 2 and float32 at the other p, g.
 
 Tolerance: the mean path must match the reference bit for bit where the output is float32/float64 (same add order,
 same multiply by the float 1/g²). float16/bfloat16 outputs and the weighted path may differ by one ulp of the output
@@ -11,11 +15,21 @@ dtype plus eps(accumulation) · Σ|w·x| (see assert_close_ulp): room for an FMA
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
 import torch
-from conftest import ALL_DTYPES, INTERPRET, LAYOUTS, assert_within_ulp, make_images, run_aot_script
+from conftest import (
+    ALL_DTYPES,
+    ALL_TRITON_CASES,
+    INTERPRET,
+    LAYOUTS,
+    all_cases_only,
+    assert_within_ulp,
+    make_images,
+    run_aot_replay,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -74,15 +88,34 @@ def check_against_reference(x, p, g, w, out):
 # ---- the launcher vs the reference ------------------------------------------------------------------------------
 
 
-@triton_run
-@pytest.mark.parametrize("weighted", [False, True], ids=["mean", "weighted"])
-@pytest.mark.parametrize("p,g", PATCH_GRIDS)
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-def test_triton_matches_reference(dtype, layout, p, g, weighted):
+REFERENCE_CASES = list(itertools.product(ALL_DTYPES, LAYOUTS, PATCH_GRIDS, ["mean", "weighted"]))
+
+
+def reference_case_on_gpu(dtype, layout, pg, weighted):
+    """The GPU set: every dtype at p = 4, g = 2; the other p, g (g = 1, q = 1, odd g) in float32 NCHW layouts."""
+    return pg == (4, 2) or (dtype == torch.float32 and layout != "channels_last")
+
+
+def reference_inputs(dtype, layout, p, g, weighted, device=DEVICE):
     # Two patches side by side (tile indexing), two channels (NCHW planes of one image share its weights).
-    x = make_images((1, 2, p, 2 * p), dtype, DEVICE, layout, seed=p * 10 + g)
-    w = make_weights(1, 2, g, seed=g) if weighted else None
+    x = make_images((1, 2, p, 2 * p), dtype, device, layout, seed=p * 10 + g)
+    w = make_weights(1, 2, g, seed=g, device=device) if weighted == "weighted" else None
+    return x, w
+
+
+@triton_run
+@pytest.mark.parametrize(
+    "dtype,layout,p,g,weighted",
+    [
+        pytest.param(
+            dtype, layout, *pg, weighted, id=f"{dtype}-{layout}-{pg[0]}-{pg[1]}-{weighted}",
+            marks=() if reference_case_on_gpu(dtype, layout, pg, weighted) else all_cases_only,
+        )
+        for dtype, layout, pg, weighted in REFERENCE_CASES
+    ],
+)
+def test_triton_matches_reference(dtype, layout, p, g, weighted):
+    x, w = reference_inputs(dtype, layout, p, g, weighted)
     check_against_reference(x, p, g, w, launch(x, p, g, w))
 
 
@@ -115,20 +148,20 @@ def test_triton_weights_of_any_float_dtype(weight_dtype):
     check_against_reference(x, 4, 2, w, launch(x, 4, 2, w))
 
 
+BIG_PATCH_CASES = [
+    # the suggested big patch: q·K = 96 fits one block
+    ((1, 3, 64, 128), "channels_last", 64, 2),
+    # q = 64 rows of 192 elements: BLOCK (16, 256), so 4 row chunks with a masked column tail
+    ((1, 3, 128, 128), "channels_last", 128, 2),
+    # q·K = 32 · 136 = 4352 > 4096: BLOCK (1, 4096), so 2 column chunks (the second mostly masked) per row
+    ((1, 136, 64, 64), "channels_last", 64, 2),
+    # NCHW q = 128: BLOCK (32, 128), 4 row chunks
+    ((1, 1, 256, 256), "contiguous", 256, 2),
+]
+
+
 @triton_run
-@pytest.mark.parametrize(
-    "shape,layout,p,g",
-    [
-        # the suggested big patch: q·K = 96 fits one block
-        ((1, 3, 64, 128), "channels_last", 64, 2),
-        # q = 64 rows of 192 elements: BLOCK (16, 256), so 4 row chunks with a masked column tail
-        ((1, 3, 128, 128), "channels_last", 128, 2),
-        # q·K = 32 · 136 = 4352 > 4096: BLOCK (1, 4096), so 2 column chunks (the second mostly masked) per row
-        ((1, 136, 64, 64), "channels_last", 64, 2),
-        # NCHW q = 128: BLOCK (32, 128), 4 row chunks
-        ((1, 1, 256, 256), "contiguous", 256, 2),
-    ],
-)
+@pytest.mark.parametrize("shape,layout,p,g", BIG_PATCH_CASES)
 @pytest.mark.parametrize("weighted", [False, True], ids=["mean", "weighted"])
 def test_triton_big_patch_loops_over_blocks(shape, layout, p, g, weighted):
     from ppml.kernels.mix_subpatches import block_sizes
@@ -225,7 +258,8 @@ def tiny_cases(draw):
 
 
 @triton_run
-@settings(max_examples=200, deadline=None)
+# Compiled, nearly every example is a new specialisation (~0.2 s): the GPU set draws fewer.
+@settings(max_examples=200 if ALL_TRITON_CASES else 15, deadline=None)
 @given(case=tiny_cases())
 def test_triton_fuzz(case):
     # At most B·C·tiles = 24 programs of at most 9 sub-patches each: the interpreter costs milliseconds per program.
@@ -244,9 +278,10 @@ def test_triton_fuzz(case):
 @pytest.mark.parametrize("weighted", [False, True], ids=["mean", "weighted"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
 def test_triton_op_opcheck(layout, weighted):
-    # Small: opcheck calls the kernel a dozen times, each program costs milliseconds in the interpreter.
-    x = make_images((1, 2, 4, 4), torch.float32, DEVICE, layout).requires_grad_(True)
-    w = make_weights(1, 1, 2).requires_grad_(True) if weighted else None
+    # Small: opcheck calls the kernel a dozen times, each program costs milliseconds in the interpreter. The images
+    # of test_triton_matches_reference (float32, p = 4, g = 2): no new specialisation to compile.
+    x = make_images((1, 2, 4, 8), torch.float32, DEVICE, layout).requires_grad_(True)
+    w = make_weights(1, 2, 2).requires_grad_(True) if weighted else None
     torch.library.opcheck(torch.ops.ppml.mix_subpatches_triton, (x, 4, 2, w))
 
 
@@ -254,7 +289,8 @@ def test_triton_op_opcheck(layout, weighted):
 @needs_op
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.bfloat16, torch.float64], ids=str)
 def test_triton_op_matches_launcher(dtype):
-    x = make_images((1, 3, 4, 8), dtype, DEVICE, "channels_last", seed=2)
+    # The channels_last images of test_triton_matches_reference (p = 4, g = 2): no new specialisation.
+    x = make_images((1, 2, 4, 8), dtype, DEVICE, "channels_last", seed=2)
     w = make_weights(1, 2, 2, seed=2)
     for weights in (None, w):
         out = torch.ops.ppml.mix_subpatches_triton(x, 4, 2, weights)
@@ -304,44 +340,66 @@ def test_triton_op_meta_shapes():
 
 # ---- GPU lowering -------------------------------------------------------------------------------------------------
 
-_AOT = """
-import triton
+
+def aot_launches(all_cases=ALL_TRITON_CASES):
+    """The launches of the tests above through the launcher, on CPU tensors (test_triton_kernel_aot_compiles_for_sm90
+    records and compiles them): the GPU set, what a GPU run compiles (on a GPU the AOT tests run first: the launches
+    then hit Triton's cache), or with PPML_TRITON_CASES=all every parametrisation and a sample of the fuzz's shapes."""
+
+    def run(x, p, g, w=None):
+        launch(x, p, g, w)
+
+    for case in REFERENCE_CASES:
+        if all_cases or reference_case_on_gpu(*case):
+            dtype, layout, (p, g), weighted = case
+            x, w = reference_inputs(dtype, layout, p, g, weighted, device="cpu")
+            run(x, p, g, w)
+    for layout in ("contiguous", "channels_last"):  # several images and rows of patches
+        x = make_images((2, 3, 8, 12), torch.float32, "cpu", layout, seed=3)
+        run(x, 4, 2, make_weights(2, 6, 2, device="cpu", seed=3, signed=True))
+        run(x, 4, 2)
+    for shape, layout, p, g in BIG_PATCH_CASES:
+        n = (shape[2] // p) * (shape[3] // p)
+        for w in (None, make_weights(1, n, g, device="cpu", seed=7)):
+            run(make_images(shape, torch.float32, "cpu", layout, seed=7), p, g, w)
+    for dtype in (torch.float16, torch.bfloat16):  # rounding: g = 1, a row of ones
+        vals = _rounding_cases(dtype)
+        run(torch.ones(1, 1, 1, vals.numel(), dtype=dtype), 1, 1, vals.reshape(1, -1, 1))
+    x = make_images((1, 2, 2, 4), torch.float64, "cpu", seed=4)  # gradcheck
+    run(x, 2, 2, make_weights(1, 2, 2, device="cpu", seed=4, dtype=torch.float64, signed=True))
+    run(x, 2, 2)
+    if all_cases:  # the fuzz: every dtype and layout, p, g and weights at a few shapes
+        for dtype, layout, (g, m), w_dtype in itertools.product(
+            ALL_DTYPES, LAYOUTS, [(1, 1), (1, 3), (2, 1), (2, 2), (3, 1), (3, 2)], [None, torch.float32, torch.float64]
+        ):
+            p = g * m
+            for b, c, th, tw in ((1, 1, 1, 1), (2, 3, 2, 1), (1, 2, 1, 2)):
+                x = make_images((b, c, th * p, tw * p), dtype, "cpu", layout)
+                w = None if w_dtype is None else make_weights(b, th * tw, g, device="cpu", dtype=w_dtype)
+                run(x, p, g, w)
+
+
+_PTX_CHECKS = """
+for (sig, consts), k in ok:
+    ptx = k.asm["ptx"]
+    assert ".target sm_90" in ptx and len(k.asm["cubin"]) > 0, (sig, consts)
+    # The launcher turns fusion off so products round before the add, like the reference.
+    assert "fma.rn.f" not in ptx, (sig, consts)
+
+# ... and that check is not vacuous: the same kernel with fusion on does contract.
 import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from ppml.kernels.mix_subpatches import _mix_subpatches_kernel, block_sizes
+from ppml.kernels.mix_subpatches import block_sizes
 
 ints = ["planes_per_batch", "height", "in_row_len", "out_row_len", "patch", "sub", "grid", "k", "tiles_x", "num_tiles"]
-# (images, output, accumulation) element types, as the launcher pairs them
-types = [("u8", "fp32", "fp32"), ("fp16", "fp16", "fp32"), ("bf16", "bf16", "fp32"), ("fp32", "fp32", "fp32"),
-         ("fp64", "fp64", "fp64")]
-shapes = [(8, 8), (8, 24), (1, 1), (32, 4352)]
-
-
-def compile_(elem, out, acc, has_w, sub, run_len, fusion=False):
-    br, bx = block_sizes(sub, run_len)
-    sig = {"src": "*" + elem, "dst": "*" + out, "weights": "*" + acc, **{n: "i64" for n in ints},
-           **{c: "constexpr" for c in ("HAS_WEIGHTS", "SCALE", "ACC", "BLOCK_R", "BLOCK_X")}}
-    consts = {"HAS_WEIGHTS": has_w, "SCALE": 1.0 if has_w else 1.0 / 9, "BLOCK_R": br, "BLOCK_X": bx,
-              "ACC": tl.float64 if acc == "fp64" else tl.float32}
-    return triton.compile(ASTSource(_mix_subpatches_kernel, sig, consts), target=GPUTarget("cuda", 90, 32),
-                          options={"enable_fp_fusion": fusion})
-
-
-for n, (elem, out, acc) in enumerate(types):
-    for has_w in (False, True):
-        for sub, run_len in (shapes[n % 4], shapes[(n + 1 + has_w) % 4]):
-            ptx = compile_(elem, out, acc, has_w, sub, run_len).asm["ptx"]
-            assert ".target sm_90" in ptx, (elem, has_w, sub)
-            # The launcher turns fusion off so products round before the add, like the reference.
-            assert "fma.rn.f" not in ptx, (elem, has_w, sub)
-k = compile_("fp32", "fp32", "fp32", True, 8, 8, fusion=True)
+sig = {"src": "*fp32", "dst": "*fp32", "weights": "*fp32", **{n: "i64" for n in ints},
+       **{c: "constexpr" for c in ("HAS_WEIGHTS", "SCALE", "ACC", "BLOCK_R", "BLOCK_X")}}
+br, bx = block_sizes(8, 8)
+consts = {"HAS_WEIGHTS": True, "SCALE": 1.0, "ACC": tl.float32, "BLOCK_R": br, "BLOCK_X": bx}
+k = triton.compile(ASTSource(kernel, sig, consts), target=target, options={"enable_fp_fusion": True})
 assert "fma.rn.f32" in k.asm["ptx"], "the no-FMA check above would be vacuous"
-assert len(k.asm["cubin"]) > 0
-print("ok")
 """
 
 
 @pytest.mark.skipif(INTERPRET, reason="AOT compile runs in the main (non-interpreter) run")
 def test_triton_kernel_aot_compiles_for_sm90():
-    run_aot_script(_AOT)
+    run_aot_replay("test_mix_subpatches_triton", "ppml.kernels.mix_subpatches", "_mix_subpatches_kernel", _PTX_CHECKS)

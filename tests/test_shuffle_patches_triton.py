@@ -2,15 +2,30 @@
 
 The `triton` tests run on a GPU, or here on CPU tensors in their own run: ``TRITON_INTERPRET=1 pytest -m triton``
 (the variable must be set before ppml is imported). The AOT test compiles the kernel for sm_90 in a fresh process
-without the interpreter, so it runs in the main run, GPU or not.
+without the interpreter, so it runs in the main run, GPU or not: every specialisation the tests launch (aot_launches).
+
+Compile budget (see conftest.TRITON_CASES): compiled, every element width × layout class × shape whose int arguments
+are 1 or multiples of 16 is a compile, so the op tests reuse the (2, 3, 8, 12), p = 4 images of
+test_triton_matches_reference, whose GPU set runs every dtype there and float32 at the other shapes.
 """
 
 from __future__ import annotations
 
 
+import itertools
+
 import pytest
 import torch
-from conftest import ALL_DTYPES, INTERPRET, LAYOUTS, make_images, make_perm, run_aot_script
+from conftest import (
+    ALL_DTYPES,
+    ALL_TRITON_CASES,
+    INTERPRET,
+    LAYOUTS,
+    all_cases_only,
+    make_images,
+    make_perm,
+    run_aot_replay,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -29,13 +44,32 @@ def triton_shuffle(x, perm, p):
     return ppml.shuffle_patches(x, p, perm, backend="triton")[0]
 
 
+SHAPES = [((2, 3, 8, 12), 4), ((1, 2, 4, 4), 1), ((2, 1, 6, 6), 6), ((0, 3, 4, 4), 2)]
+
+
+def reference_case_on_gpu(shape, p, layout, dtype):
+    """The GPU set: every dtype (element width) and layout at the first shape, float32 at the others (p = 1, p = H)."""
+    return shape == SHAPES[0][0] or shape[0] == 0 or dtype == torch.float32
+
+
+def reference_inputs(shape, p, layout, dtype, device=DEVICE):
+    x = make_images(shape, dtype, device, layout, seed=p)
+    return x, make_perm(shape[0], (shape[2] // p) * (shape[3] // p), device, seed=p)
+
+
 @triton_run
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("shape,p", [((2, 3, 8, 12), 4), ((1, 2, 4, 4), 1), ((2, 1, 6, 6), 6), ((0, 3, 4, 4), 2)])
-def test_triton_matches_reference(dtype, layout, shape, p):
-    x = make_images(shape, dtype, DEVICE, layout, seed=p)
-    perm = make_perm(shape[0], (shape[2] // p) * (shape[3] // p), DEVICE, seed=p)
+@pytest.mark.parametrize(
+    "shape,p,layout,dtype",
+    [
+        pytest.param(
+            shape, p, layout, dtype, id=f"shape{i}-{p}-{layout}-{dtype}",
+            marks=() if reference_case_on_gpu(shape, p, layout, dtype) else all_cases_only,
+        )
+        for (i, (shape, p)), layout, dtype in itertools.product(enumerate(SHAPES), LAYOUTS, ALL_DTYPES)
+    ],
+)
+def test_triton_matches_reference(shape, p, layout, dtype):
+    x, perm = reference_inputs(shape, p, layout, dtype)
     out = triton_shuffle(x, perm, p)
     assert torch.equal(out, ref_shuffle(x, perm, p))
     assert torch.equal(ppml.unshuffle_patches(out, perm, p, backend="triton"), x)
@@ -55,9 +89,10 @@ def test_triton_big_patch_loops_over_blocks():
 @triton_run
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
 def test_triton_opcheck(layout):
-    x = make_images((2, 3, 4, 6), torch.float32, DEVICE, layout).requires_grad_(True)
+    # The float32 images of test_triton_matches_reference: no new specialisation to compile.
+    x = make_images((2, 3, 8, 12), torch.float32, DEVICE, layout).requires_grad_(True)
     perm = make_perm(2, 6, DEVICE)
-    torch.library.opcheck(torch.ops.ppml.shuffle_patches_triton, (x, perm, 2))
+    torch.library.opcheck(torch.ops.ppml.shuffle_patches_triton, (x, perm, 4))
 
 
 @triton_run
@@ -69,10 +104,10 @@ def test_triton_gradcheck():
 
 @triton_run
 def test_triton_compile_fullgraph():
-    x = make_images((1, 3, 4, 4), torch.float32, DEVICE)
-    perm = make_perm(1, 4, DEVICE)
-    fn = torch.compile(lambda t, k: torch.ops.ppml.shuffle_patches_triton(t, k, 2) + 1, fullgraph=True, backend="aot_eager")
-    assert torch.equal(fn(x, perm), ref_shuffle(x, perm, 2) + 1)
+    x = make_images((1, 3, 8, 12), torch.float32, DEVICE)  # shares test_triton_matches_reference's specialisation
+    perm = make_perm(1, 6, DEVICE)
+    fn = torch.compile(lambda t, k: torch.ops.ppml.shuffle_patches_triton(t, k, 4) + 1, fullgraph=True, backend="aot_eager")
+    assert torch.equal(fn(x, perm), ref_shuffle(x, perm, 4) + 1)
 
 
 @triton_run
@@ -95,7 +130,8 @@ def tiny_cases(draw):
 
 
 @triton_run
-@settings(max_examples=200, deadline=None)
+# Compiled, nearly every example is a new specialisation (~0.1 s): the GPU set draws fewer.
+@settings(max_examples=200 if ALL_TRITON_CASES else 15, deadline=None)
 @given(case=tiny_cases())
 def test_triton_fuzz(case):
     shape, p, dtype, layout, seed = case
@@ -104,25 +140,35 @@ def test_triton_fuzz(case):
     assert torch.equal(triton_shuffle(x, perm, p), ref_shuffle(x, perm, p))
 
 
-_AOT = """
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from ppml.kernels.shuffle_patches import _shuffle_patches_kernel, block_sizes
+def aot_launches(all_cases=ALL_TRITON_CASES):
+    """The launches of the tests above through the launcher, on CPU tensors (test_triton_kernel_aot_compiles_for_sm90
+    records and compiles them): the GPU set, what a GPU run compiles (on a GPU the AOT tests run first: the launches
+    then hit Triton's cache), or with PPML_TRITON_CASES=all every parametrisation and a sample of the fuzz's shapes.
+    Always, besides: real images' patches (p = 16 and 224 at 224 × 224, NCHW and channels_last, every width)."""
+    from ppml.kernels.shuffle_patches import shuffle_patches_triton as launch
 
-ints = ["planes_per_perm", "height", "row_len", "run_len", "patch", "tiles_x", "num_tiles"]
-for elem in ("i8", "i16", "i32", "i64"):
-    for patch, run_len in ((16, 16), (16, 48), (1, 1), (224, 672)):
-        br, bx = block_sizes(patch, run_len)
-        sig = {"src": "*" + elem, "dst": "*" + elem, "perm": "*i64", **{n: "i64" for n in ints},
-               "BLOCK_R": "constexpr", "BLOCK_X": "constexpr"}
-        k = triton.compile(ASTSource(_shuffle_patches_kernel, sig, {"BLOCK_R": br, "BLOCK_X": bx}),
-                           target=GPUTarget("cuda", 90, 32))
-        assert ".target sm_90" in k.asm["ptx"] and len(k.asm["cubin"]) > 0, (elem, patch)
-print("ok")
+    for (shape, p), layout, dtype in itertools.product(SHAPES, LAYOUTS, ALL_DTYPES):
+        if shape[0] and (all_cases or reference_case_on_gpu(shape, p, layout, dtype)):
+            launch(*reference_inputs(shape, p, layout, dtype, device="cpu"), p)
+    launch(make_images((1, 3, 64, 128), torch.float32, "cpu", "channels_last"), make_perm(1, 2), 64)  # big patch
+    launch(make_images((1, 2, 4, 4), torch.float64, "cpu"), make_perm(1, 4), 2)  # gradcheck
+    for dtype, layout, p in itertools.product(ALL_DTYPES, ["contiguous", "channels_last"], [16, 224]):
+        launch(make_images((1, 3, 224, 224), dtype, "cpu", layout), make_perm(1, (224 // p) ** 2), p)
+    if all_cases:  # the fuzz: every dtype, layout and p at a few shapes
+        for dtype, layout, p, (b, c, th, tw) in itertools.product(
+            ALL_DTYPES, LAYOUTS, [1, 2, 3], [(1, 1, 1, 1), (2, 3, 2, 3), (1, 2, 3, 1)]
+        ):
+            launch(make_images((b, c, th * p, tw * p), dtype, "cpu", layout), make_perm(b, th * tw), p)
+
+
+_PTX_CHECKS = """
+for (sig, consts), k in ok:
+    assert ".target sm_90" in k.asm["ptx"] and len(k.asm["cubin"]) > 0, (sig, consts)
 """
 
 
 @pytest.mark.skipif(INTERPRET, reason="AOT compile runs in the main (non-interpreter) run")
 def test_triton_kernel_aot_compiles_for_sm90():
-    run_aot_script(_AOT)
+    run_aot_replay(
+        "test_shuffle_patches_triton", "ppml.kernels.shuffle_patches", "_shuffle_patches_kernel", _PTX_CHECKS
+    )
