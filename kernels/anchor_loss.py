@@ -162,7 +162,10 @@ def _anchor_loss_kernel(
     # int64 before any row meets D: B·D (and C·D below) may pass 2^31 elements while each argument fits int32.
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
-    lab = tl.load(labels + rows, mask=row_mask, other=0)  # labels are validated by the caller
+    lab = tl.load(labels + rows, mask=row_mask, other=0)
+    # The caller checks labels (a device-side assert on a GPU, queued ahead of this launch); the clamp keeps even a
+    # bad one from indexing outside the anchors.
+    lab = tl.minimum(tl.maximum(lab, 0), C - 1)
     f_rows = features + rows * D
     ay_rows = anchors + lab * D
     gamma = _to_acc(scale, ACC)

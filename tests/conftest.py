@@ -205,6 +205,7 @@ def backend_device_types(backend) -> set[str]:
 
     return set(BackendConfig(backend).get_device_backend_map())
 
+
 # The AOT replay: the launcher of a kernel runs on CPU tensors with the kernel swapped for a recorder, over every case
 # a test module launches (its aot_launches()), and each distinct specialisation recorded is compiled for sm_90 exactly
 # as a launch on an H100/H200 would compile it (the kernel's own binder and JITFunction.run's options: same signature,
