@@ -93,7 +93,10 @@ def test_selftest_passes_for_this_build():
     # The post-build self-test, on the installed ppml: a C++ error from _C arrives as the documented ValueError.
     if not _extension.native_loaded():
         pytest.skip(f"ppml._C not loaded: {ppml.backend_info()['native']}")
-    out = subprocess.run([sys.executable, "-m", "ppml._selftest"], capture_output=True, text=True, timeout=300)
+    # From tests/, as _run_python does: `python -m` puts the cwd first on sys.path, and from the repository root that
+    # imports the source tree's ppml, which has no _C after a non-editable `pip install .` (CI's clean clone).
+    out = subprocess.run([sys.executable, "-m", "ppml._selftest"], capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.count("ValueError as documented") == 2
     assert _extension.build_info().get("selftest", "").startswith("ok"), _extension.build_info()
