@@ -1,4 +1,4 @@
-"""Builds ppml._C: the CPU C++ kernels always, the CUDA kernels when CUDA is usable (or FORCE_CUDA=1).
+"""Builds ppml._C: the CPU C++ kernels always, the CUDA kernels when torch sees a GPU (or FORCE_CUDA=1).
 
 The compiler: CXX (and CC) when set; otherwise the default c++ when it links against the C++ runtime torch runs
 with, else the first compiler found that does (ppml/_toolchain.py says why this matters). After the build, a
@@ -7,7 +7,8 @@ ValueError, the build fails and says which compiler to use.
 
 `pip install .` needs no environment variables: CUDA_HOME defaults to /usr/local/cuda when nvcc is there, and the
 CUDA headers that pip's CUDA build of torch ships (site-packages/nvidia/cu13/include, where cusparse.h lives) are put
-on the include path. Set FORCE_CUDA=0 to skip the CUDA kernels, PPML_CUDA_ARCH to choose the architectures
+on the include path. Set FORCE_CUDA=1 to build the CUDA kernels without a GPU (a CUDA build of torch and nvcc are
+still needed), FORCE_CUDA=0 to skip them, PPML_CUDA_ARCH to choose the architectures
 (default: sm_75;80;86;89;90 plus PTX for 90, as far as the toolkit supports them).
 """
 
@@ -56,16 +57,25 @@ print("ppml: compiler " + _compiler_why)
 
 
 def _want_cuda():
-    force = os.environ.get("FORCE_CUDA")
-    if force is not None and force.strip() not in ("", "1"):
+    """torchvision's convention: the CUDA kernels when torch sees a GPU (and nvcc is there), or with FORCE_CUDA=1
+    (CI and benchmarks/gpu_check.sh set it: a CPU machine then proves the .cu files compile); FORCE_CUDA=0 never."""
+    force = os.environ.get("FORCE_CUDA", "").strip()
+    if force not in ("", "1"):
         return False, "FORCE_CUDA=%s" % force
-    if force == "1":
-        return True, "FORCE_CUDA=1"
+    missing = None
     if torch.version.cuda is None:
-        return False, "torch %s is a CPU build" % torch.__version__
-    if _cuda_home is None:
-        return False, "nvcc not found (set CUDA_HOME)"
-    return True, "torch %s has CUDA %s and nvcc is at %s" % (torch.__version__, torch.version.cuda, _cuda_home)
+        missing = "torch %s is a CPU build" % torch.__version__
+    elif _cuda_home is None:
+        missing = "nvcc not found (set CUDA_HOME)"
+    if force == "1":
+        if missing:  # asked for explicitly: fail rather than quietly build without them
+            raise RuntimeError("ppml: FORCE_CUDA=1 but the CUDA kernels cannot be built: " + missing)
+        return True, "FORCE_CUDA=1"
+    if missing:
+        return False, missing
+    if not torch.cuda.is_available():
+        return False, "torch sees no GPU here (FORCE_CUDA=1 builds them anyway)"
+    return True, "torch %s sees a GPU, CUDA %s, nvcc at %s" % (torch.__version__, torch.version.cuda, _cuda_home)
 
 
 def _torch_cuda_includes():
