@@ -16,7 +16,10 @@ On-disk format ``ppml-encrypted-v1`` (NumPy ``.npy`` + JSON: readable without pp
                                    never needed for training
 
 Every file is written to a temporary name and renamed, shards one at a time, so a killed run leaves whole shards only;
-keys are drawn once, before the first shard, so a resumed run's output is byte-identical to an uninterrupted one.
+keys are drawn once, before the first shard, so a resumed run's output is byte-identical to an uninterrupted one. A
+shard (default :func:`auto_shard_size`: 1/16 of the images, 16..4096) is what an interrupted run can lose. Every
+refusal is decided before the first write. ``ppml decrypt`` checks every output path read from ``index.json`` with
+:func:`ppml._paths.safe_output_path` before writing, and resumes an interrupted OUT (marked by ``.ppml-decrypt.json``).
 """
 
 from __future__ import annotations
