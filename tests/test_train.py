@@ -289,7 +289,7 @@ def test_truncated_jpeg_is_skipped_listed_and_counted_like_encrypt(tmp_path, cap
     summary = run(TrainConfig(data=data, encryption="rs", epochs=1, key_seed=0, out=str(out), **TINY))
     assert summary["final"] and summary["skipped_images"] == 1
     assert json.load(open(out / "skipped.json"))["skipped"] == split.skipped
-    assert "skipped 1 unreadable image(s)" in capsys.readouterr().err and "dog/0.jpg" in open(out / "skipped.json").read()
+    assert "skipped 1 unreadable image(s)" in capsys.readouterr().err
 
 
 def test_early_failures_leave_no_run_folder(tmp_path):
@@ -304,12 +304,12 @@ def test_early_failures_leave_no_run_folder(tmp_path):
         run(TrainConfig(data=str(bad), out=str(out), **TINY))
     assert not out.exists()
     # a failure after the data are loaded (an unknown model) removes the folder the run made
-    with pytest.raises(Exception):
+    with pytest.raises(RuntimeError, match="no_such_model_xyz"):
         run(TrainConfig(model="no_such_model_xyz", out=str(out), **TINY))
     assert not out.exists()
     # a folder that existed before is left alone
     os.makedirs(out)
-    with pytest.raises(Exception):
+    with pytest.raises(RuntimeError, match="no_such_model_xyz"):
         run(TrainConfig(model="no_such_model_xyz", out=str(out), **TINY))
     assert out.is_dir()
 

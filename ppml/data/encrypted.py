@@ -320,7 +320,8 @@ def encrypt_dataset(
                 _write_atomic(names[1], _npy_bytes(np.asarray(labels, np.int64)))
                 _write_atomic(names[2], _npy_bytes(np.asarray(index, np.int64)))
                 _write_atomic(names[3], _json_bytes(shard_skipped))
-                _write_atomic(names[0], _npy_bytes(np.ascontiguousarray(images)))  # last: a shard is done when all 4 exist
+                # last: a shard is done when all 4 exist
+                _write_atomic(names[0], _npy_bytes(np.ascontiguousarray(images)))
                 written += len(index)
                 covered += hi - lo
                 timing["write_s"] += time.perf_counter() - t0
@@ -361,14 +362,16 @@ def encrypt_dataset(
     }
 
 
-def decode_items(pool, src: str, items: list[SourceItem], indices, size: int, skipped: list) -> list[tuple[int, Tensor]]:
+def decode_items(
+    pool, src: str, items: list[SourceItem], indices, size: int, skipped: list
+) -> list[tuple[int, Tensor]]:
     """``(i, uint8 [3, size, size])`` for every readable ``items[i]``, i in ``indices``, in order; each unreadable or
     corrupt one (truncated, not an image, ...) is appended to ``skipped`` as ``{"path", "error"}`` and left out.
     The one decode-and-skip rule of ``ppml encrypt`` and ``ppml train --data FOLDER``. Decoding and resizing release
     the GIL (PIL's C code): ``pool``'s threads scale them; map keeps the order."""
     indices = list(indices)
     out = []
-    for i, img in zip(indices, pool.map(_try_load, [(src, items[i], size) for i in indices])):
+    for i, img in zip(indices, pool.map(_try_load, [(src, items[i], size) for i in indices]), strict=True):
         if isinstance(img, Exception):
             skipped.append({"path": items[i].path, "error": f"{type(img).__name__}: {img}"})
         else:
