@@ -112,7 +112,9 @@ def _encrypt_parser(sub) -> None:
     p.add_argument("--grid", type=int, default=2, help="MI: g×g sub-patches per patch")
     p.add_argument("--size", type=int, default=224, help="images are resized (shorter side) and centre-cropped")
     p.add_argument("--batch-size", type=int, default=256, help="images encrypted per op call")
-    p.add_argument("--shard-size", type=int, default=4096, help="images per shard")
+    p.add_argument("--shard-size", type=int, default=None,
+                   help="images per shard, also what an interrupted run can lose (default: 1/16 of the images, "
+                   "16..4096)")
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda")
     p.add_argument("--keys", default=None, help="RS key file (default: DST.keys.npy, next to DST)")
     p.add_argument("--key-seed", type=int, default=None, help="reproducible keys (default: OS entropy)")
@@ -137,7 +139,8 @@ def _run_encrypt(args: argparse.Namespace) -> int:
         f"earlier run) in {summary['seconds']:.1f} s, {summary['images_per_s']} img/s on {summary['device']}: "
         f"decode+resize {summary['decode_s']:.2f} s ({summary['decode_s'] / max(work, 1e-9):.0%}), encryption "
         f"{summary['encrypt_s']:.2f} s ({summary['encrypt_share']:.0%}), writing {summary['write_s']:.2f} s"
-        + (f"; keys: {summary['keys']}" if summary["keys"] else ""),
+        + (f"; keys: {summary['keys']}" if summary["keys"] else "")
+        + f"; {summary['shards']} shard(s) of {summary['shard_size']} (the resume granularity)",
         file=sys.stderr,
     )
     print(json.dumps(summary), flush=True)
@@ -186,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:  # Ctrl-C: one line (what was kept, how to continue), not a traceback
+        print(str(exc) or f"[ppml {args.command}] interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

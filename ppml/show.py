@@ -9,6 +9,7 @@ MI replaces each p×p patch by the mean of its g×g sub-patches, rounded to uint
     ppml show path/to/photo.jpg --out grid.png
     ppml show path/to/image_folder --count 6 --out grid.png
     ppml show digits --size 64 --out digits.png
+    ppml show enc/ --keys enc.keys.npy --out enc.png   # an encrypted dataset: ciphertext | decrypted
 
 Library use: :func:`load_inputs` (image file, folder, ``digits`` or ``skimage:NAME`` → uint8 ``[B, 3, S, S]``) and
 :func:`make_grid_image` (uint8 images → ``PIL.Image``). PIL is needed; scikit-image only for ``skimage:NAME`` inputs,
@@ -353,6 +354,9 @@ def _load(input: str, size: int, count: int, where: str) -> Tensor:
         return _digits(size, count, where)
     if os.path.isdir(input):
         paths = _folder_images(input)
+        if not paths and os.path.isfile(os.path.join(input, "job.json")):
+            raise ValueError(f"{where}: folder {input!r} is an unfinished `ppml encrypt` output (no manifest.json); "
+                             "finish it by re-running the same `ppml encrypt` command")
         if not paths:
             raise ValueError(
                 f"{where}: folder {input!r} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)}, recursively)"
@@ -364,6 +368,32 @@ def _load(input: str, size: int, count: int, where: str) -> Tensor:
         f"{where}: INPUT {input!r} is not an existing image file or folder, 'digits' or 'skimage:NAME' "
         f"(e.g. skimage:astronaut)"
     )
+
+
+# ---- encrypted datasets ------------------------------------------------------------------------------------------
+
+
+def encrypted_grid(dst: str, *, count: int = 4, keys: str | None = None, labels: bool = True):
+    """The first ``count`` images of an encrypted dataset DST (``ppml encrypt`` output), one row each: the ciphertext
+    as stored (RS: uint8 as is; MI: :func:`mi_display`, ×g nearest) and, with ``keys`` (RS only, DST's key file), the
+    decrypted image. Returns ``(PIL.Image, column titles, rows)``."""
+    from . import unshuffle_patches
+    from .data.encrypted import check_key_file, load_samples
+
+    x, idx, _, manifest = load_samples(dst, count)
+    p = manifest["patch_size"]
+    if manifest["scheme"] == "rs":
+        cipher, titles, short = x, [f"RS p={p}"], [f"RS{p}"]
+    else:
+        g = manifest["grid"]
+        cipher, titles, short = mi_display(x, g), [f"MI p={p} g={g}"], [f"MI{p}/{g}"]
+    cells = [cipher]
+    if keys is not None:
+        check_key_file(dst, keys, manifest, _CMD)
+        perms = np.load(keys, allow_pickle=False)
+        cells.append(unshuffle_patches(x, torch.as_tensor(perms[idx.numpy()].astype(np.int64)), p))
+        titles, short = [*titles, "decrypted"], [*short, "plain"]
+    return compose_columns(cells, titles, short, labels=labels), titles, x.shape[0]
 
 
 # ---- the command -------------------------------------------------------------------------------------------------
@@ -386,7 +416,8 @@ def add_show_parser(subparsers) -> argparse.ArgumentParser:
         metavar="INPUT",
         help="an image file, a folder (flat or ImageFolder tree: the first --count images), 'digits' (the first "
         f"--count built-in digits) or 'skimage:NAME' (a scikit-image photo: {', '.join(SKIMAGE_NAMES)}); "
-        "several INPUTs stack their rows",
+        "several INPUTs stack their rows. Or an encrypted dataset DST (`ppml encrypt` output, alone): its first "
+        "--count ciphertexts as stored (any scheme, at the dataset's size), and with --keys their decryption",
     )
     p.add_argument("--out", required=True, help="the PNG to write (parent folders are created)")
     p.add_argument("--size", type=int, default=224, help="image side S; a multiple of 32")
@@ -400,6 +431,12 @@ def add_show_parser(subparsers) -> argparse.ArgumentParser:
         "are approximate (default: exact RGB)",
     )
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.add_argument(
+        "--keys",
+        default=None,
+        help="with an encrypted dataset DST as the INPUT (`ppml encrypt` output): its RS key file, to add a column "
+        "of the decrypted images",
+    )
     p.set_defaults(func=run_show)
     return p
 
@@ -432,9 +469,21 @@ def run_show(args: argparse.Namespace) -> int:
     if os.path.exists(out) and not force:
         raise FileExistsError(f"{_CMD}: --out {out!r} already exists; pass --force to overwrite it")
 
-    images = torch.cat([_load(i, size, count, _CMD) for i in inputs])
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    grid = make_grid_image(images, generator=generator)
+    from .data.encrypted import is_encrypted_dataset
+
+    keys = getattr(args, "keys", None)
+    encrypted = [i for i in inputs if os.path.isdir(i) and is_encrypted_dataset(i)]
+    if encrypted and len(inputs) > 1:
+        raise ValueError(f"{_CMD}: an encrypted dataset ({encrypted[0]!r}) must be the only INPUT (its columns differ)")
+    if keys is not None and not encrypted:
+        raise ValueError(f"{_CMD}: --keys needs an encrypted dataset (`ppml encrypt` output) as the INPUT")
+    if encrypted:
+        grid, titles, rows = encrypted_grid(encrypted[0], count=count, keys=keys)
+    else:
+        images = torch.cat([_load(i, size, count, _CMD) for i in inputs])
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        grid = make_grid_image(images, generator=generator)
+        titles, rows = column_titles(), images.shape[0]
 
     parent = os.path.dirname(out)
     if parent:
@@ -446,7 +495,7 @@ def run_show(args: argparse.Namespace) -> int:
     grid.save(out, format="PNG", optimize=True)
     pixels = f"{colors}-colour palette" if colors is not None else "exact RGB"
     print(
-        f"wrote {out}: {grid.width}×{grid.height} px, {images.shape[0]} row(s) × {len(column_titles())} columns "
-        f"({', '.join(column_titles())}), {pixels}, {os.path.getsize(out):,} bytes"
+        f"wrote {out}: {grid.width}×{grid.height} px, {rows} row(s) × {len(titles)} columns "
+        f"({', '.join(titles)}), {pixels}, {os.path.getsize(out):,} bytes"
     )
     return 0

@@ -222,3 +222,146 @@ def test_cli(tmp_path):
     assert res.returncode == 0, res.stderr
     res = cli("encrypt", "digits", dst, "--size", "16", "--patch-size", "4")
     assert res.returncode == 2 and "already holds a finished" in res.stderr
+
+
+def _main(*argv) -> tuple[int, list[str]]:
+    import contextlib
+    import io
+
+    from ppml.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        rc = main(list(argv))
+    return rc, err.getvalue().strip().splitlines()
+
+
+def test_key_file_refusal_writes_nothing_and_the_fixed_command_runs(tmp_path):
+    dst = str(tmp_path / "enc")
+    open(dst + ".keys.npy", "wb").write(b"keys of another dataset")
+    with pytest.raises(FileExistsError, match="key file .* already exists"):
+        enc.encrypt_dataset("digits", dst, **SMALL)
+    assert not os.path.exists(dst)  # no job.json that would refuse the corrected command
+    os.makedirs(dst)  # an empty DST is just as clean
+    with pytest.raises(FileExistsError, match="already exists"):
+        enc.encrypt_dataset("digits", dst, **SMALL)
+    assert os.listdir(dst) == []
+    summary = enc.encrypt_dataset("digits", dst, keys=str(tmp_path / "k.npy"), **SMALL)
+    assert summary["images"] == 1797
+
+
+def test_ctrl_c_in_encrypt_is_one_line_and_the_same_command_resumes(tmp_path, monkeypatch):
+    dst = str(tmp_path / "enc")
+    args = ("encrypt", "digits", dst, "--size", "16", "--patch-size", "4", "--key-seed", "0", "--no-progress")
+    _crash_on_write(monkeypatch, 3 + 4 * 5 + 2)  # job, keys, index; 5 whole shards; inside the 6th
+    rc, err = _main(*args)
+    monkeypatch.undo()
+    assert rc == 130 and len(err) == 1, err
+    assert "interrupted: 565 of 1797 images are kept" in err[0] and "same command resumes" in err[0]
+    rc, err = _main(*args)
+    assert rc == 0, err
+    assert json.load(open(os.path.join(dst, "manifest.json")))["num_images"] == 1797
+
+
+def test_default_shards_make_resume_useful_for_small_folders(tmp_path, monkeypatch):
+    assert enc.auto_shard_size(1797) == 113 and enc.auto_shard_size(10) == 16 and enc.auto_shard_size(10**7) == 4096
+    src = _image_folder(tmp_path / "src", n_per_class=40)  # 80 images: 5 shards of 16
+    ref = str(tmp_path / "ref")
+    enc.encrypt_dataset(src, ref, patch_size=4, size=16, key_seed=1, progress=False)
+    cut = str(tmp_path / "cut")
+    _crash_on_write(monkeypatch, 3 + 4 * 3 + 1)  # inside the 4th shard
+    with pytest.raises(KeyboardInterrupt, match="48 of 80 images are kept"):
+        enc.encrypt_dataset(src, cut, patch_size=4, size=16, key_seed=1, progress=False)
+    monkeypatch.undo()
+    summary = enc.encrypt_dataset(src, cut, patch_size=4, size=16, key_seed=1, progress=False)
+    assert summary["resumed_images"] == 48 and summary["shards"] == 5 and summary["shard_size"] == 16
+    for f in _tree_files(ref):
+        if f != "job.json":
+            assert filecmp.cmp(os.path.join(cut, f), os.path.join(ref, f), shallow=False), f
+
+
+def test_ctrl_c_in_decrypt_is_one_line_and_the_same_command_finishes(tmp_path, monkeypatch):
+    dst = str(tmp_path / "enc")
+    enc.encrypt_dataset("digits", dst, key_seed=0, **SMALL)
+    ref = str(tmp_path / "ref")
+    enc.decrypt_dataset(dst, ref, dst + ".keys.npy", progress=False)
+    out = str(tmp_path / "out")
+    args = ("decrypt", dst, out, "--keys", dst + ".keys.npy", "--no-progress")
+    _crash_on_write(monkeypatch, 1 + 300 + 1)  # the marker, 300 images, then the kill
+    rc, err = _main(*args)
+    monkeypatch.undo()
+    assert rc == 130 and len(err) == 1 and "300 of 1797 images are written" in err[0] and "same command" in err[0]
+    rc, err = _main(*args)
+    assert rc == 0, err
+    assert _tree_files(out) == _tree_files(ref)
+    for f in _tree_files(ref):
+        assert filecmp.cmp(os.path.join(out, f), os.path.join(ref, f), shallow=False), f
+    # a finished OUT is refused again
+    with pytest.raises(FileExistsError, match="not empty"):
+        enc.decrypt_dataset(dst, out, dst + ".keys.npy", progress=False)
+
+
+def _tamper_index(dst: str, k: int, path: str) -> None:
+    index_path = os.path.join(dst, "index.json")
+    index = json.load(open(index_path))
+    index["items"][k][0] = path
+    json.dump(index, open(index_path, "w"))
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlinked-file", "symlinked-dir", "resolves-outside"])
+def test_decrypt_refuses_output_paths_outside_out(tmp_path, kind):
+    dst = str(tmp_path / "enc")
+    enc.encrypt_dataset("digits", dst, key_seed=0, **SMALL)
+    out, outside = tmp_path / "out", tmp_path / "outside"
+    os.makedirs(outside)
+    if kind == "dotdot":
+        _tamper_index(dst, 7, "../../../name")
+    elif kind == "absolute":
+        _tamper_index(dst, 7, str(outside / "name"))
+    else:
+        # an OUT left by an interrupted decryption of DST (so it is resumed), holding a planted symlink
+        os.makedirs(out)
+        (out / enc._DECRYPT_MARK).write_bytes(
+            enc._json_bytes({"dst": os.path.abspath(dst), "keys_sha256": enc.read_manifest(dst)["keys_sha256"]}))
+        if kind == "symlinked-file":
+            os.symlink(outside / "victim.png", out / "evil.png")
+            _tamper_index(dst, 7, "evil")
+        elif kind == "symlinked-dir":
+            os.symlink(outside, out / "sub")
+            _tamper_index(dst, 7, "sub/name")
+        else:  # a link inside OUT to OUT's parent: "up/outside/name" has no "..", yet lands outside
+            os.symlink(tmp_path, out / "up")
+            _tamper_index(dst, 7, "up/outside/name")
+    before = _tree_files(str(tmp_path))
+    with pytest.raises(ValueError, match="refusing the path"):
+        enc.decrypt_dataset(dst, str(out), dst + ".keys.npy", progress=False)
+    assert _tree_files(str(tmp_path)) == before and os.listdir(outside) == []  # nothing written anywhere
+    if kind in ("dotdot", "absolute"):
+        rc, err = _main("decrypt", dst, str(tmp_path / "out2"), "--keys", dst + ".keys.npy", "--no-progress")
+        assert rc == 2 and "refusing the path" in err[-1] and not os.path.exists(tmp_path / "out2")
+
+
+def test_safe_output_path(tmp_path):
+    from ppml._paths import safe_output_path
+
+    root = tmp_path / "root"
+    os.makedirs(root / "a")
+    assert safe_output_path(str(root), "a/b.png", "t") == str(root / "a" / "b.png")
+    os.symlink(root / "a", root / "inner")  # a link that stays inside is fine
+    assert safe_output_path(str(root), "inner/b.png", "t") == str(root / "inner" / "b.png")
+    for bad in ("", "../x", "a/../../x", "/etc/x", "a//b", "./a", "a\\..\\x", "C:x", "~/x", None, 3):
+        with pytest.raises(ValueError, match="refusing the path"):
+            safe_output_path(str(root), bad, "t")
+    os.symlink(tmp_path, root / "up")
+    with pytest.raises(ValueError, match="symlink"):
+        safe_output_path(str(root), "up/x", "t")
+
+
+def test_tampered_manifest_file_names_stay_inside_dst(tmp_path):
+    dst = str(tmp_path / "enc")
+    enc.encrypt_dataset("digits", dst, **SMALL)
+    manifest = json.load(open(os.path.join(dst, "manifest.json")))
+    manifest["shards"][0]["files"]["images"] = "../enc.keys.npy"
+    json.dump(manifest, open(os.path.join(dst, "manifest.json"), "w"))
+    with pytest.raises(ValueError, match="refusing the path"):
+        enc.load_shards(dst)

@@ -268,3 +268,45 @@ def test_load_inputs_errors(tmp_path):
         load_inputs("digits", size=0)
     with pytest.raises(ValueError, match=r"load_inputs: count must be an int >= 1, got -1"):
         load_inputs("digits", count=-1)
+
+
+@pytest.mark.parametrize("scheme", ["rs", "mi"])
+def test_show_an_encrypted_dataset_and_its_decryption(tmp_path, capsys, scheme):
+    pytest.importorskip("sklearn")
+    import ppml.data.encrypted as enc
+
+    dst = str(tmp_path / "enc")
+    enc.encrypt_dataset("digits", dst, scheme=scheme, patch_size=4, size=16, key_seed=0, progress=False)
+    x, idx, _, manifest = enc.load_shards(dst)
+    out = str(tmp_path / "grid.png")
+    assert main(["show", dst, "--out", out, "--count", "3"]) == 0
+    assert "3 row(s) × 1 columns" in capsys.readouterr().out
+    grid = _read(out)
+    assert grid.size == (16, header_height(16) + SEPARATOR + 3 * 16 + 2 * SEPARATOR)
+    want = x[:3] if scheme == "rs" else ppml.show.mi_display(x[:3], 2)  # the ciphertext as stored (MI shown ×2)
+    for r in range(3):
+        assert torch.equal(_cell(grid, r, 0, 16), want[r])
+    if scheme == "rs":
+        keys = dst + ".keys.npy"
+        out2 = str(tmp_path / "grid2.png")
+        assert main(["show", dst, "--keys", keys, "--out", out2, "--count", "2"]) == 0
+        grid = _read(out2)
+        for r in range(2):
+            plain = enc.load_source_image("digits", enc.SourceItem(f"0/{int(idx[r]):04d}", 0, None), 16)
+            assert torch.equal(_cell(grid, r, 0, 16), x[r]) and torch.equal(_cell(grid, r, 1, 16), plain)
+        other = str(tmp_path / "other")
+        enc.encrypt_dataset("digits", other, patch_size=4, size=16, progress=False)
+        assert main(["show", dst, "--keys", other + ".keys.npy", "--out", str(tmp_path / "g3.png")]) == 2
+        assert "is not the key file" in capsys.readouterr().err
+    else:
+        assert main(["show", dst, "--keys", __file__, "--out", str(tmp_path / "g3.png")]) == 2
+        assert "no key and no inverse" in capsys.readouterr().err
+    assert main(["show", dst, "digits", "--out", str(tmp_path / "g4.png")]) == 2
+    assert "must be the only INPUT" in capsys.readouterr().err
+
+
+def test_show_an_unfinished_encryption_says_so(tmp_path, capsys):
+    (tmp_path / "enc").mkdir()
+    (tmp_path / "enc" / "job.json").write_text("{}")
+    assert main(["show", str(tmp_path / "enc"), "--out", str(tmp_path / "g.png")]) == 2
+    assert "unfinished `ppml encrypt` output" in capsys.readouterr().err

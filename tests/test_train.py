@@ -258,3 +258,71 @@ def test_cuda_asked_for_without_cuda(monkeypatch, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     assert "LOCAL_RANK" in capsys.readouterr().out
+
+
+def _folder_with_a_truncated_jpeg(root, n=6):
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for cls in ("cat", "dog"):
+        os.makedirs(root / cls, exist_ok=True)
+        for i in range(n):
+            arr = (torch.rand(20, 24, 3, generator=gen) * 255).to(torch.uint8).numpy()
+            Image.fromarray(arr).save(root / cls / f"{i}.jpg", quality=95)
+    whole = (root / "dog" / "0.jpg").read_bytes()
+    (root / "dog" / "0.jpg").write_bytes(whole[: len(whole) // 2])  # a truncated JPEG
+    return str(root)
+
+
+def test_truncated_jpeg_is_skipped_listed_and_counted_like_encrypt(tmp_path, capsys):
+    import ppml.data.encrypted as enc
+
+    data = _folder_with_a_truncated_jpeg(tmp_path / "photos")
+    split = ppml.data.load_image_folder(data, img_size=16)
+    assert [s["path"] for s in split.skipped] == [os.path.join("dog", "0.jpg")]
+    assert "truncated" in split.skipped[0]["error"]
+    assert len(split.train_y) + len(split.val_y) == 11
+    # the same skip list as `ppml encrypt` on the same folder
+    enc.encrypt_dataset(data, str(tmp_path / "enc"), patch_size=4, size=16, progress=False)
+    assert json.load(open(tmp_path / "enc" / "report.json"))["skipped"] == split.skipped
+    out = tmp_path / "run"
+    summary = run(TrainConfig(data=data, encryption="rs", epochs=1, key_seed=0, out=str(out), **TINY))
+    assert summary["final"] and summary["skipped_images"] == 1
+    assert json.load(open(out / "skipped.json"))["skipped"] == split.skipped
+    assert "skipped 1 unreadable image(s)" in capsys.readouterr().err
+
+
+def test_early_failures_leave_no_run_folder(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(FileNotFoundError, match="is not a directory"):
+        run(TrainConfig(data=str(tmp_path / "missing"), out=str(out), **TINY))
+    assert not out.exists()
+    bad = tmp_path / "bad"
+    os.makedirs(bad / "a")
+    (bad / "a" / "x.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match=r"a/x\.jpg"):  # nothing readable: refused, the file named
+        run(TrainConfig(data=str(bad), out=str(out), **TINY))
+    assert not out.exists()
+    # a failure after the data are loaded (an unknown model) removes the folder the run made
+    with pytest.raises(RuntimeError, match="no_such_model_xyz"):
+        run(TrainConfig(model="no_such_model_xyz", out=str(out), **TINY))
+    assert not out.exists()
+    # a folder that existed before is left alone
+    os.makedirs(out)
+    with pytest.raises(RuntimeError, match="no_such_model_xyz"):
+        run(TrainConfig(model="no_such_model_xyz", out=str(out), **TINY))
+    assert out.is_dir()
+
+
+def test_ctrl_c_before_the_first_checkpoint_is_one_line(tmp_path, monkeypatch, capsys):
+    from ppml.cli import main
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ppml.data, "load_dataset", interrupted)
+    out = tmp_path / "run"
+    assert main(["train", *_tiny_cli_args(str(out))]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "interrupted" in err[0] and "re-run" in err[0] and "Traceback" not in err[0]
+    assert not out.exists()

@@ -8,7 +8,8 @@ tree, decoded once with a progress bar).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,8 @@ class TensorSplit:
         train_y (Tensor[N]): int64 labels in [0, num_classes).
         val_x (Tensor[M, C, H, W]), val_y (Tensor[M]): the validation split, likewise.
         classes: class names, index = label.
+        skipped: the source images left out because they could not be read (``{"path", "error"}``, path relative
+            to the folder), as ``ppml encrypt`` reports them.
     """
 
     train_x: Tensor
@@ -35,6 +38,7 @@ class TensorSplit:
     val_x: Tensor
     val_y: Tensor
     classes: list[str]
+    skipped: list[dict] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
@@ -88,46 +92,49 @@ def load_digits(img_size: int = 32, channels: int = 3, val_fraction: float = 0.2
     return TensorSplit(x[tr], y[tr], x[va], y[va], [str(c) for c in range(10)])
 
 
-def _decode_folder(root: str, img_size: int, desc: str) -> tuple[Tensor, Tensor, list[str]]:
-    from torchvision import datasets, transforms
-
-    tf = transforms.Compose(
-        [transforms.Resize(img_size), transforms.CenterCrop(img_size), transforms.ToTensor()]
-    )
-    ds = datasets.ImageFolder(root, transform=tf)
-    if len(ds) == 0:
-        raise ValueError(f"{_OP}.load_image_folder: no images under {root!r}")
-    xs = torch.empty(len(ds), 3, img_size, img_size)
-    ys = torch.empty(len(ds), dtype=torch.int64)
-    for i in progress(range(len(ds)), desc=desc, leave=False):
-        img, label = ds[i]
-        xs[i] = img.expand(3, -1, -1) if img.shape[0] == 1 else img[:3]
-        ys[i] = label
-    return xs, ys, list(ds.classes)
-
-
-def load_image_folder(path: str, img_size: int = 224, val_fraction: float = 0.2, split_seed: int = 0) -> TensorSplit:
+def load_image_folder(path: str, img_size: int = 224, val_fraction: float = 0.2, split_seed: int = 0,
+                      workers: int | None = None) -> TensorSplit:
     """An ImageFolder tree (``class_name/image.jpg``) decoded into memory: resized (shorter side), centre-cropped to
-    ``img_size``, RGB float in [0, 1].
+    ``img_size``, RGB float in [0, 1] — the images ``ppml encrypt`` would encrypt, by the same code.
 
     If ``path`` holds ``train/`` and ``val/`` subfolders they are the split (their class lists must agree); otherwise
-    one tree is split like :func:`load_digits` (fixed, stratified).
+    one tree is split like :func:`load_digits` (fixed, stratified). Unreadable or corrupt images (truncated, not an
+    image) are left out and listed in ``skipped``, exactly as ``ppml encrypt`` skips them; if none is readable,
+    ValueError names them.
 
     Returns:
         TensorSplit with float32 images [N, 3, img_size, img_size].
     """
+    from .encrypted import decode_items, scan_source
+
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{_OP}.load_image_folder: {path!r} is not a directory")
-    tr_dir, va_dir = os.path.join(path, "train"), os.path.join(path, "val")
-    if os.path.isdir(tr_dir) and os.path.isdir(va_dir):
-        tx, ty, tc = _decode_folder(tr_dir, img_size, "decode train")
-        vx, vy, vc = _decode_folder(va_dir, img_size, "decode val")
-        if tc != vc:
-            raise ValueError(f"{_OP}.load_image_folder: train/ and val/ class folders differ: {tc} vs {vc}")
-        return TensorSplit(tx, ty, vx, vy, tc)
-    x, y, classes = _decode_folder(path, img_size, "decode images")
-    tr, va = _stratified_split(y, val_fraction, split_seed)
-    return TensorSplit(x[tr], y[tr], x[va], y[va], classes)
+    items, classes = scan_source(path, f"{_OP}.load_image_folder")
+    skipped: list[dict] = []
+    xs, ys, split = [], [], []
+    workers = workers if workers is not None else min(8, os.cpu_count() or 1)
+    bar = progress(total=len(items), desc="decode images", leave=False)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for b0 in range(0, len(items), 256):
+            batch = range(b0, min(len(items), b0 + 256))
+            for i, img in decode_items(pool, path, items, batch, img_size, skipped):
+                xs.append(img)
+                ys.append(items[i].label)
+                split.append(items[i].split)
+            bar.update(len(batch))
+    bar.close()
+    if not xs:
+        names = ", ".join(f"{s['path']} ({s['error']})" for s in skipped[:5])
+        raise ValueError(f"{_OP}.load_image_folder: none of the {len(items)} images under {path!r} could be read: "
+                         f"{names}{', ...' if len(skipped) > 5 else ''}")
+    x = torch.stack(xs).float().div_(255.0)
+    y = torch.as_tensor(ys, dtype=torch.int64)
+    if any(s is not None for s in split):  # the source had train/ and val/
+        is_val = torch.tensor([s == "val" for s in split])
+        tr, va = torch.nonzero(~is_val).flatten(), torch.nonzero(is_val).flatten()
+    else:
+        tr, va = _stratified_split(y, val_fraction, split_seed)
+    return TensorSplit(x[tr], y[tr], x[va], y[va], classes, skipped)
 
 
 def load_dataset(data: str, img_size: int) -> TensorSplit:

@@ -315,10 +315,6 @@ class _Trainer:
         import ppml.data
 
         cfg, d = self.cfg, self.d
-        if d.main:
-            os.makedirs(self.out, exist_ok=True)
-        if d.world > 1:
-            dist.barrier()
         ckpt = None
         if resume:
             if not os.path.exists(self.ckpt_path):
@@ -342,6 +338,19 @@ class _Trainer:
             _check_encrypted(cfg, manifest)
         else:
             data = ppml.data.load_dataset(cfg.data, cfg.img_size)
+        # the run folder is made once the data are in hand: a refused or failed load leaves nothing behind
+        if d.main:
+            os.makedirs(self.out, exist_ok=True)
+        if d.world > 1:
+            dist.barrier()
+        self.skipped = list(getattr(data, "skipped", []))
+        if self.skipped:  # as `ppml encrypt` does: unreadable images are left out, listed and counted
+            shown = "; ".join(f"{s['path']} ({s['error']})" for s in self.skipped[:10])
+            more = f"; ... ({len(self.skipped) - 10} more in {self.out}/skipped.json)" if len(self.skipped) > 10 else ""
+            self._log(f"[ppml train] skipped {len(self.skipped)} unreadable image(s) of {cfg.data}: {shown}{more}")
+            if d.main:
+                with open(os.path.join(self.out, "skipped.json"), "w") as fh:
+                    json.dump({"skipped": self.skipped}, fh, indent=1)
         self.classes = data.classes
         self.num_classes = data.num_classes
         if encrypted:
@@ -605,6 +614,7 @@ class _Trainer:
             "mode": cfg.mode,
             "loss": cfg.loss,
             "param_digests": getattr(self, "last_digests", None),
+            "skipped_images": len(self.skipped),
         }
         if d.main:
             with open(os.path.join(self.out, "summary.json"), "w") as fh:
@@ -614,9 +624,29 @@ class _Trainer:
 
 
 def run(cfg: TrainConfig, resume: bool = False, stop_after: int | None = None) -> dict:
-    """Entry point for the CLI: trains (or resumes), then tears the process group down."""
+    """Entry point for the CLI: trains (or resumes), then tears the process group down.
+
+    A new run that fails or is interrupted before its first checkpoint removes the run folder it made (nothing in it
+    could be resumed); Ctrl-C before the first step raises KeyboardInterrupt with a one-line message."""
+    out = os.path.abspath(cfg.out)
+    made = not os.path.exists(out)
     try:
         return _Trainer(cfg).run(resume=resume, stop_after=stop_after)
+    except BaseException as exc:
+        ckpt = os.path.join(out, "checkpoint.pt")
+        if made and not resume and os.path.isdir(out) and not os.path.exists(ckpt) and _rank0():
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
+        if type(exc) is KeyboardInterrupt:
+            kept = (f"the last checkpoint {ckpt} is kept; continue with the same command plus --resume"
+                    if os.path.exists(ckpt) else f"no checkpoint was written ({cfg.out} removed); re-run the command")
+            raise KeyboardInterrupt(f"[ppml train] interrupted: {kept}") from None
+        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
