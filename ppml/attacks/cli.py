@@ -211,7 +211,6 @@ def add_attack_parser(subparsers) -> argparse.ArgumentParser:
         description="Encrypt the images here, run the attacks of the scheme on the ciphertext alone (plus p, the "
         "grid and which tiles are blank), print how much each recovers, and draw what it sees. The key is drawn "
         "here and used only to score them.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("images", nargs="*", metavar="IMAGES",
                    help="image files, folders, 'digits' or 'skimage:NAME' (default: the held-out photos "
@@ -235,7 +234,8 @@ def add_attack_parser(subparsers) -> argparse.ArgumentParser:
                    help="torch threads for training the learned attackers (default: torch's; 1 is faster on a busy "
                    "machine)")
     p.add_argument("--seed", type=int, default=None, help="seed the keys and dropped tiles (default: OS entropy)")
-    p.add_argument("--out", default=None, help="folder for attack.json and one PNG per attacker")
+    p.add_argument("--out", default=None, help="folder for attack.json and one PNG per attacker (default: none, "
+                   "the table is printed only)")
     p.add_argument("--force", action="store_true", help="overwrite an earlier --out")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_attack)
