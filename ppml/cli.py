@@ -64,6 +64,12 @@ def _train_parser(sub) -> None:
     g.add_argument("--patch-drop", type=float, default=d.patch_drop, help="share of patches erased")
     g = p.add_argument_group("run")
     add_run_options(g, d)
+    g.add_argument("--compile", nargs="?", const="inductor", default=d.compile, metavar="BACKEND",
+                   help="torch.compile the model for training (as timm's --torchcompile): BACKEND 'inductor' when "
+                   "given alone, 'eager' / 'aot_eager' to debug; checkpoints hold the plain module's weights, so a run "
+                   "resumes and evaluates with or without it (default: off)")
+    g.add_argument("--compile-mode", default=d.compile_mode, help="torch.compile mode with --compile: default, "
+                   "reduce-overhead, max-autotune, ... (default: torch's)")
     p.set_defaults(func=_run_train)
 
 

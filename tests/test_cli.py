@@ -59,6 +59,7 @@ def test_named_options_show_their_defaults(capsys, monkeypatch):
     assert train["--epochs"] == f"(default: {d.epochs})" and train["--img-size"] == f"(default: {d.img_size})"
     assert train["--key-seed"].endswith("(default: OS entropy)") and train["--resume"].endswith("(default: off)")
     assert train["--depth"].endswith("(default: the model's own)")
+    assert train["--compile"].endswith("(default: off)")
     assert _help_entries("encrypt", capsys, monkeypatch)["--scheme"] == "(default: rs)"
     attack = _help_entries("attack", capsys, monkeypatch)
     assert "default" not in attack["--scheme"]  # required
