@@ -82,7 +82,8 @@ def add_run_options(group, defaults) -> None:
                        help="bf16 autocast (default: on GPU)")  # fmt: skip
     group.add_argument("--out", default=defaults.out, help="run directory")
     group.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    group.add_argument("--stop-after", type=int, default=None, help="stop (with a checkpoint) after this many steps (default: run to the end)")
+    group.add_argument("--stop-after", type=int, default=None,
+                       help="stop (with a checkpoint) after this many steps (default: run to the end)")
 
 
 def config_from_args(config_cls, args: argparse.Namespace):

@@ -373,8 +373,8 @@ def train_unmix_decoder(
         img_size: the side of the images to be attacked (sets the zoom of the training crops).
         crop: side of the training crops, a multiple of p (default 4p).
         steps, batch_size, lr, weight_decay, width, depth, data, digits_fraction, seed, checkpoint,
-            checkpoint_every, stop_after, progress, threads, on_train: see :func:`ppml.attacks.train_position_attacker` and
-            :class:`UnmixDecoder`.
+            checkpoint_every, stop_after, progress, threads, on_train: see
+            :func:`ppml.attacks.train_position_attacker` and :class:`UnmixDecoder`.
 
     Returns:
         The decoder in eval mode, with ``train_info``.

@@ -44,7 +44,8 @@ def _train_parser(sub) -> None:
                    help="none: plain images; mi: MI ciphertext (mivit backbone); rs: RS ciphertext (pevit backbone)")
     g.add_argument("--img-size", type=int, default=None, help="square canvas side (the longer side is resized to it) "
                    + per_data("img_size"))
-    g.add_argument("--patch-size", type=int, default=None, help="RS / MI patch = the model's patch " + per_data("patch_size"))
+    g.add_argument("--patch-size", type=int, default=None,
+                   help="RS / MI patch = the model's patch " + per_data("patch_size"))
     g.add_argument("--grid", type=int, default=d.grid, help="MI: g×g sub-patches per patch")
     g.add_argument("--key-seed", type=int, default=None, help="seed the RS keys (reproducible; default: OS entropy)")
     g = p.add_argument_group("model and loss")

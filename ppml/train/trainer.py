@@ -116,7 +116,7 @@ class TrainConfig:
         if self.compile is not None:
             known = torch.compiler.list_backends(exclude_tags=())
             if self.compile not in known:
-                shown = ", ".join(sorted(torch.compiler.list_backends())) + ", and the debug ones: eager, aot_eager, ..."
+                shown = ", ".join(sorted(torch.compiler.list_backends())) + "; to debug: eager, aot_eager, ..."
                 raise ValueError(f"{_OP}: --compile must name a torch.compile backend ({shown}), got {self.compile!r}")
         if not (self.lr > 0 and self.min_lr >= 0 and self.warmup_epochs >= 0 and self.weight_decay >= 0):
             raise ValueError(f"{_OP}: lr must be > 0 and min-lr, warmup-epochs, weight-decay >= 0")
