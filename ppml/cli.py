@@ -23,7 +23,6 @@ def _train_parser(sub) -> None:
             "per epoch) and DIR/summary.json; SIGINT/SIGTERM finish the step, save and exit; --resume continues "
             "exactly."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("data and encryption")
     g.add_argument("--data", default=d.data, help="'digits' (built in: sklearn's 1,797 digits) or an ImageFolder path")
@@ -39,9 +38,9 @@ def _train_parser(sub) -> None:
     g.add_argument("--key-seed", type=int, default=None, help="seed the owner's RS keys (default: OS entropy)")
     g = p.add_argument_group("model and loss")
     g.add_argument("--model", default=None, help=f"timm / ppml model name (default per encryption: {DEFAULT_MODELS})")
-    g.add_argument("--depth", type=int, default=None, help="override the model's depth")
-    g.add_argument("--embed-dim", type=int, default=None, help="override the model's width")
-    g.add_argument("--num-heads", type=int, default=None, help="override the model's heads")
+    g.add_argument("--depth", type=int, default=None, help="override the model's depth (default: the model's own)")
+    g.add_argument("--embed-dim", type=int, default=None, help="override the model's width (default: the model's own)")
+    g.add_argument("--num-heads", type=int, default=None, help="override the model's heads (default: the model's own)")
     g.add_argument("--drop-path", type=float, default=d.drop_path)
     g.add_argument("--loss", choices=LOSSES, default=d.loss)
     g.add_argument("--anchor-scale", type=float, default=None, help="γ (default per metric: sqeuclidean 1, euclidean 4, cosine 16)")
@@ -63,7 +62,14 @@ def _train_parser(sub) -> None:
     g.add_argument("--mixup", type=float, default=d.mixup, help="Mixup alpha (0: off)")
     g.add_argument("--cutmix", type=float, default=d.cutmix, help="patch CutMix alpha (0: off)")
     g.add_argument("--patch-drop", type=float, default=d.patch_drop, help="share of patches erased")
-    add_run_options(p.add_argument_group("run"), d)
+    g = p.add_argument_group("run")
+    add_run_options(g, d)
+    g.add_argument("--compile", nargs="?", const="inductor", default=d.compile, metavar="BACKEND",
+                   help="torch.compile the model for training (as timm's --torchcompile): BACKEND 'inductor' when "
+                   "given alone, 'eager' / 'aot_eager' to debug; checkpoints hold the plain module's weights, so a run "
+                   "resumes and evaluates with or without it (default: off)")
+    g.add_argument("--compile-mode", default=d.compile_mode, help="torch.compile mode with --compile: default, "
+                   "reduce-overhead, max-autotune, ... (default: torch's)")
     p.set_defaults(func=_run_train)
 
 
@@ -76,7 +82,8 @@ def add_run_options(group, defaults) -> None:
                        help="bf16 autocast (default: on GPU)")  # fmt: skip
     group.add_argument("--out", default=defaults.out, help="run directory")
     group.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    group.add_argument("--stop-after", type=int, default=None, help="stop (with a checkpoint) after this many steps")
+    group.add_argument("--stop-after", type=int, default=None,
+                       help="stop (with a checkpoint) after this many steps (default: run to the end)")
 
 
 def config_from_args(config_cls, args: argparse.Namespace):
@@ -168,7 +175,30 @@ def _run_decrypt(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def say_defaults(parser: argparse.ArgumentParser) -> None:
+    """Makes every option of ``parser`` and of its sub-commands state its default exactly once in ``--help``.
+
+    argparse's ArgumentDefaultsHelpFormatter appends "(default: X)" to every help string, so options whose help
+    already explained their default showed two ("(default: OS entropy) (default: None)"), and it skips options
+    without a help string (--epochs showed none). Instead, each help string that does not mention a default gets
+    "(default: X)" here ("on" / "off" for flags); a None default has to be explained in the help string itself."""
+    if issubclass(parser.formatter_class, argparse.ArgumentDefaultsHelpFormatter):
+        parser.formatter_class = argparse.HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                say_defaults(sub)
+            continue
+        takes_default = action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE)
+        if (not takes_default or action.required or action.help is argparse.SUPPRESS
+                or action.default in (None, argparse.SUPPRESS) or "default" in (action.help or "").lower()):
+            continue  # fmt: skip
+        shown = ("on" if action.default else "off") if action.nargs == 0 else "%(default)s"
+        action.help = f"{action.help or ''} (default: {shown})".lstrip()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``ppml`` parser with every sub-command."""
     parser = argparse.ArgumentParser(prog="ppml", description="Privacy-preserving vision learning on encrypted images")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
@@ -183,7 +213,12 @@ def main(argv: list[str] | None = None) -> int:
     from .detection.cli import add_detect_parser
 
     add_detect_parser(sub)
-    args = parser.parse_args(argv)
+    say_defaults(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError) as exc:

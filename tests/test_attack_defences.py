@@ -192,6 +192,29 @@ def test_attack_cli_rs_jigsaw(smooth_png, tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
+    "scheme",
+    [
+        ["--scheme", "rs", "--attackers", "vit"],
+        ["--scheme", "mi", "--grid", "2", "--attackers", "decoder"],
+    ],
+)
+def test_attack_cli_says_once_that_it_trains_the_learned_attacker(smooth_png, tmp_path, monkeypatch, capsys, scheme):
+    # The first run trains the learned attacker into the cache, and says so before it starts; the next run loads it
+    # silently. Budgets as small as tests/test_attacks_learned.py's: 2 steps, 32 px, p = 8.
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("PPML_CACHE_DIR", str(cache))
+    args = ["attack", *scheme, "--size", "32", "--patch-size", "8", "--train-steps", "2", "--threads", "1",
+            "--seed", "0", "--no-progress", smooth_png]  # fmt: skip
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    (cached,) = cache.iterdir()
+    assert "training the learned" in err and "(2 steps; about " in err and "on 2 CPU cores" in err, err
+    assert f"This happens once: it is cached in {cached} and reused by the next runs" in err, err
+    assert main(args) == 0
+    assert "training the learned" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
     "extra, message",
     [
         (["--scheme", "rs", "--attackers", "thumbnail"], "--attackers for --scheme rs"),

@@ -326,3 +326,37 @@ def test_ctrl_c_before_the_first_checkpoint_is_one_line(tmp_path, monkeypatch, c
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "interrupted" in err[0] and "re-run" in err[0] and "Traceback" not in err[0]
     assert not out.exists()
+
+def test_compile_trains_checkpoints_the_plain_module_and_resumes_without_it(tmp_path, capsys):
+    """--compile (aot_eager: dynamo and AOTAutograd without inductor's C++ compile, cheap on 2 cores): a run stopped
+    mid-epoch writes the plain module's state_dict (no `_orig_mod.` keys), and resumed without --compile ends with the
+    parameters of an uncompiled straight run, bit for bit (the graph runs the same ATen ops)."""
+    from ppml.cli import main
+    from ppml.train.trainer import build_model
+
+    common = dict(encryption="rs", epochs=2, key_seed=0, drop_path=0.1, **TINY)
+    ref = run(TrainConfig(out=str(tmp_path / "ref"), **common))
+    out = str(tmp_path / "cut")
+    args = ["train", *_tiny_cli_args(out), "--encryption", "rs", "--epochs", "2", "--drop-path", "0.1",
+            "--warmup-epochs", "0.5"]  # fmt: skip
+    assert main([*args, "--compile", "aot_eager", "--stop-after", "5"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["stopped"]
+    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), map_location="cpu", weights_only=False)
+    assert ckpt["config"]["compile"] == "aot_eager" and not any("_orig_mod" in k for k in ckpt["model"])
+    build_model(TrainConfig(**common), 10).load_state_dict(ckpt["model"])  # strict: the plain module's keys
+    assert main([*args, "--resume"]) == 0
+    resumed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert resumed["final"] and resumed["param_digests"] == ref["param_digests"]
+    assert resumed["val_acc"] == ref["val_acc"] and resumed["train_loss"] == ref["train_loss"]
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(compile="fastest"), "--compile must name a torch.compile backend"),
+        (dict(compile_mode="max-autotune"), "--compile-mode max-autotune needs --compile"),
+    ],
+)
+def test_compile_settings_are_checked(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        run(TrainConfig(out=str(tmp_path / "run"), **{**TINY, **kwargs}))

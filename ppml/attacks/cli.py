@@ -8,7 +8,8 @@ The images (files, folders, ``digits`` or ``skimage:NAME``, as for ``ppml show``
 ``--seed`` (default OS entropy), then each attacker of the scheme runs on the ciphertext alone:
 
 - RS: ``jigsaw`` (:func:`ppml.attacks.solve_jigsaw`, MGC compatibility) and ``vit`` (the learned position attacker,
-  :mod:`ppml.attacks.learned`, trained on public images: loaded from its cache, trained there first if missing).
+  :mod:`ppml.attacks.learned`, trained on public images: loaded from its cache, trained there first if missing — a
+  line on stderr says so before training, with the cache file and a rough duration).
   Scores: direct / neighbour comparison and perfect reconstruction on the present tiles, and PSNR / SSIM of the
   reconstruction against the best one possible (the true key applied to the same ciphertext: dropped tiles stay
   blank in both).
@@ -38,6 +39,9 @@ _CMD = "ppml attack"
 DEFAULT_IMAGES = ("skimage:astronaut", "skimage:coffee", "skimage:chelsea")
 RS_ATTACKERS = ("jigsaw", "vit")
 MI_ATTACKERS = ("thumbnail", "least-norm", "smooth", "decoder")
+# Seconds the first (training) run of a learned attacker took at its default budget on 224 px images, on the 2-core
+# development VM (README: vit per p, decoder per g at p = 16): the base of the estimate printed before training.
+_MEASURED_S = {"vit": {32: 114, 16: 144, 8: 77}, "decoder": {2: 69, 4: 52}}
 
 
 @dataclass
@@ -55,6 +59,24 @@ def _timed(fn: Callable[[], object]) -> tuple[object, float]:
     return out, time.perf_counter() - start
 
 
+def _announce_training(name: str, what: str, default_steps: int, scale: float, args: argparse.Namespace):
+    """The ``on_train`` hook of the learned attackers: before a first run trains one, says so on stderr — once, into
+    the cache, how long roughly, reused next time."""
+    table = _MEASURED_S[name]
+    key = args.patch_size if name == "vit" else args.grid
+
+    def announce(info: dict) -> None:
+        base = table[min(table, key=lambda q: (abs(q - key), q))]
+        secs = base * scale * (info["end"] - info["steps_done"]) / default_steps
+        eta = f"about {secs / 60:.0f} min" if secs >= 90 else f"about {max(secs, 1):.0f} s"
+        resumed = f", resuming at step {info['steps_done']}" if info["steps_done"] else ""
+        print(f"[{_CMD}] {name}: training the {what} ({info['steps']} steps{resumed}; {eta} on 2 CPU cores, less on "
+              f"more). This happens once: it is cached in {info['checkpoint']} and reused by the next runs with "
+              "these settings (an interrupted run resumes).", file=sys.stderr, flush=True)  # fmt: skip
+
+    return announce
+
+
 def _rs_attack(name: str, encrypted: Tensor, missing: Tensor, p: int, args: argparse.Namespace) -> Attempt:
     from .. import unshuffle_patches
 
@@ -66,9 +88,13 @@ def _rs_attack(name: str, encrypted: Tensor, missing: Tensor, p: int, args: argp
         from .learned import assign_positions, attacker_settings, predict_position_logits, train_position_attacker
 
         # Loaded from the cache when a finished run with these settings is there; trained (resumably) otherwise.
-        settings = attacker_settings(p) | ({"steps": args.train_steps} if args.train_steps else {})
-        model = train_position_attacker(p, encrypted.shape[-1], **settings, checkpoint="auto",
-                                        progress=not args.no_progress, threads=args.threads)  # fmt: skip
+        default = attacker_settings(p)
+        settings = default | ({"steps": args.train_steps} if args.train_steps else {})
+        size = encrypted.shape[-1]
+        hook = _announce_training("vit", f"learned RS position attacker for p = {p}, {size} px", default["steps"],
+                                  (size / 224) ** 2, args)  # fmt: skip
+        model = train_position_attacker(p, size, **settings, checkpoint="auto", progress=not args.no_progress,
+                                        threads=args.threads, on_train=hook)  # fmt: skip
 
         def solve() -> Tensor:
             logp = predict_position_logits(model, encrypted, p)
@@ -85,8 +111,11 @@ def _mi_attack(name: str, cipher: Tensor, p: int, g: int, args: argparse.Namespa
     decoder = None
     if name == "decoder":
         settings = inv.DECODER_SETTINGS | ({"steps": args.train_steps} if args.train_steps else {})
+        hook = _announce_training("decoder", f"learned MI decoder for p = {p}, g = {g}",
+                                  inv.DECODER_SETTINGS["steps"], (p / 16) ** 2, args)  # fmt: skip
         decoder = inv.train_unmix_decoder(p, g, img_size=cipher.shape[-1] * g, **settings, checkpoint="auto",
-                                          progress=not args.no_progress, threads=args.threads)  # fmt: skip
+                                          progress=not args.no_progress, threads=args.threads,
+                                          on_train=hook)  # fmt: skip
     method = name.replace("-", "_")
     recon, secs = _timed(lambda: inv.unmix(cipher, p, g, method, decoder=decoder, value_range=(0, 255)))
     return Attempt(recon, secs)
@@ -211,7 +240,6 @@ def add_attack_parser(subparsers) -> argparse.ArgumentParser:
         description="Encrypt the images here, run the attacks of the scheme on the ciphertext alone (plus p, the "
         "grid and which tiles are blank), print how much each recovers, and draw what it sees. The key is drawn "
         "here and used only to score them.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("images", nargs="*", metavar="IMAGES",
                    help="image files, folders, 'digits' or 'skimage:NAME' (default: the held-out photos "
@@ -235,7 +263,8 @@ def add_attack_parser(subparsers) -> argparse.ArgumentParser:
                    help="torch threads for training the learned attackers (default: torch's; 1 is faster on a busy "
                    "machine)")
     p.add_argument("--seed", type=int, default=None, help="seed the keys and dropped tiles (default: OS entropy)")
-    p.add_argument("--out", default=None, help="folder for attack.json and one PNG per attacker")
+    p.add_argument("--out", default=None, help="folder for attack.json and one PNG per attacker (default: none, "
+                   "the table is printed only)")
     p.add_argument("--force", action="store_true", help="overwrite an earlier --out")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run_attack)

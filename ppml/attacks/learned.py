@@ -299,12 +299,14 @@ def _fit(
     stop_after: int | None,
     show_progress: bool,
     threads: int | None,
+    on_train: Callable[[dict], None] | None = None,
 ) -> nn.Module:
     """Trains ``build(config)`` with AdamW on ``make_batch`` draws; checkpoint/resume as described in the module doc.
 
     ``config`` must hold steps, batch_size, lr, weight_decay and seed (it is stored in, and compared with, the
     checkpoint). Returns the model in eval mode with ``model.train_info`` = {steps_done, steps, seconds, loss,
-    complete, checkpoint}.
+    complete, checkpoint}. ``on_train``, if given, is called once before the first step this call trains (not when a
+    complete checkpoint is loaded) with {checkpoint, steps, steps_done, end}.
     """
     steps = config["steps"]
     with torch.random.fork_rng(devices=[]):  # timm initialises from the global RNG: seed it without touching it
@@ -349,6 +351,8 @@ def _fit(
     if step < end and threads is not None:
         torch.set_num_threads(threads)
     if step < end:
+        if on_train is not None:
+            on_train({"checkpoint": checkpoint, "steps": steps, "steps_done": step, "end": end})
         model.train()
         bar = _progress_bar(desc=kind, total=steps, initial=step, enabled=show_progress, leave=False)
         with _StopRequest() as stop:
@@ -532,6 +536,7 @@ def train_position_attacker(
     stop_after: int | None = None,
     progress: bool = True,
     threads: int | None = None,
+    on_train: Callable[[dict], None] | None = None,
 ) -> PositionAttacker:
     """Trains a :class:`PositionAttacker` on public images encrypted with random RS keys (CPU).
 
@@ -558,6 +563,10 @@ def train_position_attacker(
         threads: torch CPU threads while training (restored afterwards); None keeps the current setting. On a
             machine shared with other busy processes, 1 can be several times faster than 2 for the small grids
             (measured on a loaded 2-core VM: p = 32, 8 vs 50 ms per image per step). Not part of the settings.
+        on_train: called once before training starts in this call (not when a complete checkpoint is loaded), with
+            {"checkpoint": the path or None, "steps": the budget, "steps_done": where training resumes, "end": the
+            step it stops at}; ``ppml attack`` uses it to say that the attacker is being trained, once, into its
+            cache.
 
     Returns:
         The model in eval mode; ``model.train_info`` holds the steps done (in all, and in this call: 0 when a
@@ -592,7 +601,7 @@ def train_position_attacker(
 
     return _fit(op=op, kind="position_attacker", config=cfg, build=_build_attacker, make_batch=make_batch,
                 loss_fn=PositionAttacker.loss, checkpoint=path, checkpoint_every=checkpoint_every,
-                stop_after=stop_after, show_progress=progress, threads=threads)  # fmt: skip
+                stop_after=stop_after, show_progress=progress, threads=threads, on_train=on_train)  # fmt: skip
 
 
 def _load(path, kind: str, build: Callable[[dict], nn.Module], op: str) -> nn.Module:

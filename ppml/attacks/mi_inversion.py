@@ -27,6 +27,7 @@ break exact consistency). Score with :func:`ppml.attacks.psnr` / :func:`ppml.att
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -357,6 +358,7 @@ def train_unmix_decoder(
     stop_after: int | None = None,
     progress: bool = True,
     threads: int | None = None,
+    on_train: Callable[[dict], None] | None = None,
 ) -> UnmixDecoder:
     """Trains an :class:`UnmixDecoder` on public images (the corpus of :func:`ppml.attacks.sample_crops`), MSE to the
     plain crop; same optimiser, schedule, checkpoint/resume/cache and ``threads`` semantics as
@@ -371,8 +373,8 @@ def train_unmix_decoder(
         img_size: the side of the images to be attacked (sets the zoom of the training crops).
         crop: side of the training crops, a multiple of p (default 4p).
         steps, batch_size, lr, weight_decay, width, depth, data, digits_fraction, seed, checkpoint,
-            checkpoint_every, stop_after, progress, threads: see :func:`ppml.attacks.train_position_attacker` and
-            :class:`UnmixDecoder`.
+            checkpoint_every, stop_after, progress, threads, on_train: see
+            :func:`ppml.attacks.train_position_attacker` and :class:`UnmixDecoder`.
 
     Returns:
         The decoder in eval mode, with ``train_info``.
@@ -403,7 +405,7 @@ def train_unmix_decoder(
 
     return _fit(op=op, kind="unmix_decoder", config=cfg, build=_build_decoder, make_batch=make_batch,
                 loss_fn=_decoder_loss, checkpoint=path, checkpoint_every=checkpoint_every, stop_after=stop_after,
-                show_progress=progress, threads=threads)  # fmt: skip
+                show_progress=progress, threads=threads, on_train=on_train)  # fmt: skip
 
 
 def load_unmix_decoder(path: str | os.PathLike) -> UnmixDecoder:

@@ -13,6 +13,12 @@ def _train_parser(sub) -> None:
     from .model import ENCRYPTIONS, HEADS, PRIORS
 
     d = DetectConfig()
+
+    def per_data(name: str) -> str:  # what a None default of a data-dependent setting becomes
+        coco = COCO_DEFAULTS[name]
+        return (f"(default: {SYNTHETIC_DEFAULTS[name]} on the built-in data, "
+                f"{coco if coco is not None else 'the backbone' + chr(39) + 's (ViT-S)'} on a COCO folder)")
+
     p = sub.add_parser(
         "train",
         help="train a YOLOS-style detector on encrypted images",
@@ -24,7 +30,6 @@ def _train_parser(sub) -> None:
             f"data-dependent defaults: built-in data {SYNTHETIC_DEFAULTS}; a COCO folder (YOLOS-S-like) "
             f"{COCO_DEFAULTS} (None: the backbone's own size, ViT-S)."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("data and encryption")
     g.add_argument("--data", default=d.data, help="'synthetic' (built in, made offline into --synthetic-root) or a "
@@ -37,8 +42,10 @@ def _train_parser(sub) -> None:
     g.add_argument("--val-split", default=d.val_split)
     g.add_argument("--encryption", choices=ENCRYPTIONS, default=d.encryption,
                    help="none: plain images; mi: MI ciphertext (mivit backbone); rs: RS ciphertext (pevit backbone)")
-    g.add_argument("--img-size", type=int, default=None, help="square canvas side (the longer side is resized to it)")
-    g.add_argument("--patch-size", type=int, default=None, help="RS / MI patch = the model's patch")
+    g.add_argument("--img-size", type=int, default=None, help="square canvas side (the longer side is resized to it) "
+                   + per_data("img_size"))
+    g.add_argument("--patch-size", type=int, default=None,
+                   help="RS / MI patch = the model's patch " + per_data("patch_size"))
     g.add_argument("--grid", type=int, default=d.grid, help="MI: g×g sub-patches per patch")
     g.add_argument("--key-seed", type=int, default=None, help="seed the RS keys (reproducible; default: OS entropy)")
     g = p.add_argument_group("model and loss")
@@ -46,10 +53,11 @@ def _train_parser(sub) -> None:
                    "pevit_small _patch16_224 per encryption, resized by the options below)")
     g.add_argument("--head", choices=HEADS, default=None, help="box (YOLOS; default for none, mi) or membership "
                    "(per-token object membership decoded with the owner's RS keys; default for rs)")
-    g.add_argument("--embed-dim", type=int, default=None)
-    g.add_argument("--depth", type=int, default=None)
-    g.add_argument("--num-heads", type=int, default=None)
-    g.add_argument("--num-det-tokens", type=int, default=None, help="[DET] tokens (YOLOS: 100)")
+    g.add_argument("--embed-dim", type=int, default=None, help="backbone width " + per_data("embed_dim"))
+    g.add_argument("--depth", type=int, default=None, help="backbone blocks " + per_data("depth"))
+    g.add_argument("--num-heads", type=int, default=None, help="attention heads " + per_data("num_heads"))
+    g.add_argument("--num-det-tokens", type=int, default=None, help="[DET] tokens, as YOLOS's 100 "
+                   + per_data("num_det_tokens"))
     g.add_argument("--det-prior", choices=PRIORS, default=None, help="gaussian: each [DET] slot gets a reference "
                    "point, a distance bias on its attention and a box centre relative to it (trains from scratch; "
                    "default for the box head on vit / mivit); none: YOLOS as published (default otherwise; the only "
@@ -58,9 +66,9 @@ def _train_parser(sub) -> None:
     g.add_argument("--drop-path", type=float, default=d.drop_path)
     g.add_argument("--eos-coef", type=float, default=d.eos_coef, help="weight of the 'no object' class")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=None)
-    g.add_argument("--batch-size", type=int, default=None, help="per process")
-    g.add_argument("--lr", type=float, default=None, help="AdamW peak learning rate")
+    g.add_argument("--epochs", type=int, default=None, help=per_data("epochs"))
+    g.add_argument("--batch-size", type=int, default=None, help="per process " + per_data("batch_size"))
+    g.add_argument("--lr", type=float, default=None, help="AdamW peak learning rate " + per_data("lr"))
     g.add_argument("--min-lr", type=float, default=d.min_lr)
     g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs)
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
@@ -90,13 +98,12 @@ def _eval_parser(sub) -> None:
         help="COCO AP of a trained detector",
         description="Evaluate DIR/checkpoint.pt on its validation split with pycocotools' COCOeval; prints the "
         "summary (stderr) and a JSON line (stdout), writes DIR/eval.json.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--out", required=True, help="the run directory")
-    p.add_argument("--checkpoint", default=None, help="default DIR/checkpoint.pt")
+    p.add_argument("--checkpoint", default=None, help="the checkpoint to evaluate (default: DIR/checkpoint.pt)")
     p.add_argument("--data", default=None, help="another COCO folder (default: the run's data)")
     p.add_argument("--split", default=None, help="another split (default: the run's --val-split)")
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None, help="(default: the run's)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--key-seed", type=int, default=None, help="seed the owner's RS keys (default: the run's)")
     p.set_defaults(func=_run_eval)

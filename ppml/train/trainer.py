@@ -11,6 +11,10 @@ Settings (``TrainConfig``):
   per rank, per epoch. A checkpoint holds the optimizer, the schedule and every rank's generator states, so a run
   stopped mid-epoch (``stop_after`` steps, SIGINT or SIGTERM: the step finishes, a checkpoint is written) and resumed
   reproduces the uninterrupted run exactly.
+- ``compile``: a torch.compile backend (``inductor``, ``eager``, ``aot_eager``, ...; ``compile_mode`` passed on) for
+  the training forward and backward, compiled after the DDP wrap as in timm's train.py. Checkpoints hold the plain
+  module's state_dict (no ``_orig_mod.`` prefixes), and ``compile`` / ``compile_mode`` may change on ``--resume``:
+  a run compiled or not resumes, evaluates and loads the same way.
 - DDP: launched by torchrun (``WORLD_SIZE`` > 1) it uses gloo on CPU; on CUDA, nccl (gloo for the few CPU
   tensors it all-reduces) and one GPU per process, cuda:LOCAL_RANK; torch's DistributedSampler (seeded,
   per epoch), and checks at every checkpoint that all ranks hold identical parameters. Only rank 0 writes.
@@ -86,6 +90,8 @@ class TrainConfig:
     key_seed: int | None = None
     device: str = "auto"
     amp: bool | None = None
+    compile: str | None = None  # a torch.compile backend ("inductor", "eager", "aot_eager", ...); None: eager PyTorch
+    compile_mode: str | None = None
     out: str = "runs/ppml"
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -105,6 +111,13 @@ class TrainConfig:
             raise ValueError(f"{_OP}: --grid must divide --patch-size, got grid={self.grid}, patch={self.patch_size}")
         if self.encryption == "none" and self.mode != "owner":
             raise ValueError(f"{_OP}: --mode in-model needs --encryption rs or mi, got --encryption none")
+        if self.compile_mode is not None and self.compile is None:
+            raise ValueError(f"{_OP}: --compile-mode {self.compile_mode} needs --compile")
+        if self.compile is not None:
+            known = torch.compiler.list_backends(exclude_tags=())
+            if self.compile not in known:
+                shown = ", ".join(sorted(torch.compiler.list_backends())) + "; to debug: eager, aot_eager, ..."
+                raise ValueError(f"{_OP}: --compile must name a torch.compile backend ({shown}), got {self.compile!r}")
         if not (self.lr > 0 and self.min_lr >= 0 and self.warmup_epochs >= 0 and self.weight_decay >= 0):
             raise ValueError(f"{_OP}: lr must be > 0 and min-lr, warmup-epochs, weight-decay >= 0")
 
@@ -229,6 +242,17 @@ def _check_encrypted(cfg: TrainConfig, manifest: dict) -> None:
                          f", {manifest['size']} px): pass {flags} (got {got})")
 
 
+def _compiled(module: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """torch.compile(module) with the config's backend (checked by TrainConfig.check) and mode."""
+    return torch.compile(module, backend=cfg.compile, mode=cfg.compile_mode)
+
+
+def plain_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` without the ``_orig_mod.`` that torch.compile puts in the keys of a compiled module (or submodule):
+    the plain module's state_dict, which is what checkpoints hold."""
+    return {k.replace("_orig_mod.", ""): v for k, v in state.items()}
+
+
 def _atomic_save(obj, path: str) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(obj, tmp)
@@ -321,7 +345,8 @@ class _Trainer:
                 raise FileNotFoundError(f"{_OP}: --resume given but there is no checkpoint at {self.ckpt_path}")
             ckpt = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
             saved = TrainConfig(**ckpt["config"])
-            mine = dataclasses.replace(cfg, device=saved.device, amp=saved.amp, out=saved.out)
+            mine = dataclasses.replace(cfg, device=saved.device, amp=saved.amp, out=saved.out, compile=saved.compile,
+                                       compile_mode=saved.compile_mode)
             if dataclasses.asdict(saved) != dataclasses.asdict(mine):
                 diff = {k: (v, getattr(cfg, k)) for k, v in dataclasses.asdict(saved).items()
                         if getattr(mine, k) != v}
@@ -386,6 +411,8 @@ class _Trainer:
             ).to(self.device)
         self.model = model
         self.ddp = nn.parallel.DistributedDataParallel(model) if d.world > 1 else model
+        if cfg.compile is not None:  # the training forward only; self.model (saved, evaluated) stays the plain module
+            self.ddp = _compiled(self.ddp, cfg)
         # Weight decay on matrices only: not on biases, norms, the class token or position embeddings (as timm/DeiT).
         decay, no_decay = [], []
         for n, p in model.named_parameters():
@@ -408,7 +435,7 @@ class _Trainer:
         )
         self.start_epoch, self.start_step, self.rank_state = 0, 0, None
         if ckpt is not None:
-            model.load_state_dict(ckpt["model"])
+            model.load_state_dict(plain_state_dict(ckpt["model"]))
             self.opt.load_state_dict(ckpt["optimizer"])
             self.sched.load_state_dict(ckpt["scheduler"])
             self.start_epoch, self.start_step = ckpt["epoch"], ckpt["step"]
