@@ -23,6 +23,15 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
     return t.to(device)
 
 
+# Drawing keys is a graph break under torch.compile (os.urandom / numpy / a torch.Generator argument cannot be traced):
+# compiled code calls these eagerly and traces the rest. With fullgraph=True there is nothing to break at, so callers
+# pass their keys explicitly (perm=, weights=); see the README's torch.compile note.
+_COMPILE_NOTE = (
+    "ppml draws keys outside the graph; with torch.compile(fullgraph=True) pass them explicitly (perm= / weights=)"
+)
+
+
+@torch.compiler.disable(reason=_COMPILE_NOTE)
 def random_permutations(
     batch: int,
     num_patches: int,
@@ -62,6 +71,7 @@ def invert_permutations(perm: torch.Tensor) -> torch.Tensor:
     return inv.scatter_(-1, perm, ar)
 
 
+@torch.compiler.disable(reason=_COMPILE_NOTE)
 def random_simplex(
     batch: int,
     rows: int,
