@@ -84,5 +84,5 @@ def test_fullgraph_without_perm_names_the_key_draw(case):
         "generator": lambda t: ppml.shuffle_patches(t, 16, generator=gen),
         "layer": ppml.PatchShuffle(16),
     }[case]
-    with pytest.raises(torch._dynamo.exc.Unsupported, match=r"(?s)random_permutations.*perm="):
+    with pytest.raises(torch._dynamo.exc.Unsupported, match=r"(?s)_draw_permutations.*perm="):
         torch.compile(fn, backend=BACKEND, fullgraph=True)(x)
