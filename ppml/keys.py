@@ -11,6 +11,8 @@ import os
 import numpy as np
 import torch
 
+from ._import_hooks import after_import
+
 
 def to_device(t: torch.Tensor, device) -> torch.Tensor:
     """Moves keys drawn on the host to `device` without making the host wait: a copy from pageable memory
@@ -21,6 +23,22 @@ def to_device(t: torch.Tensor, device) -> torch.Tensor:
     if device.type == "cuda" and t.device.type == "cpu":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
+
+
+# Drawing keys is a graph break under torch.compile (os.urandom / numpy / a torch.Generator argument cannot be traced):
+# compiled code calls the draws eagerly and traces the rest. With fullgraph=True there is nothing to break at, so
+# callers pass their keys explicitly (perm=, weights=); see the README's torch.compile note. The public functions look
+# the draw up in _DRAW, which holds the torch.compiler.disable'd versions once torch._dynamo is imported (importing it
+# here would double `import ppml`'s time; nothing can be compiling before it is imported).
+_COMPILE_NOTE = (
+    "ppml draws keys outside the graph; with torch.compile(fullgraph=True) pass them explicitly (perm= / weights=)"
+)
+_DRAW: dict = {}
+
+
+def _mark_for_dynamo() -> None:
+    for name, fn in list(_DRAW.items()):
+        _DRAW[name] = torch.compiler.disable(fn, reason=_COMPILE_NOTE)
 
 
 def random_permutations(
@@ -45,6 +63,10 @@ def random_permutations(
         raise ValueError(f"ppml.random_permutations: batch must be an int >= 0, got {batch!r}")
     if not isinstance(num_patches, int) or num_patches < 1:
         raise ValueError(f"ppml.random_permutations: num_patches must be an int >= 1, got {num_patches!r}")
+    return _DRAW["random_permutations"](batch, num_patches, device, generator)
+
+
+def _draw_permutations(batch: int, num_patches: int, device, generator) -> torch.Tensor:
     if generator is None:
         # 63-bit keys from the OS CSPRNG; ties (probability ~N^2/2^64) only fall back to index order.
         raw = np.frombuffer(os.urandom(8 * batch * num_patches), dtype=np.int64).reshape(batch, num_patches)
@@ -75,6 +97,10 @@ def random_simplex(
     Exp(1) draws. OS entropy unless a seeded generator is given."""
     if not isinstance(batch, int) or batch < 0 or not isinstance(rows, int) or rows < 0:
         raise ValueError(f"ppml.random_mixing_weights: batch and num_patches must be ints >= 0, got {batch!r}, {rows!r}")
+    return _DRAW["random_simplex"](batch, rows, k, device, dtype, generator)
+
+
+def _draw_simplex(batch: int, rows: int, k: int, device, dtype, generator) -> torch.Tensor:
     if generator is None:
         # 53-bit uniforms in (0, 1] from the OS CSPRNG.
         raw = np.frombuffer(os.urandom(8 * batch * rows * k), dtype=np.uint64).reshape(batch, rows, k)
@@ -84,3 +110,7 @@ def random_simplex(
         u = torch.rand((batch, rows, k), generator=generator, device=generator.device, dtype=torch.float64)
         e = -torch.log1p(-u)  # u in [0, 1): 1 - u in (0, 1]
     return to_device((e / e.sum(-1, keepdim=True)).to(dtype), device)
+
+
+_DRAW.update(random_permutations=_draw_permutations, random_simplex=_draw_simplex)
+after_import("torch._dynamo", _mark_for_dynamo)

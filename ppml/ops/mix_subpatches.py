@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from .. import _dispatch
 from ..reference import mix_subpatches as _reference_mix
 from ..reference.mix_subpatches import accumulation_dtype, output_dtype
+from ._transform import as_batch
 from ._common import check_images, check_positive_int, describe, empty_output, fallback_kernel, lib
 
 OP = "ppml.mix_subpatches"
@@ -186,7 +187,8 @@ def random_mixing_weights(
 
 class SubpatchMix(nn.Module):
     """MI encryption as a module or a DataLoader transform: ``[B, C, H, W]`` or one ``[C, H, W]`` image in,
-    ``[..., H/g, W/g]`` out. ``keyed=True`` draws fresh random weights per image and patch (from OS entropy, or
+    ``[..., H/g, W/g]`` out; a ``torchvision.tv_tensors.Image`` or a PIL image in, the same kind out (PIL: same
+    mode, the mean rounded half to even for integer pixels; palette and 1-bit images are refused — convert first). ``keyed=True`` draws fresh random weights per image and patch (from OS entropy, or
     ``generator``) instead of the paper's plain mean; ``return_weights=True`` also returns them."""
 
     def __init__(
@@ -208,18 +210,17 @@ class SubpatchMix(nn.Module):
         self.keyed, self.return_weights = keyed, return_weights
         self.backend, self.generator = backend, generator
 
-    def forward(self, images: Tensor):
-        single = isinstance(images, Tensor) and images.dim() == 3
-        batch = images.unsqueeze(0) if single else images
+    def forward(self, images):
+        batch, restore, single = as_batch(images, "ppml.SubpatchMix", averages=True)
         weights = None
         if self.keyed:
             B, _, H, W = batch.shape
             n = (H // self.patch_size) * (W // self.patch_size)
             weights = random_mixing_weights(B, n, self.grid, device=batch.device, generator=self.generator)
         out = mix_subpatches(batch, self.patch_size, self.grid, weights, backend=self.backend)
-        if single:
-            out = out.squeeze(0)
-            weights = None if weights is None else weights.squeeze(0)
+        out = restore(out)
+        if single and weights is not None:
+            weights = weights.squeeze(0)
         return (out, weights) if self.return_weights else out
 
     def extra_repr(self) -> str:

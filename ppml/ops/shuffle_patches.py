@@ -9,6 +9,7 @@ from torch._subclasses.fake_tensor import is_fake
 from .. import _dispatch
 from ..keys import invert_permutations, random_permutations
 from ..reference import shuffle_patches as _reference_shuffle
+from ._transform import as_batch
 from ._common import check_images, check_positive_int, check_values, describe, empty_output, fallback_kernel, lib
 
 OP = "ppml.shuffle_patches"
@@ -221,8 +222,9 @@ def unshuffle_patches(
 class PatchShuffle(nn.Module):
     """RS encryption as a module or a DataLoader transform.
 
-    Takes ``Tensor[B, C, H, W]`` or one image ``Tensor[C, H, W]`` and returns the encrypted tensor of the same
-    shape, with fresh OS-entropy keys on every call (or keys from ``generator``). With ``return_perm=True`` it
+    Takes what torchvision v2 transforms take — ``Tensor[B, C, H, W]``, one image ``Tensor[C, H, W]`` (uint8 or
+    float), a ``torchvision.tv_tensors.Image`` or a PIL image — and returns the encrypted image of the same kind and
+    shape (PIL in: PIL of the same mode out), with fresh OS-entropy keys on every call (or keys from ``generator``). With ``return_perm=True`` it
     returns ``(encrypted, perm)`` so the data owner can keep the keys.
     """
 
@@ -241,12 +243,12 @@ class PatchShuffle(nn.Module):
         self.backend = backend
         self.generator = generator
 
-    def forward(self, images: Tensor):
-        single = isinstance(images, Tensor) and images.dim() == 3
-        batch = images.unsqueeze(0) if single else images
+    def forward(self, images):
+        batch, restore, single = as_batch(images, "ppml.PatchShuffle")
         out, perm = shuffle_patches(batch, self.patch_size, backend=self.backend, generator=self.generator)
+        out = restore(out)
         if single:
-            out, perm = out.squeeze(0), perm.squeeze(0)
+            perm = perm.squeeze(0)
         return (out, perm) if self.return_perm else out
 
     def extra_repr(self) -> str:
