@@ -435,7 +435,7 @@ def add_show_parser(subparsers) -> argparse.ArgumentParser:
         "--keys",
         default=None,
         help="with an encrypted dataset DST as the INPUT (`ppml encrypt` output): its RS key file, to add a column "
-        "of the decrypted images",
+        "of the decrypted images (default: none, the ciphertexts alone)",
     )
     p.set_defaults(func=run_show)
     return p
