@@ -52,7 +52,8 @@ def test_compile_with_generator_matches_eager():
     eager_enc, eager_perm = ppml.shuffle_patches(x, 16, generator=torch.Generator().manual_seed(7))
     assert torch.equal(perm, eager_perm) and torch.equal(enc, eager_enc)
     # a generator held by the layer
-    layer = torch.compile(ppml.PatchShuffle(16, return_perm=True, generator=torch.Generator().manual_seed(3)), backend=BACKEND)
+    shuffle = ppml.PatchShuffle(16, return_perm=True, generator=torch.Generator().manual_seed(3))
+    layer = torch.compile(shuffle, backend=BACKEND)
     enc, perm = layer(x)
     _decrypts(enc, perm, x)
     assert torch.equal(perm, ppml.random_permutations(2, 6, generator=torch.Generator().manual_seed(3)))

@@ -665,6 +665,7 @@ TORCHRUN_RANK1 = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}
                                                  ("cuda", TORCHRUN_RANK1, 1)])
 def test_detect_cuda_setup_gets_a_device_with_an_index(fake_cuda, monkeypatch, tmp_path, device, env, expected):
     from conftest import backend_device_types
+
     from ppml.detection.engine import _DetectRun
 
     for k, v in env.items():

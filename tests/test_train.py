@@ -211,6 +211,7 @@ def test_torchrun_on_cuda_joins_a_group_that_reduces_cpu_and_cuda_tensors(fake_c
     """The trainer all-reduces CPU tensors (the epoch's loss sums, the validation counts) and CUDA ones; a group made
     with backend="nccl" alone refuses CPU tensors ("No backend type associated with device type cpu")."""
     from conftest import backend_device_types
+
     from ppml.train.trainer import _Trainer
 
     for k, v in TORCHRUN_RANK1.items():

@@ -4,7 +4,8 @@ Conventions of ``ppml train`` (and its helpers, imported from :mod:`ppml.train.t
 epoch; SIGINT / SIGTERM / ``stop_after`` finish the step and write one; ``resume`` continues exactly (the run's random
 draws are functions of (seed, epoch, image) and (key seed, epoch, step), and the checkpoint holds the global RNG
 state); ``DIR/metrics.jsonl`` (one line per epoch), ``DIR/summary.json``; tqdm progress on stderr; torchrun DDP
-(gloo on CPU; nccl on GPU, gloo for CPU tensors; cuda:LOCAL_RANK per process) with torch's DistributedSampler, identical parameters checked at every checkpoint.
+(gloo on CPU; nccl on GPU, gloo for CPU tensors; cuda:LOCAL_RANK per process) with torch's DistributedSampler,
+identical parameters checked at every checkpoint.
 
 The trainer only ever receives ciphertext and the targets of :class:`~ppml.detection.data.Owner`; the owner's part
 (augmenting the plain images, encrypting, and at evaluation decoding predictions with the RS keys) runs in the

@@ -8,8 +8,8 @@ from torch import Tensor, nn
 from .. import _dispatch
 from ..reference import mix_subpatches as _reference_mix
 from ..reference.mix_subpatches import accumulation_dtype, output_dtype
-from ._transform import as_batch
 from ._common import check_images, check_positive_int, describe, empty_output, fallback_kernel, lib
+from ._transform import as_batch
 
 OP = "ppml.mix_subpatches"
 
@@ -187,9 +187,10 @@ def random_mixing_weights(
 
 class SubpatchMix(nn.Module):
     """MI encryption as a module or a DataLoader transform: ``[B, C, H, W]`` or one ``[C, H, W]`` image in,
-    ``[..., H/g, W/g]`` out; a ``torchvision.tv_tensors.Image`` or a PIL image in, the same kind out (PIL: same
-    mode, the mean rounded half to even for integer pixels; palette and 1-bit images are refused — convert first). ``keyed=True`` draws fresh random weights per image and patch (from OS entropy, or
-    ``generator``) instead of the paper's plain mean; ``return_weights=True`` also returns them."""
+    ``[..., H/g, W/g]`` out; a ``torchvision.tv_tensors.Image`` or a PIL image in, the same kind out (PIL: same mode,
+    the mean rounded half to even for integer pixels; palette and 1-bit images are refused — convert first).
+    ``keyed=True`` draws fresh random weights per image and patch (from OS entropy, or ``generator``) instead of the
+    paper's plain mean; ``return_weights=True`` also returns them."""
 
     def __init__(
         self,

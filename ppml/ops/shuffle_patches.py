@@ -9,8 +9,8 @@ from torch._subclasses.fake_tensor import is_fake
 from .. import _dispatch
 from ..keys import invert_permutations, random_permutations
 from ..reference import shuffle_patches as _reference_shuffle
-from ._transform import as_batch
 from ._common import check_images, check_positive_int, check_values, describe, empty_output, fallback_kernel, lib
+from ._transform import as_batch
 
 OP = "ppml.shuffle_patches"
 
@@ -222,10 +222,10 @@ def unshuffle_patches(
 class PatchShuffle(nn.Module):
     """RS encryption as a module or a DataLoader transform.
 
-    Takes what torchvision v2 transforms take — ``Tensor[B, C, H, W]``, one image ``Tensor[C, H, W]`` (uint8 or
-    float), a ``torchvision.tv_tensors.Image`` or a PIL image — and returns the encrypted image of the same kind and
-    shape (PIL in: PIL of the same mode out), with fresh OS-entropy keys on every call (or keys from ``generator``). With ``return_perm=True`` it
-    returns ``(encrypted, perm)`` so the data owner can keep the keys.
+    Takes what torchvision v2 transforms take — ``Tensor[B, C, H, W]``, one image ``Tensor[C, H, W]`` (uint8 or float),
+    a ``torchvision.tv_tensors.Image`` or a PIL image — and returns the encrypted image of the same kind and shape (PIL
+    in: PIL of the same mode out), with fresh OS-entropy keys on every call (or keys from ``generator``). With
+    ``return_perm=True`` it returns ``(encrypted, perm)`` so the data owner can keep the keys.
     """
 
     def __init__(
