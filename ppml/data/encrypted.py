@@ -445,8 +445,7 @@ def load_encrypted(dst: str, val_fraction: float = 0.2, split_seed: int = 0):
     x, y, idx, manifest = load_shards(dst)
     x = x.float() / 255.0
     if manifest["splits"]:
-        with open(os.path.join(dst, "index.json")) as fh:
-            splits = [it[2] for it in json.load(fh)["items"]]
+        splits = [it[2] for it in _index_items(dst)]
         is_val = torch.tensor([splits[i] == "val" for i in idx.tolist()])
         tr, va = torch.nonzero(~is_val).flatten(), torch.nonzero(is_val).flatten()
     else:
@@ -485,10 +484,15 @@ def load_samples(dst: str, count: int) -> tuple[Tensor, Tensor, list[str], dict]
         n += take
     if not n:
         raise ValueError(f"ppml: the encrypted dataset {dst!r} holds no images")
-    with open(os.path.join(dst, "index.json")) as fh:
-        items = json.load(fh)["items"]
+    items = _index_items(dst)
     idx = torch.cat(idx)
     return torch.cat(xs), idx, [str(items[i][0]) for i in idx.tolist()], manifest
+
+
+def _index_items(dst: str) -> list:
+    """DST/index.json's items: one ``[source path, label, split]`` per image, in shard order."""
+    with open(os.path.join(dst, "index.json")) as fh:
+        return json.load(fh)["items"]
 
 
 _DECRYPT_MARK = ".ppml-decrypt.json"  # in OUT while a decryption is unfinished: the same command resumes it
@@ -519,8 +523,7 @@ def decrypt_dataset(dst: str, out: str, keys: str, *, progress: bool = True) -> 
                 resuming = json.load(fh) == mark
         if not resuming:
             raise FileExistsError(f"{_DEC}: OUT {out!r} is not empty; refusing to overwrite")
-    with open(os.path.join(dst, "index.json")) as fh:
-        items = json.load(fh)["items"]
+    items = _index_items(dst)
     # every output path is checked before anything is written
     x, _, idx, _ = load_shards(dst)
     paths, seen = {}, set()
