@@ -36,7 +36,7 @@ import triton.language as tl
 
 from ppml.reference.anchor_loss import COS_EPS, DIST2_EPS, accumulation_dtype
 
-from .mix_subpatches import _round_to_bfloat16
+from ._common import _round_to_bfloat16
 
 _METRIC_IDS = {"sqeuclidean": 0, "euclidean": 1, "cosine": 2}
 _SQEUCLIDEAN = tl.constexpr(0)

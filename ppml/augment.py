@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .ops._common import check_positive_int, describe
+from ._checks import check_positive_int, describe
 
 __all__ = [
     "EncryptedAugment",

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .. import random_permutations, shuffle_patches
-from ..ops._common import describe
+from .._checks import describe
 
 _OP = "ppml.attacks.encrypt_rs_defended"
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..ops._common import describe
+from .._checks import describe
 
 _OP = "ppml.attacks.solve_jigsaw"
 _COMPATIBILITIES = ("mgc", "ssd")

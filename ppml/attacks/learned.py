@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._progress import progress as _progress_bar
-from ..ops._common import check_positive_int, describe
+from .._checks import check_positive_int, describe
 from ..ops.shuffle_patches import shuffle_patches
 
 HELD_OUT: tuple[str, ...] = ("astronaut", "coffee", "chelsea")

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..ops._common import describe
+from .._checks import describe
 
 
 def _perm_pair(perm_hat: Tensor, perm: Tensor, op: str) -> tuple[Tensor, Tensor]:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops._common import check_positive_int, describe
+from .._checks import check_positive_int, describe
 from ..ops.mix_subpatches import mix_subpatches
 from .learned import _check_common, _fit, _load, _resolve_checkpoint, sample_crops, standardize
 

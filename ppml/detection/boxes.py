@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..ops._common import describe
+from .._checks import describe
 
 
 def _check_boxes(boxes, where: str, name: str = "boxes") -> None:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..ops._common import describe
+from .._checks import describe
 from .boxes import box_cxcywh_to_xyxy, box_xywh_to_xyxy, box_xyxy_to_cxcywh
 from .model import ENCRYPTIONS, HEADS, membership_targets, membership_to_boxes
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops._common import describe
+from .._checks import describe
 from .boxes import box_cxcywh_to_xyxy, generalized_box_iou
 
 

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops._common import describe
+from .._checks import describe
 
 HEADS = ("box", "membership")
 PRIORS = ("gaussian", "none")

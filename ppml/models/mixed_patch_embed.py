@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..ops._common import check_positive_int
+from .._checks import check_positive_int
 
 
 class MixedPatchEmbed(nn.Module):

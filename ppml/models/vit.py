@@ -24,7 +24,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from ..ops._common import check_positive_int, describe
+from .._checks import check_positive_int, describe
 from ..ops.mix_subpatches import mix_subpatches
 from .mixed_patch_embed import MixedPatchEmbed
 

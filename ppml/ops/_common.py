@@ -4,29 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from .._checks import check_positive_int, describe  # noqa: F401  (re-exported to the op modules)
+
 # One Library for the namespace: schemas are defined here in Python so the ops exist even without ppml._C.
 lib = torch.library.Library("ppml", "DEF")
-
-_DTYPE_NAMES = {
-    torch.uint8: "uint8",
-    torch.int8: "int8",
-    torch.int16: "int16",
-    torch.int32: "int32",
-    torch.int64: "int64",
-    torch.float16: "float16",
-    torch.bfloat16: "bfloat16",
-    torch.float32: "float32",
-    torch.float64: "float64",
-    torch.bool: "bool",
-}
-
-
-def describe(t) -> str:
-    """``int32 [8, 196] on cpu`` — the same wording the C++ checks use (csrc/common/*.h::describe)."""
-    if not isinstance(t, torch.Tensor):
-        return f"{type(t).__name__} {t!r}"
-    name = _DTYPE_NAMES.get(t.dtype, str(t.dtype).replace("torch.", ""))
-    return f"{name} {list(t.shape)} on {t.device}"
 
 
 def output_is_channels_last(images: torch.Tensor) -> bool:
@@ -84,10 +65,6 @@ def check_values(ok: torch.Tensor, message) -> None:
     else:
         torch._assert_async(ok, message(device_side=True))
 
-
-def check_positive_int(value, op: str, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{op}: {name} must be a positive integer, got {value!r}")
 
 
 def check_images(images, op: str) -> None:
