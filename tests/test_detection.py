@@ -96,6 +96,51 @@ def test_box_conversions_round_trip_and_errors():
         box_iou(xyxy, torch.tensor([1, 2, 3]))
 
 
+def _py_iou_giou(a: list[float], b: list[float]) -> tuple[float, float]:
+    """IoU and GIoU of two xyxy boxes in plain Python floats, from the definitions (Rezatofighi et al., 2019)."""
+    iw, ih = max(0.0, min(a[2], b[2]) - max(a[0], b[0])), max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    hull = (max(a[2], b[2]) - min(a[0], b[0])) * (max(a[3], b[3]) - min(a[1], b[1]))
+    return inter / union, inter / union - (hull - union) / hull
+
+
+def test_boxes_match_a_plain_python_reference():
+    """boxes.py takes its arithmetic from torchvision, so the torchvision comparison above no longer checks it
+    independently: here every pair, conversion and dtype is checked against definitions written out in Python."""
+    gen = torch.Generator().manual_seed(5)
+    a, b = _random_boxes(9, gen), _random_boxes(6, gen)
+    b[0] = a[0]  # identical boxes: IoU 1
+    b[1] = torch.tensor([30.0, 30.0, 31.0, 32.0], dtype=torch.float64)  # disjoint from every box of a
+    iou, giou, giou_elem = box_iou(a, b), generalized_box_iou(a, b), generalized_box_iou(a[:6], b, pairwise=False)
+    for i, j in itertools.product(range(9), range(6)):
+        ref_iou, ref_giou = _py_iou_giou(a[i].tolist(), b[j].tolist())
+        assert iou[i, j].item() == pytest.approx(ref_iou, abs=1e-12)
+        assert giou[i, j].item() == pytest.approx(ref_giou, abs=1e-12)
+        if i == j:
+            assert giou_elem[i].item() == pytest.approx(ref_giou, abs=1e-12)
+    assert iou[0, 0].item() == pytest.approx(1.0) and (iou[:, 1] == 0).all() and (giou[:, 1] < 0).all()
+    # conversions, from their definitions
+    x0, y0, x1, y1 = a.unbind(-1)
+    torch.testing.assert_close(box_xyxy_to_cxcywh(a), torch.stack(((x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0), 1))
+    cx, cy, w, h = b.unbind(-1)
+    torch.testing.assert_close(box_cxcywh_to_xyxy(b), torch.stack((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2), 1))
+    torch.testing.assert_close(ppml.detection.box_xywh_to_xyxy(b), torch.stack((cx, cy, cx + w, cy + h), 1))
+    torch.testing.assert_close(ppml.detection.box_area(a), (x1 - x0) * (y1 - y0))
+    assert ppml.detection.box_area(torch.tensor([[2.0, 0, 1, 1]])).item() == 0  # negative extents count as 0
+    # the result keeps the inputs' dtype (torchvision computes half precision in float32); batched elementwise form
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        ad, bd = a.to(dtype), b.to(dtype)
+        for got in (box_iou(ad, bd), generalized_box_iou(ad, bd), generalized_box_iou(ad[:6], bd, pairwise=False)):
+            assert got.dtype == dtype
+        tol = 1e-6 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(generalized_box_iou(ad, bd).double(), giou, rtol=0, atol=tol)
+    batched = generalized_box_iou(a[:6].view(2, 3, 4), b.view(2, 3, 4), pairwise=False)
+    torch.testing.assert_close(batched, giou_elem.view(2, 3))
+    with pytest.raises(ValueError, match=r"generalized_box_iou: boxes1 must be a float tensor \[N, 4\], got float64"):
+        generalized_box_iou(a.view(3, 3, 4), b)
+
+
 # ---- matcher -----------------------------------------------------------------------------------------------------
 
 
@@ -504,7 +549,8 @@ def test_det_prior_attention_against_a_hand_written_block():
         blk = bb.blocks[0]
         a = blk.norm1(t)
         heads, d = blk.attn.num_heads, t.shape[-1] // blk.attn.num_heads
-        qkv = torch.nn.functional.linear(a, blk.attn.qkv.weight, blk.attn.qkv.bias).reshape(2, -1, 3, heads, d).permute(2, 0, 3, 1, 4)
+        qkv = torch.nn.functional.linear(a, blk.attn.qkv.weight, blk.attn.qkv.bias)
+        qkv = qkv.reshape(2, -1, 3, heads, d).permute(2, 0, 3, 1, 4)
         logits = qkv[0] @ qkv[1].transpose(-1, -2) / d**0.5 + model.det_attention_bias()[None]
         att = (logits.softmax(-1) @ qkv[2]).transpose(1, 2).reshape(2, -1, heads * d)
         t = t + torch.nn.functional.linear(att, blk.attn.proj.weight, blk.attn.proj.bias)
