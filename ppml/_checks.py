@@ -5,6 +5,9 @@ It imports nothing from ppml, so any module may use it without pulling in the op
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 _DTYPE_NAMES = {
@@ -32,3 +35,22 @@ def describe(t) -> str:
 def check_positive_int(value, op: str, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{op}: {name} must be a positive integer, got {value!r}")
+
+
+def check_int(value, op: str, name: str, minimum: int = 1) -> int:
+    """``value`` if it is an int (not a bool) >= ``minimum``; else ``{op}: {name} must be an int >= {minimum}``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{op}: {name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def is_real(value) -> bool:
+    """A finite real number that is not a bool (Python or NumPy scalar)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_probability(value, op: str, name: str) -> float:
+    """``float(value)`` if it is a real number in [0, 1]; else ``{op}: {name} must be a probability in [0, 1]``."""
+    if not is_real(value) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"{op}: {name} must be a probability in [0, 1], got {value!r}")
+    return float(value)

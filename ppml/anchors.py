@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from ._checks import check_int
+
 KINDS = ("simplex", "onehot", "hadamard", "random")
 
 
@@ -47,10 +49,8 @@ def make_anchors(
         Tensor[C, D].
     """
     op = "ppml.make_anchors"
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"{op}: num_classes must be an int >= 1, got {num_classes!r}")
-    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-        raise ValueError(f"{op}: dim must be an int >= 1, got {dim!r}")
+    check_int(num_classes, op, "num_classes", 1)
+    check_int(dim, op, "dim", 1)
     if not (isinstance(radius, (int, float)) and math.isfinite(radius) and radius > 0):
         raise ValueError(f"{op}: radius must be a finite number > 0, got {radius!r}")
     C, D = num_classes, dim

@@ -43,13 +43,12 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_positive_int, describe
+from ._checks import check_positive_int, check_probability, describe, is_real
 
 __all__ = [
     "EncryptedAugment",
@@ -91,18 +90,12 @@ def _check_patch(x: Tensor, patch_size, op: str) -> tuple[int, int]:
     return H // patch_size, W // patch_size
 
 
-def _is_real(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _check_prob(v, op: str, name: str) -> float:
-    if not _is_real(v) or not 0.0 <= v <= 1.0:
-        raise ValueError(f"{_NS}.{op}: {name} must be a probability in [0, 1], got {v!r}")
-    return float(v)
+    return check_probability(v, f"{_NS}.{op}", name)
 
 
 def _check_nonneg(v, op: str, name: str) -> float:
-    if not _is_real(v) or v < 0:
+    if not is_real(v) or v < 0:
         raise ValueError(f"{_NS}.{op}: {name} must be a finite number >= 0, got {v!r}")
     return float(v)
 
@@ -589,7 +582,7 @@ def patch_drop(
     _check_x(x, op)
     th, tw = _check_patch(x, patch_size, op)
     ratio = _check_prob(ratio, op, "ratio")
-    if not _is_real(fill):
+    if not is_real(fill):
         raise ValueError(f"{_NS}.{op}: fill must be a finite number, got {fill!r}")
     _check_generator(generator, op)
     B, C, H, W = x.shape
@@ -692,7 +685,7 @@ class EncryptedAugment(nn.Module):
         self.mix_prob = _check_prob(mix_prob, op, "mix_prob")
         self.switch_prob = _check_prob(switch_prob, op, "switch_prob")
         self.patch_drop = _check_prob(patch_drop, op, "patch_drop")
-        if not _is_real(drop_fill):
+        if not is_real(drop_fill):
             raise ValueError(f"{_NS}.{op}: drop_fill must be a finite number, got {drop_fill!r}")
         self.drop_fill = float(drop_fill)
         self.per_patch = bool(per_patch)

@@ -11,6 +11,7 @@ import os
 import numpy as np
 import torch
 
+from ._checks import check_int
 from ._import_hooks import after_import
 
 
@@ -59,10 +60,8 @@ def random_permutations(
     Returns:
         Tensor[B, N] int64, each row a permutation (row i is the key of image i).
     """
-    if not isinstance(batch, int) or batch < 0:
-        raise ValueError(f"ppml.random_permutations: batch must be an int >= 0, got {batch!r}")
-    if not isinstance(num_patches, int) or num_patches < 1:
-        raise ValueError(f"ppml.random_permutations: num_patches must be an int >= 1, got {num_patches!r}")
+    check_int(batch, "ppml.random_permutations", "batch", 0)
+    check_int(num_patches, "ppml.random_permutations", "num_patches", 1)
     return _DRAW["random_permutations"](batch, num_patches, device, generator)
 
 
@@ -96,7 +95,9 @@ def random_simplex(
     """``[batch, rows, k]`` points uniform on the probability simplex (non-negative, each row summing to 1): normalised
     Exp(1) draws. OS entropy unless a seeded generator is given."""
     if not isinstance(batch, int) or batch < 0 or not isinstance(rows, int) or rows < 0:
-        raise ValueError(f"ppml.random_mixing_weights: batch and num_patches must be ints >= 0, got {batch!r}, {rows!r}")
+        raise ValueError(
+            f"ppml.random_mixing_weights: batch and num_patches must be ints >= 0, got {batch!r}, {rows!r}"
+        )
     return _DRAW["random_simplex"](batch, rows, k, device, dtype, generator)
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .. import random_permutations, shuffle_patches
-from .._checks import describe
+from .._checks import check_int, describe
 
 _OP = "ppml.attacks.encrypt_rs_defended"
 
@@ -94,10 +94,8 @@ def encrypt_rs_defended(
     """
     if not isinstance(images, Tensor) or images.dim() != 4:
         raise ValueError(f"{_OP}: images must be [B, C, H, W], got {describe(images)}")
-    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size < 1:
-        raise ValueError(f"{_OP}: patch_size must be an int >= 1, got {patch_size!r}")
-    if isinstance(gap, bool) or not isinstance(gap, int) or gap < 0:
-        raise ValueError(f"{_OP}: gap must be an int >= 0, got {gap!r}")
+    check_int(patch_size, _OP, "patch_size", 1)
+    check_int(gap, _OP, "gap", 0)
     if not isinstance(drop, (int, float)) or isinstance(drop, bool) or not 0.0 <= float(drop) < 1.0:
         raise ValueError(f"{_OP}: drop must be a share in [0, 1), got {drop!r}")
     h, w = images.shape[-2:]

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .._checks import describe
+from .._checks import check_int, describe
 
 _OP = "ppml.attacks.solve_jigsaw"
 _COMPATIBILITIES = ("mgc", "ssd")
@@ -356,10 +356,8 @@ def solve_jigsaw(
         raise ValueError(f"{_OP}: patch_size must be an int >= 2 (edges need two pixel columns), got {patch_size!r}")
     if compatibility not in _COMPATIBILITIES:
         raise ValueError(f"{_OP}: compatibility must be one of {_COMPATIBILITIES}, got {compatibility!r}")
-    if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
-        raise ValueError(f"{_OP}: restarts must be an int >= 1, got {restarts!r}")
-    if isinstance(slack, bool) or not isinstance(slack, int) or slack < 0:
-        raise ValueError(f"{_OP}: slack must be an int >= 0, got {slack!r}")
+    check_int(restarts, _OP, "restarts", 1)
+    check_int(slack, _OP, "slack", 0)
     single = encrypted.dim() == 3
     x = encrypted.unsqueeze(0) if single else encrypted
     b, c, h, w = x.shape

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._checks import describe
+from .._checks import check_int, describe
 
 HEADS = ("box", "membership")
 PRIORS = ("gaussian", "none")
@@ -98,8 +98,7 @@ class YOLOS(nn.Module):
             raise ValueError(f"{_WHERE}.YOLOS: det_prior must be one of {', '.join(PRIORS)}, got {det_prior!r}")
         for name, v in (("num_classes", num_classes), ("num_det_tokens", num_det_tokens),
                         ("membership_dim", membership_dim)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{_WHERE}.YOLOS: {name} must be an int >= 1, got {v!r}")
+            check_int(v, f"{_WHERE}.YOLOS", name, 1)
         if getattr(backbone, "cls_token", None) is not None or getattr(backbone, "reg_token", None) is not None:
             raise ValueError(f"{_WHERE}.YOLOS: the backbone must be built with class_token=False and no register "
                              f"tokens (YOLOS drops [CLS]), got {type(backbone).__name__} with a class token")
@@ -119,8 +118,8 @@ class YOLOS(nn.Module):
         self.det_prior = det_prior
         if det_prior == "gaussian":
             if self.det_pos_embed is None:
-                raise ValueError(f"{_WHERE}.YOLOS: det_prior='gaussian' places the [DET] slots on the patch grid, so it "
-                                 f"needs a backbone with position embeddings (vit_*, mivit_*); got "
+                raise ValueError(f"{_WHERE}.YOLOS: det_prior='gaussian' places the [DET] slots on the patch grid, so "
+                                 f"it needs a backbone with position embeddings (vit_*, mivit_*); got "
                                  f"{type(backbone).__name__} without one (RS tokens have no grid position): use "
                                  f"det_prior='none'")
             # Reference points on a ceil(sqrt(Q))-wide grid of cell centres, row-major (logits: the box centres are

@@ -23,6 +23,8 @@ import tempfile
 
 import numpy as np
 
+from .._checks import check_int
+
 CATEGORIES = ({"id": 1, "name": "rectangle"}, {"id": 2, "name": "ellipse"}, {"id": 3, "name": "triangle"})
 #: scikit-image photos used as backgrounds (bundled, no download); grey ones are converted to RGB.
 BACKGROUNDS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "cat", "brick", "camera", "grass",
@@ -165,8 +167,7 @@ def make_synthetic_coco(
     settings = dict(format=_FORMAT, num_train=num_train, num_val=num_val, width=width, height=height,
                     max_objects=max_objects, min_size=min_size, max_size=max_size, seed=seed)
     for k, v in settings.items():
-        if isinstance(v, bool) or not isinstance(v, int) or (v < 0 if k in ("seed", "num_val") else v < 1):
-            raise ValueError(f"{_WHERE}: {k} must be an int >= {0 if k in ('seed', 'num_val') else 1}, got {v!r}")
+        check_int(v, _WHERE, k, 0 if k in ("seed", "num_val") else 1)
     if not 4 <= min_size <= max_size or max_size > min(width, height):
         raise ValueError(f"{_WHERE}: need 4 <= min_size <= max_size <= min(width, height), got min_size={min_size}, "
                          f"max_size={max_size}, image {width}x{height}")
