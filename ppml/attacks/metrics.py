@@ -40,7 +40,9 @@ def _present_mask(present: Tensor | None, like: Tensor, op: str) -> Tensor | Non
     if present is None:
         return None
     if not isinstance(present, Tensor) or present.dtype != torch.bool or present.numel() != like.numel():
-        raise ValueError(f"{op}: present must be a bool tensor shaped like perm {tuple(like.shape)}, got {describe(present)}")
+        raise ValueError(
+            f"{op}: present must be a bool tensor shaped like perm {tuple(like.shape)}, got {describe(present)}"
+        )
     return present.reshape(like.shape).to(like.device)
 
 
@@ -171,8 +173,7 @@ def psnr(x: Tensor, y: Tensor, data_range: float = 255.0) -> Tensor:
 
 def _gaussian_window(size: int = 11, sigma: float = 1.5) -> Tensor:
     """Normalised 1-D Gaussian ``Tensor[size]`` float64 (the taps of scipy's gaussian_filter with truncate 3.5)."""
-    r = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-0.5 * (r / sigma) ** 2)
+    g = torch.signal.windows.gaussian(size, std=sigma, dtype=torch.float64)
     return g / g.sum()
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._checks import describe
+from .._checks import check_probability, describe
 from .boxes import box_cxcywh_to_xyxy, box_xywh_to_xyxy, box_xyxy_to_cxcywh
 from .model import ENCRYPTIONS, HEADS, membership_targets, membership_to_boxes
 
@@ -161,9 +161,7 @@ class Augment:
 
     def check(self) -> None:
         for name in ("hflip", "crop"):
-            v = getattr(self, name)
-            if not 0 <= v <= 1:
-                raise ValueError(f"{_WHERE}.Augment: {name} must be a probability in [0, 1], got {v!r}")
+            check_probability(getattr(self, name), f"{_WHERE}.Augment", name)
         for name in ("crop_min", "scale_min"):
             v = getattr(self, name)
             if not 0 < v <= 1:
@@ -206,8 +204,10 @@ def prepare_image(
             y0 = int(_uniform(generator) * (h - ch + 1))
             x0 = int(_uniform(generator) * (w - cw + 1))
             img = img[:, y0 : y0 + ch, x0 : x0 + cw]
-            boxes = boxes - torch.tensor([x0, y0, x0, y0], dtype=torch.float32)
-            boxes = torch.minimum(boxes.clamp(min=0), torch.tensor([cw, ch, cw, ch], dtype=torch.float32))
+            # imported here, not at the top: `import ppml.detection` (and so `ppml --help`) needs no torchvision
+            from torchvision.ops import clip_boxes_to_image
+
+            boxes = clip_boxes_to_image(boxes - torch.tensor([x0, y0, x0, y0], dtype=torch.float32), (ch, cw))
             keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
             boxes, labels = boxes[keep], labels[keep]
             h, w = ch, cw
