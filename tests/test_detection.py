@@ -141,6 +141,16 @@ def test_boxes_match_a_plain_python_reference():
         generalized_box_iou(a.view(3, 3, 4), b)
 
 
+def test_box_ops_need_torchvision_only_when_called(monkeypatch):
+    """`import ppml.detection` (and so `ppml --help`) loads no torchvision; a box op without it names the extra."""
+    code = "import sys, ppml.detection; assert 'torchvision' not in sys.modules, 'torchvision was imported'"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    monkeypatch.setitem(sys.modules, "torchvision.ops", None)  # what an environment without torchvision gives
+    with pytest.raises(ImportError, match=r'box ops need torchvision.*pip install "ppml\[detect\]"'):
+        box_iou(torch.zeros(1, 4), torch.zeros(1, 4))
+
+
 # ---- matcher -----------------------------------------------------------------------------------------------------
 
 

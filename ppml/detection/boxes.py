@@ -71,11 +71,6 @@ def _check_pair(a, b, where: str, pairwise: bool = True) -> None:
             raise ValueError(f"{where}: {name} must be xyxy with x1 >= x0 and y1 >= y0, got an inverted box")
 
 
-def _result_dtype(a: Tensor, b: Tensor) -> torch.dtype:
-    # torchvision upcasts float16/bfloat16 to float32 before multiplying; the result keeps the inputs' dtype
-    return torch.promote_types(a.dtype, b.dtype)
-
-
 def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     """Pairwise IoU.
 
@@ -86,7 +81,8 @@ def box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
         Tensor[N, M] in the promoted dtype of the inputs. 0/0 (two empty boxes) gives NaN, as in torchvision.
     """
     _check_pair(boxes1, boxes2, "ppml.detection.box_iou")
-    return _tv_ops().box_iou(boxes1, boxes2).to(_result_dtype(boxes1, boxes2))
+    # torchvision upcasts float16/bfloat16 to float32 before multiplying; the result keeps the inputs' dtype
+    return _tv_ops().box_iou(boxes1, boxes2).to(torch.promote_types(boxes1.dtype, boxes2.dtype))
 
 
 def generalized_box_iou(boxes1: Tensor, boxes2: Tensor, *, pairwise: bool = True) -> Tensor:
@@ -102,7 +98,7 @@ def generalized_box_iou(boxes1: Tensor, boxes2: Tensor, *, pairwise: bool = True
     where = "ppml.detection.generalized_box_iou"
     _check_pair(boxes1, boxes2, where, pairwise)
     if pairwise:
-        return _tv_ops().generalized_box_iou(boxes1, boxes2).to(_result_dtype(boxes1, boxes2))
+        return _tv_ops().generalized_box_iou(boxes1, boxes2).to(torch.promote_types(boxes1.dtype, boxes2.dtype))
     if boxes1.shape != boxes2.shape:
         raise ValueError(
             f"{where}: with pairwise=False boxes1 and boxes2 must have the same shape, got "
