@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .._device import DEVICE_HELP
-from ..cli import add_run_options, config_from_args
+from ..train.options import add_run_options, config_from_args
 
 
 def _train_parser(sub) -> None:
