@@ -14,18 +14,13 @@ The learned attacks need timm, scipy and scikit-image (``ppml[train]``); those a
 """
 
 from .jigsaw import solve_jigsaw
+from .kit import HELD_OUT, PUBLIC_PHOTOS, cache_dir, load_photo, public_images, sample_crops
 from .learned import (
-    HELD_OUT,
-    PUBLIC_PHOTOS,
     PositionAttacker,
     assign_positions,
-    cache_dir,
-    load_photo,
     load_position_attacker,
     position_accuracy,
     predict_position_logits,
-    public_images,
-    sample_crops,
     solve_with_attacker,
     train_position_attacker,
 )
