@@ -5,8 +5,9 @@ Settings (``TrainConfig``):
 - ``encryption`` none | rs | mi and ``mode`` owner | in-model. ``owner``: the data owner encrypts the whole dataset
   once, before training (keys from OS entropy unless ``key_seed`` is given; kept in ``DIR/owner_keys.pt``, which the
   trainer never reads); the trainer only sees ciphertext and augments it in the encrypted domain (``ppml.augment``,
-  at the ciphertext's patch size). ``in-model``: the paper's setting — plaintext augmentation, then a fresh RS shuffle
-  of each batch every step (or the MI mix inside the model, ``mix_input=True``).
+  at the ciphertext's patch size). ``in-model``: the paper's setting — plaintext augmentation, then the model
+  encrypts its input itself: a fresh RS shuffle of each batch every step (``pevit_*`` with ``shuffle_input=True``,
+  keys from the run's generator) or the MI mix (``mivit_*`` with ``mix_input=True``).
 - Determinism: every random draw comes from ``seed`` (model init, batch order, augmentation, in-model keys, dropout),
   per rank, per epoch. A checkpoint holds the optimizer, the schedule and every rank's generator states, so a run
   stopped mid-epoch (``stop_after`` steps, SIGINT or SIGTERM: the step finishes, a checkpoint is written) and resumed
@@ -125,6 +126,12 @@ class TrainConfig:
             raise ValueError(f"{_OP}: --grid must divide --patch-size, got grid={self.grid}, patch={self.patch_size}")
         if self.encryption == "none" and self.mode != "owner":
             raise ValueError(f"{_OP}: --mode in-model needs --encryption rs or mi, got --encryption none")
+        family = {"rs": "pevit", "mi": "mivit"}.get(self.encryption)
+        if self.mode == "in-model" and not self.model_name.startswith(f"{family}_"):
+            # in-model encryption is an option of the scheme's model (shuffle_input / mix_input): another model
+            # would see plain images
+            raise ValueError(f"{_OP}: --mode in-model with --encryption {self.encryption} needs a {family}_* model "
+                             f"(it encrypts its own input), got --model {self.model_name}")
         if self.compile_mode is not None and self.compile is None:
             raise ValueError(f"{_OP}: --compile-mode {self.compile_mode} needs --compile")
         if self.compile is not None:
@@ -165,6 +172,8 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     if cfg.model_name.startswith("mivit"):
         kwargs["grid"] = cfg.grid
         kwargs["mix_input"] = cfg.mode == "in-model"
+    elif cfg.model_name.startswith("pevit") and cfg.mode == "in-model":
+        kwargs["shuffle_input"] = True  # the trainer hands it its keys' generator (model.shuffle_generator)
     kwargs.update(cfg.extra)
     if cfg.model_name in ppml.models.MODEL_NAMES:
         return ppml.models.create_model(cfg.model_name, **kwargs)
@@ -185,13 +194,8 @@ def _encrypt_owner(cfg: TrainConfig, data, out_dir: str, d: Dist):
     gen = torch.Generator().manual_seed(cfg.key_seed) if cfg.key_seed is not None else None
     keys = {}
     if cfg.encryption == "rs":
-        n = (cfg.img_size // cfg.patch_size) ** 2
-        out = []
-        for name, x in (("train", data.train_x), ("val", data.val_x)):
-            perm = ppml.random_permutations(x.shape[0], n, generator=gen)
-            out.append(ppml.shuffle_patches(x, cfg.patch_size, perm)[0])
-            keys[name] = perm
-        train_x, val_x = out
+        train_x, keys["train"] = ppml.shuffle_patches(data.train_x, cfg.patch_size, generator=gen)
+        val_x, keys["val"] = ppml.shuffle_patches(data.val_x, cfg.patch_size, generator=gen)
     else:  # mi: keyless, the plain mean of the paper
         train_x = ppml.mix_subpatches(data.train_x, cfg.patch_size, cfg.grid)
         val_x = ppml.mix_subpatches(data.val_x, cfg.patch_size, cfg.grid)
@@ -374,38 +378,36 @@ class _Trainer:
         return out.argmax(1) if self.criterion is None else self.criterion.predict(out.float())
 
     def _prepare(self, x: Tensor, y: Tensor, gen: torch.Generator):
-        import ppml
-
         x = self.geometric(x, y, generator=gen)[0]
         x, ya, yb, lam = self.augment(x, y, generator=gen)
-        if self.cfg.mode == "in-model" and self.cfg.encryption == "rs":
-            n = (self.cfg.img_size // self.cfg.patch_size) ** 2
-            perm = ppml.random_permutations(x.shape[0], n, generator=gen).to(x.device)
-            x = ppml.shuffle_patches(x, self.cfg.patch_size, perm)[0]
         return x, ya, yb, lam.to(x.device)
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        import ppml
-
         cfg, d = self.cfg, self.d
         self.model.eval()
         correct = torch.zeros(2, dtype=torch.float64)
         idx = torch.arange(len(self.val_y))[d.rank :: d.world]
-        # In-model RS: validation images are shuffled too, with keys fixed for the run (same seed every epoch).
-        gen = torch.Generator().manual_seed(cfg.seed + 1)
-        n_tiles = (cfg.img_size // cfg.patch_size) ** 2
+        # In-model RS: the model shuffles the validation images too, with keys fixed for the run (same seed every
+        # epoch); the training generator is handed back afterwards.
+        train_gen = self._keys(torch.Generator().manual_seed(cfg.seed + 1))
         for b in idx.split(256):
             x = self.val_x[b].to(self.device)
-            if cfg.mode == "in-model" and cfg.encryption == "rs":
-                perm = ppml.random_permutations(len(b), n_tiles, generator=gen).to(self.device)
-                x = ppml.shuffle_patches(x, cfg.patch_size, perm)[0]
             pred = self._predict(autocast_forward(self.model, x, self.amp)).cpu()
             correct += torch.tensor([(pred == self.val_y[b]).sum().item(), len(b)], dtype=torch.float64)
+        self._keys(train_gen)
         if d.world > 1:
             dist.all_reduce(correct)
         self.model.train()
         return float(correct[0] / correct[1])
+
+    def _keys(self, gen: torch.Generator | None) -> torch.Generator | None:
+        """In-model RS: ``gen`` becomes the generator the model draws its keys from (after the augmentation's draws
+        of the same step, as they always were); returns the previous one."""
+        old = getattr(self.model, "shuffle_generator", None)
+        if getattr(self.model, "shuffle_input", False):
+            self.model.shuffle_generator = gen
+        return old
 
     def _save(self, epoch: int, step: int, gen: torch.Generator) -> None:
         d = self.d
@@ -463,6 +465,7 @@ class _Trainer:
                     self.epoch_loss = [0.0, 0]
                     # dropout / drop-path draw from the global generator: seeded per (epoch, rank)
                     torch.manual_seed(cfg.seed * 7919 + epoch * 104_729 + d.rank)
+                self._keys(gen)
                 self.model.train()
                 t0 = time.perf_counter()
                 bar = progress(range(first, len(batches)), desc=f"epoch {epoch + 1}/{cfg.epochs}", enabled=d.main,
