@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .train.options import add_run_options, config_from_args
+# config_from_args and add_run_options were defined here before ppml/train/options.py; still importable from here
+from .train.options import add_run_options, config_from_args, run_training  # noqa: F401
 
 
 def _train_parser(sub) -> None:
@@ -76,9 +77,7 @@ def _train_parser(sub) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     from .train.trainer import TrainConfig, run
 
-    # rank 0 prints the summary (or stop) JSON line
-    run(config_from_args(TrainConfig, args), resume=args.resume, stop_after=args.stop_after)
-    return 0
+    return run_training(args, TrainConfig, run)
 
 
 def _encrypt_parser(sub) -> None:

@@ -11,7 +11,7 @@ import dataclasses
 
 from .._device import DEVICE_HELP
 
-__all__ = ["add_run_options", "config_from_args"]
+__all__ = ["add_run_options", "config_from_args", "run_training"]
 
 
 def add_run_options(group, defaults) -> None:
@@ -31,3 +31,10 @@ def config_from_args(config_cls, args: argparse.Namespace):
     """``config_cls`` (a dataclass) built from the parsed options that are its fields."""
     fields = {f.name for f in dataclasses.fields(config_cls)}
     return config_cls(**{k: v for k, v in vars(args).items() if k in fields})
+
+
+def run_training(args: argparse.Namespace, config_cls, train) -> int:
+    """A training command's handler: ``train(config, resume=, stop_after=)`` with the config built from the parsed
+    options (rank 0 prints the summary, or stop, JSON line); returns the exit status 0."""
+    train(config_from_args(config_cls, args), resume=args.resume, stop_after=args.stop_after)
+    return 0
