@@ -10,7 +10,8 @@
   :func:`position_accuracy`: how much of the key an attack recovered; :func:`psnr`, :func:`ssim`: how close a
   reconstruction is to the plaintext.
 
-The learned attacks need timm, scipy and scikit-image (``ppml[train]``); those are imported when first used.
+The learned attacks train with :mod:`ppml.attacks.kit` (the public corpus, their shared settings and a resumable,
+cacheable training loop). They need timm, scipy and scikit-image (``ppml[train]``); those are imported when first used.
 """
 
 from .jigsaw import solve_jigsaw

@@ -16,6 +16,8 @@ Settings (``TrainConfig``):
   the training forward and backward, compiled after the DDP wrap as in timm's train.py. Checkpoints hold the plain
   module's state_dict (no ``_orig_mod.`` prefixes), and ``compile`` / ``compile_mode`` may change on ``--resume``:
   a run compiled or not resumes, evaluates and loads the same way.
+- The loop's plumbing (torchrun, checkpoints, stop requests, the schedule, the DDP check) is the training runtime,
+  :mod:`ppml.train.runtime`, which ``ppml detect train`` and the learned attacks share.
 - DDP: launched by torchrun (``WORLD_SIZE`` > 1) it uses gloo on CPU; on CUDA, nccl (gloo for the few CPU
   tensors it all-reduces) and one GPU per process, cuda:LOCAL_RANK; torch's DistributedSampler (seeded,
   per epoch), and checks at every checkpoint that all ranks hold identical parameters. Only rank 0 writes.
