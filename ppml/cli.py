@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
-from ._device import DEVICE_HELP
+# config_from_args and add_run_options were defined here before ppml/train/options.py; still importable from here
+from .train.options import add_run_options, config_from_args, run_training  # noqa: F401
 
 
 def _train_parser(sub) -> None:
@@ -43,7 +43,8 @@ def _train_parser(sub) -> None:
     g.add_argument("--num-heads", type=int, default=None, help="override the model's heads (default: the model's own)")
     g.add_argument("--drop-path", type=float, default=d.drop_path)
     g.add_argument("--loss", choices=LOSSES, default=d.loss)
-    g.add_argument("--anchor-scale", type=float, default=None, help="γ (default per metric: sqeuclidean 1, euclidean 4, cosine 16)")
+    g.add_argument("--anchor-scale", type=float, default=None,
+                   help="γ (default per metric: sqeuclidean 1, euclidean 4, cosine 16)")
     g.add_argument("--anchor-pull", type=float, default=None, help="λ (default: 0.1 for sqeuclidean, else 0)")
     g.add_argument("--anchor-kind", default=d.anchor_kind, choices=("simplex", "onehot", "hadamard", "random"))
     g = p.add_argument_group("optimisation")
@@ -73,31 +74,10 @@ def _train_parser(sub) -> None:
     p.set_defaults(func=_run_train)
 
 
-def add_run_options(group, defaults) -> None:
-    """The options every training command shares (``ppml train``, ``ppml detect train``): --seed, --device, --amp,
-    --out, --resume, --stop-after; ``defaults`` is the command's config dataclass instance (seed, device, out)."""
-    group.add_argument("--seed", type=int, default=defaults.seed)
-    group.add_argument("--device", default=defaults.device, help=DEVICE_HELP)
-    group.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                       help="bf16 autocast (default: on GPU)")  # fmt: skip
-    group.add_argument("--out", default=defaults.out, help="run directory")
-    group.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    group.add_argument("--stop-after", type=int, default=None,
-                       help="stop (with a checkpoint) after this many steps (default: run to the end)")
-
-
-def config_from_args(config_cls, args: argparse.Namespace):
-    """``config_cls`` (a dataclass) built from the parsed options that are its fields."""
-    fields = {f.name for f in dataclasses.fields(config_cls)}
-    return config_cls(**{k: v for k, v in vars(args).items() if k in fields})
-
-
 def _run_train(args: argparse.Namespace) -> int:
     from .train.trainer import TrainConfig, run
 
-    # rank 0 prints the summary (or stop) JSON line
-    run(config_from_args(TrainConfig, args), resume=args.resume, stop_after=args.stop_after)
-    return 0
+    return run_training(args, TrainConfig, run)
 
 
 def _encrypt_parser(sub) -> None:

@@ -315,7 +315,7 @@ def _digits(size: int, count: int, where: str = _LOAD) -> Tensor:
     return (x * 255).round_().clamp_(0, 255).to(torch.uint8)
 
 
-def load_inputs(input: str, *, size: int = 224, count: int = 4) -> Tensor:
+def load_inputs(input: str, *, size: int = 224, count: int = 4, op: str = _LOAD) -> Tensor:
     """Loads the images to show as a uint8 batch.
 
     Args:
@@ -330,6 +330,8 @@ def load_inputs(input: str, *, size: int = 224, count: int = 4) -> Tensor:
         size: side S of the output; photos are converted to RGB (transparency on white, EXIF orientation applied),
             the shorter side resized to S (bilinear, antialiased) and centre-cropped to S×S.
         count: how many images a folder or ``digits`` yields at most.
+        op: the function or command that errors name (default ``ppml.show.load_inputs``; ``ppml show`` and
+            ``ppml attack`` name themselves).
 
     Returns:
         Tensor[B, 3, S, S] uint8 (B = 1 for a file or a scikit-image photo, else min(count, available)).
@@ -339,11 +341,7 @@ def load_inputs(input: str, *, size: int = 224, count: int = 4) -> Tensor:
         ValueError: a bad ``size`` or ``count``, an unreadable image file, a folder without images, an unknown
             scikit-image name or scikit-image missing.
     """
-    return _load(input, size, count, _LOAD)
-
-
-def _load(input: str, size: int, count: int, where: str) -> Tensor:
-    """:func:`load_inputs`, its errors naming ``where`` (the function, or the command)."""
+    where = op
     _check_int(size, where, "size")
     _check_int(count, where, "count")
     if not isinstance(input, str) or not input:
@@ -480,7 +478,7 @@ def run_show(args: argparse.Namespace) -> int:
     if encrypted:
         grid, titles, rows = encrypted_grid(encrypted[0], count=count, keys=keys)
     else:
-        images = torch.cat([_load(i, size, count, _CMD) for i in inputs])
+        images = torch.cat([load_inputs(i, size=size, count=count, op=_CMD) for i in inputs])
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         grid = make_grid_image(images, generator=generator)
         titles, rows = column_titles(), images.shape[0]

@@ -322,7 +322,7 @@ def test_auto_checkpoint_goes_to_the_cache_dir(tmp_path, monkeypatch):
 
 
 def test_corpus_leaves_out_the_held_out_photos(monkeypatch):
-    from ppml.attacks import learned
+    from ppml.attacks import kit as learned
 
     base = learned.public_images()
     assert len(base) >= 15 and all(t.dtype == torch.uint8 and t.shape[0] == 3 for t in base)

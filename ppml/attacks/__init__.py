@@ -10,22 +10,18 @@
   :func:`position_accuracy`: how much of the key an attack recovered; :func:`psnr`, :func:`ssim`: how close a
   reconstruction is to the plaintext.
 
-The learned attacks need timm, scipy and scikit-image (``ppml[train]``); those are imported when first used.
+The learned attacks train with :mod:`ppml.attacks.kit` (the public corpus, their shared settings and a resumable,
+cacheable training loop). They need timm, scipy and scikit-image (``ppml[train]``); those are imported when first used.
 """
 
 from .jigsaw import solve_jigsaw
+from .kit import HELD_OUT, PUBLIC_PHOTOS, cache_dir, load_photo, public_images, sample_crops
 from .learned import (
-    HELD_OUT,
-    PUBLIC_PHOTOS,
     PositionAttacker,
     assign_positions,
-    cache_dir,
-    load_photo,
     load_position_attacker,
     position_accuracy,
     predict_position_logits,
-    public_images,
-    sample_crops,
     solve_with_attacker,
     train_position_attacker,
 )

@@ -151,7 +151,7 @@ def _check_args(args: argparse.Namespace) -> list[str]:
 def run_attack(args: argparse.Namespace) -> int:
     """Runs ``ppml attack``; returns 0 (bad options raise ValueError / FileNotFoundError naming the option)."""
     from .. import mix_subpatches
-    from ..show import _load, compose_columns, mi_display, to_uint8
+    from ..show import compose_columns, load_inputs, mi_display, to_uint8
     from .defences import encrypt_rs_defended
     from .metrics import direct_comparison, neighbor_comparison, perfect_reconstruction, psnr, ssim
 
@@ -159,7 +159,7 @@ def run_attack(args: argparse.Namespace) -> int:
     inputs = list(args.images) or list(DEFAULT_IMAGES)
     names, batches = [], []
     for item in inputs:
-        batch = _load(item, args.size, args.count, _CMD)
+        batch = load_inputs(item, size=args.size, count=args.count, op=_CMD)
         batches.append(batch)
         names += [item] if batch.shape[0] == 1 else [f"{item}[{i}]" for i in range(batch.shape[0])]
     images = torch.cat(batches)

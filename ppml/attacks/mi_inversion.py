@@ -14,8 +14,8 @@ pixels per known one. What the attacker can do without learning:
   (``X = A⁺ Y + z``, ``z ← z − A⁺ A z``), so the answer stays exactly consistent.
 
 And with learning (:class:`UnmixDecoder`, :func:`train_unmix_decoder`): a small dilated conv net, trained on the
-same public images and with the same resumable, cacheable training loop as the RS position attacker
-(:mod:`ppml.attacks.learned`), predicts at every ciphertext pixel a correction of the g² plain pixels averaged into
+same public images and with the same settings and resumable, cacheable training loop as the RS position attacker
+(:mod:`ppml.attacks.kit`), predicts at every ciphertext pixel a correction of the g² plain pixels averaged into
 it, starting from the smooth solution and centred so that the result stays exactly on ``A X = Y``.
 
 Every function takes the ciphertext ``[B, C, H/g, W/g]`` (or one ``[C, H/g, W/g]``) and returns ``[B, C, H, W]`` in
@@ -27,7 +27,7 @@ break exact consistency). Score with :func:`ppml.attacks.psnr` / :func:`ppml.att
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from .._checks import check_positive_int, describe
 from ..ops.mix_subpatches import mix_subpatches
-from .learned import _check_common, _fit, _load, _resolve_checkpoint, sample_crops, standardize
+from .kit import TrainSettings, fit, load_trained, standardize
 
 METHODS = ("thumbnail", "least_norm", "smooth", "decoder")
 # The decoder's training budget in `ppml attack` and benchmarks/attack_learned.py (one cache entry per p, g, size).
@@ -219,7 +219,6 @@ def unmix_smooth(
 def _smooth(y: Tensor, patch_size: int, grid: int, weights: Tensor | None, iters: int, tol: float) -> Tensor:
     """The CG solve of :func:`unmix_smooth` on a checked ``y`` (Tensor[B, C, H/g, W/g]); float64 result."""
     y = y.double()
-    b = y.shape[0]
     coef = _pinv_coef(weights)
     w = None if weights is None else weights.double()
 
@@ -323,13 +322,6 @@ class UnmixDecoder(nn.Module):
         return x.mean(1, keepdim=True) if c == 1 else x
 
 
-def _decoder_config(patch_size, grid, img_size, crop, width, depth, steps, batch_size, lr, weight_decay, data,
-                    digits_fraction, seed) -> dict:  # fmt: skip
-    return dict(patch_size=patch_size, grid=grid, img_size=img_size, crop=crop, width=width, depth=depth, steps=steps,
-                batch_size=batch_size, lr=float(lr), weight_decay=float(weight_decay), data=data,
-                digits_fraction=float(digits_fraction), seed=seed)  # fmt: skip
-
-
 def _build_decoder(cfg: dict) -> UnmixDecoder:
     return UnmixDecoder(cfg["patch_size"], cfg["grid"], width=cfg["width"], depth=cfg["depth"])
 
@@ -338,27 +330,19 @@ def _decoder_loss(model: UnmixDecoder, mixed: Tensor, plain: Tensor) -> Tensor:
     return F.mse_loss(model(mixed), plain)
 
 
+# The defaults of the settings the decoder chooses for itself (the others are TrainSettings').
+_DEFAULTS = dict(steps=300, batch_size=16, lr=2e-3, weight_decay=0.0, digits_fraction=0.1)
+
+
 def train_unmix_decoder(
     patch_size: int = 16,
     grid: int = 2,
     *,
     img_size: int = 224,
     crop: int | None = None,
-    steps: int = 300,
-    batch_size: int = 16,
-    lr: float = 2e-3,
-    weight_decay: float = 0.0,
     width: int = 64,
     depth: int = 5,
-    data: str = "public",
-    digits_fraction: float = 0.1,
-    seed: int = 0,
-    checkpoint: str | os.PathLike | None = None,
-    checkpoint_every: int = 50,
-    stop_after: int | None = None,
-    progress: bool = True,
-    threads: int | None = None,
-    on_train: Callable[[dict], None] | None = None,
+    **settings: Any,
 ) -> UnmixDecoder:
     """Trains an :class:`UnmixDecoder` on public images (the corpus of :func:`ppml.attacks.sample_crops`), MSE to the
     plain crop; same optimiser, schedule, checkpoint/resume/cache and ``threads`` semantics as
@@ -372,14 +356,16 @@ def train_unmix_decoder(
         patch_size, grid: p and g of the MI encryption attacked (plain mean).
         img_size: the side of the images to be attacked (sets the zoom of the training crops).
         crop: side of the training crops, a multiple of p (default 4p).
-        steps, batch_size, lr, weight_decay, width, depth, data, digits_fraction, seed, checkpoint,
-            checkpoint_every, stop_after, progress, threads, on_train: see
-            :func:`ppml.attacks.train_position_attacker` and :class:`UnmixDecoder`.
+        width, depth: see :class:`UnmixDecoder`.
+        **settings: the fields of :class:`ppml.attacks.kit.TrainSettings`, as for
+            :func:`ppml.attacks.train_position_attacker`, with the decoder's defaults: steps 300, batch_size 16,
+            lr 2e-3, weight_decay 0, digits_fraction 0.1.
 
     Returns:
         The decoder in eval mode, with ``train_info``.
     """
     op = "ppml.attacks.train_unmix_decoder"
+    run = TrainSettings.from_kwargs(op, settings, **_DEFAULTS)
     check_positive_int(patch_size, op, "patch_size")
     check_positive_int(grid, op, "grid")
     if patch_size % grid:
@@ -392,25 +378,21 @@ def train_unmix_decoder(
     check_positive_int(width, op, "width")
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 2:
         raise ValueError(f"{op}: depth must be an int >= 2, got {depth!r}")
-    _check_common(op, steps, batch_size, lr, weight_decay, seed, checkpoint_every, stop_after, data, digits_fraction)
-    cfg = _decoder_config(patch_size, grid, img_size, crop, width, depth, steps, batch_size, lr, weight_decay, data,
-                          digits_fraction, seed)  # fmt: skip
-    path = _resolve_checkpoint(checkpoint, "unmix_decoder", cfg, f"mi-decoder-p{patch_size}-g{grid}", op)
+    run.check(op)
+    model_config = dict(patch_size=patch_size, grid=grid, img_size=img_size, crop=crop, width=width, depth=depth)
     frac = crop / img_size
 
     def make_batch(gen: torch.Generator) -> tuple[Tensor, Tensor]:
-        x = sample_crops(batch_size, crop, gen, data=data, digits_fraction=digits_fraction,
-                         photo_side=(0.7 * frac, 1.4 * frac))  # fmt: skip
+        x = run.crops(crop, gen, photo_side=(0.7 * frac, 1.4 * frac))
         return mix_subpatches(x, patch_size, grid), x
 
-    return _fit(op=op, kind="unmix_decoder", config=cfg, build=_build_decoder, make_batch=make_batch,
-                loss_fn=_decoder_loss, checkpoint=path, checkpoint_every=checkpoint_every, stop_after=stop_after,
-                show_progress=progress, threads=threads, on_train=on_train)  # fmt: skip
+    return fit(op=op, kind="unmix_decoder", stem=f"mi-decoder-p{patch_size}-g{grid}", model_config=model_config,
+               settings=run, build=_build_decoder, make_batch=make_batch, loss_fn=_decoder_loss)
 
 
 def load_unmix_decoder(path: str | os.PathLike) -> UnmixDecoder:
     """Loads an :class:`UnmixDecoder` from a checkpoint written by :func:`train_unmix_decoder`, in eval mode."""
-    return _load(path, "unmix_decoder", _build_decoder, "ppml.attacks.load_unmix_decoder")
+    return load_trained(path, "unmix_decoder", _build_decoder, "ppml.attacks.load_unmix_decoder")
 
 
 @torch.no_grad()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .._device import DEVICE_HELP
-from ..cli import add_run_options, config_from_args
+from ..train.options import add_run_options, run_training
 
 
 def _train_parser(sub) -> None:
@@ -88,8 +88,7 @@ def _train_parser(sub) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     from .engine import DetectConfig, train
 
-    train(config_from_args(DetectConfig, args), resume=args.resume, stop_after=args.stop_after)
-    return 0
+    return run_training(args, DetectConfig, train)
 
 
 def _eval_parser(sub) -> None:

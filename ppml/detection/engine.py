@@ -1,6 +1,6 @@
 """``ppml detect train`` / ``eval``: training a YOLOS-style detector on encrypted images, COCO evaluation.
 
-Conventions of ``ppml train`` (and its helpers, imported from :mod:`ppml.train.trainer`): a checkpoint after every
+Conventions of ``ppml train`` (and its runtime, :mod:`ppml.train.runtime`): a checkpoint after every
 epoch; SIGINT / SIGTERM / ``stop_after`` finish the step and write one; ``resume`` continues exactly (the run's random
 draws are functions of (seed, epoch, image) and (key seed, epoch, step), and the checkpoint holds the global RNG
 state); ``DIR/metrics.jsonl`` (one line per epoch), ``DIR/summary.json``; tqdm progress on stderr; torchrun DDP
@@ -21,7 +21,6 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -29,16 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .._progress import progress
-from ..train.trainer import (
-    _any_rank,
-    _atomic_save,
-    _Dist,
-    _epoch_order,
-    _init_distributed,
-    _lr_lambda,
-    _param_digest,
-    _StopRequest,
-)
+from ..train import runtime
 from .data import Augment, CocoDetection, Owner, prepare_image, resolve_coco
 from .losses import SetCriterion
 from .matcher import HungarianMatcher
@@ -172,9 +162,9 @@ def _mix(*parts: int) -> int:
     return h & 0x7FFFFFFFFFFFFFFF
 
 
-def load_splits(cfg: DetectConfig, d: _Dist | None = None) -> tuple[CocoDetection, CocoDetection]:
+def load_splits(cfg: DetectConfig, d: runtime.Dist | None = None) -> tuple[CocoDetection, CocoDetection]:
     """The train and validation sets of a config (making the built-in set first, on rank 0, if needed)."""
-    d = d or _Dist()
+    d = d or runtime.Dist()
     root = cfg.data
     if cfg.synthetic:
         root = cfg.synthetic_root or os.path.join(cfg.out, "synthetic")
@@ -257,23 +247,16 @@ def coco_evaluate(ann_file: str, results: list[dict], image_ids: list[int] | Non
     return {k: float(v) for k, v in zip(AP_NAMES, ev.stats[:6], strict=True)}
 
 
-def _forward(model: nn.Module, x: torch.Tensor, amp: bool):
-    if amp:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            return model(x)
-    return model(x)
-
-
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: CocoDetection, cfg: DetectConfig, device: torch.device, d: _Dist | None = None,
-             *, batch_size: int | None = None, amp: bool = False, log: bool = True,
+def evaluate(model: nn.Module, dataset: CocoDetection, cfg: DetectConfig, device: torch.device,
+             d: runtime.Dist | None = None, *, batch_size: int | None = None, amp: bool = False, log: bool = True,
              owner: Owner | None = None) -> dict[str, float]:
     """COCO AP of ``model`` on ``dataset``: the owner prepares (no augmentation) and encrypts every image, the model
     predicts on the ciphertext, the owner decodes the predictions (with the RS keys) and maps them back to original
     pixels. Under DDP each rank takes every world-th image; rank 0 runs COCOeval and every rank gets the result.
     RS keys: from ``cfg.key_seed`` (then reproducible), else OS entropy. ``owner``: another :class:`Owner` (default
     ``cfg.owner()``), e.g. one that decodes without the keys, to measure what the predictions give away."""
-    d = d or _Dist()
+    d = d or runtime.Dist()
     owner, size = owner or cfg.owner(), cfg.value("img_size")
     was_training = model.training
     model.eval()
@@ -285,7 +268,7 @@ def evaluate(model: nn.Module, dataset: CocoDetection, cfg: DetectConfig, device
         items = [prepare_image(*dataset[i], size) for i in idx[start : start + bs]]
         gen = None if cfg.key_seed is None else torch.Generator().manual_seed(_mix(cfg.key_seed, -1, d.rank, k))
         x, _, keys = owner.encrypt(torch.stack([c for c, _ in items]), [t for _, t in items], generator=gen)
-        scores, labels, boxes = owner.detections(_forward(model, x.to(device), amp), keys)
+        scores, labels, boxes = owner.detections(runtime.autocast_forward(model, x.to(device), amp), keys)
         for (_, t), s, lab, box in zip(items, scores.cpu(), labels.cpu(), boxes.cpu(), strict=True):
             sx, sy = t["scale"]
             h, w = t["orig_size"]
@@ -312,7 +295,7 @@ class _DetectRun:
     def __init__(self, cfg: DetectConfig) -> None:
         cfg.check()
         self.cfg = cfg
-        self.d, self.device = _init_distributed(cfg.device, _OP)
+        self.d, self.device = runtime.init_distributed(cfg.device, _OP)
         self.ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
         self.metrics_path = os.path.join(cfg.out, "metrics.jsonl")
         self.amp = cfg.amp if cfg.amp is not None else self.device.type == "cuda"
@@ -325,18 +308,10 @@ class _DetectRun:
 
     def _load_checkpoint(self, resume: bool) -> dict | None:
         cfg, d = self.cfg, self.d
-        if d.main:
-            os.makedirs(cfg.out, exist_ok=True)
-        if d.world > 1:
-            dist.barrier()
-        if not resume:
-            if os.path.exists(self.ckpt_path):
-                raise FileExistsError(f"{_OP}: {cfg.out} already holds a run (checkpoint.pt); pass --resume to "
-                                      f"continue it or choose another --out")
+        runtime.make_run_dir(cfg.out, d)
+        ckpt = runtime.open_checkpoint(self.ckpt_path, cfg.out, resume, _OP)
+        if ckpt is None:
             return None
-        if not os.path.exists(self.ckpt_path):
-            raise FileNotFoundError(f"{_OP}: --resume given but there is no checkpoint at {self.ckpt_path}")
-        ckpt = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
         saved, mine = saved_config(ckpt), dataclasses.asdict(cfg)
         changed = {k: (saved.get(k), v) for k, v in mine.items() if k not in _FREE and saved.get(k) != v}
         if changed:
@@ -363,11 +338,10 @@ class _DetectRun:
         groups = param_groups_weight_decay(self.model, cfg.weight_decay,
                                            no_weight_decay_list=("*pos_embed", "det_token", "det_reference"))
         self.opt = torch.optim.AdamW(groups, lr=cfg.value("lr"))
-        self.schedule_cfg = SimpleNamespace(seed=cfg.seed, batch_size=cfg.value("batch_size"),
-                                            epochs=cfg.value("epochs"), lr=cfg.value("lr"), min_lr=cfg.min_lr,
-                                            warmup_epochs=cfg.warmup_epochs)
-        self.steps_per_epoch = len(_epoch_order(len(self.train_set), self.schedule_cfg, 0, d))
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(self.schedule_cfg, self.steps_per_epoch))
+        self.steps_per_epoch = len(self._epoch_order(0))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, runtime.warmup_cosine(
+            cfg.value("epochs"), self.steps_per_epoch, lr=cfg.value("lr"), min_lr=cfg.min_lr,
+            warmup_epochs=cfg.warmup_epochs))
         self.start_epoch, self.start_step, self.rank_state = 0, 0, None
         if ckpt is None:
             if d.main:
@@ -382,27 +356,20 @@ class _DetectRun:
                              f"has {d.world}")
         if self.start_step:
             self.rank_state = ckpt["rank_states"][d.rank]
-        if d.main and os.path.exists(self.metrics_path):  # keep the lines of completed epochs only
-            with open(self.metrics_path) as fh:
-                rows = [ln for ln in fh if ln.strip()]
-            with open(self.metrics_path, "w") as fh:
-                fh.writelines(ln for ln in rows if json.loads(ln)["epoch"] <= self.start_epoch)
+        if d.main:  # keep the lines of completed epochs only
+            runtime.keep_completed_epochs(self.metrics_path, self.start_epoch)
         self._log(f"resumed from {self.ckpt_path} at epoch {self.start_epoch + 1}, step {self.start_step}")
+
+    def _epoch_order(self, epoch: int) -> list[torch.Tensor]:
+        return runtime.epoch_order(len(self.train_set), self.cfg.value("batch_size"), self.cfg.seed, epoch, self.d)
 
     def save(self, epoch: int, step: int) -> None:
         d = self.d
-        mine = (torch.get_rng_state(), dict(self.sums))
-        both = [(mine, _param_digest(self.model))]
-        if d.world > 1:
-            both = [None] * d.world
-            dist.all_gather_object(both, (mine, _param_digest(self.model)))
-        self.digests = [dg for _, dg in both]
-        if len(set(self.digests)) != 1:
-            raise RuntimeError(f"{_OP}: ranks hold different parameters (digests {self.digests}): DDP is out of sync")
+        states, self.digests = runtime.gather_in_sync((torch.get_rng_state(), dict(self.sums)), self.model, d, _OP)
         if d.main:
-            _atomic_save({"config": dataclasses.asdict(self.cfg), "model": self.model.state_dict(),
+            runtime.atomic_save({"config": dataclasses.asdict(self.cfg), "model": self.model.state_dict(),
                           "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "epoch": epoch,
-                          "step": step, "rank_states": [s for s, _ in both], "param_digests": self.digests,
+                          "step": step, "rank_states": states, "param_digests": self.digests,
                           "categories": self.train_set.categories}, self.ckpt_path)
         if d.world > 1:
             dist.barrier()
@@ -412,12 +379,11 @@ class _DetectRun:
         self._log(f"stopped ({why}) at epoch {epoch + 1} step {step}; checkpoint {self.ckpt_path}: continue with "
                   f"--resume")
         result = {"stopped": True, "epoch": epoch + 1, "step": step, "param_digests": self.digests}
-        if self.d.main:
-            print(json.dumps(result), flush=True)
+        runtime.print_result(result, self.d)
         return result
 
     def _train_step(self, x: torch.Tensor, targets: list[dict]) -> dict[str, float]:
-        out = _forward(self.ddp, x.to(self.device), self.amp)
+        out = runtime.autocast_forward(self.ddp, x.to(self.device), self.amp)
         losses = self.criterion(out, _to(targets, self.device))
         loss = losses["loss"]
         if not torch.isfinite(loss):
@@ -438,13 +404,12 @@ class _DetectRun:
             self._log(f"{cfg.out} is complete ({epochs} epochs): nothing to resume")
             with open(os.path.join(cfg.out, "summary.json")) as fh:
                 final = json.load(fh)
-            if d.main:
-                print(json.dumps(final), flush=True)
+            runtime.print_result(final, d)
             return final
         steps_run, row, ap = 0, {}, None
-        with _StopRequest() as stop:
+        with runtime.StopRequest() as stop:
             for epoch in range(self.start_epoch, epochs):
-                batches = _epoch_order(len(self.train_set), self.schedule_cfg, epoch, d)
+                batches = self._epoch_order(epoch)
                 first = 0
                 if epoch == self.start_epoch and self.rank_state is not None:
                     first = self.start_step
@@ -469,7 +434,7 @@ class _DetectRun:
                     steps_run += 1
                     bar.set_postfix(loss=f"{losses['loss']:.3f}", lr=f"{self.sched.get_last_lr()[0]:.1e}")
                     halt = stop_after is not None and steps_run >= stop_after
-                    if _any_rank(halt or stop.signum is not None, d, self.device) and step + 1 < len(batches):
+                    if runtime.any_rank(halt or stop.signum is not None, d, self.device) and step + 1 < len(batches):
                         why = f"signal {stop.signum}" if stop.signum is not None else f"--stop-after {stop_after}"
                         result = self._stop(epoch, step + 1, why)
                         if stop.signum is not None:
@@ -497,7 +462,7 @@ class _DetectRun:
                         fh.write(json.dumps(row) + "\n")
                     aps = f", AP {row['AP']:.3f} AP50 {row['AP50']:.3f}" if "AP" in row else ""
                     self._log(f"epoch {epoch + 1}/{epochs}: loss {row['train_loss']:.4f}{aps}, {train_s:.1f} s")
-                if not last and _any_rank(stop.signum is not None, d, self.device):
+                if not last and runtime.any_rank(stop.signum is not None, d, self.device):
                     self._log(f"stopped (signal) after epoch {epoch + 1}: continue with --resume")
                     raise SystemExit(130)
                 if not last and stop_after is not None and steps_run >= stop_after:
@@ -506,10 +471,7 @@ class _DetectRun:
                  "encryption": cfg.encryption, "head": cfg.value("head"), "det_prior": self.model.det_prior,
                  "backbone": cfg.backbone or default_backbone(cfg.encryption),
                  "param_digests": getattr(self, "digests", None)}
-        if d.main:
-            with open(os.path.join(cfg.out, "summary.json"), "w") as fh:
-                json.dump(final, fh)
-            print(json.dumps(final), flush=True)
+        runtime.write_summary(cfg.out, final, d)
         return final
 
 
@@ -540,7 +502,7 @@ def evaluate_run(out: str, *, checkpoint: str | None = None, data: str | None = 
     if key_seed is not None:
         cfg.key_seed = key_seed
     cfg.device = device
-    d, dev = _init_distributed(device, f"{_OP} eval")
+    d, dev = runtime.init_distributed(device, f"{_OP} eval")
     try:
         if cfg.synthetic:
             root = cfg.synthetic_root or os.path.join(cfg.out, "synthetic")

@@ -3,10 +3,14 @@
 * ``pevit_*`` (for RS): timm's VisionTransformer with no position embedding, the class token kept, and optionally the
   paper's reference-based positional encoding (RPE) on the patch tokens. Every layer then treats patch tokens as a
   set, so the logits are exactly invariant to shuffling the patches (``ppml.shuffle_patches`` at the model's patch
-  size): training on RS ciphertext equals training on plain images.
+  size): training on RS ciphertext equals training on plain images. ``shuffle_input=True`` takes plain images and
+  shuffles their patches inside the model with fresh keys every call (the paper's in-model setting).
 * ``mivit_*`` (for MI): the MI patch embedding (:class:`~ppml.models.MixedPatchEmbed`) in place of timm's, position
   embedding kept (MI does not move patches). Input: the ciphertext ``[B, C, H/g, W/g]``; ``img_size`` is the plain
   size. ``mix_input=True`` takes plain images and mixes them inside the model (the paper's setting).
+
+The two in-model encryptions are thus options of the model of their scheme, ``shuffle_input`` (RS, keyed: the keys are
+drawn by :func:`ppml.shuffle_patches`) and ``mix_input`` (MI, keyless); ``ppml train --mode in-model`` sets them.
 
 Importing this module registers the six models with timm, so ``timm.create_model("pevit_tiny_patch16_224")`` works.
 """
@@ -26,6 +30,7 @@ from torch import Tensor, nn
 
 from .._checks import check_positive_int, describe
 from ..ops.mix_subpatches import mix_subpatches
+from ..ops.shuffle_patches import shuffle_patches
 from .mixed_patch_embed import MixedPatchEmbed
 
 __all__ = [
@@ -102,6 +107,12 @@ class PEFreeViT(VisionTransformer):
     Args:
         rpe: add :class:`ReferencePositionalEncoding` after the patch embedding (default True). ``False`` gives the
             bare PE-free ViT.
+        shuffle_input: take plain images and RS-encrypt them inside the model: every call (training and evaluation)
+            shuffles the input's patches at ``patch_size`` with fresh keys, ``ppml.shuffle_patches(x, p,
+            generator=model.shuffle_generator)`` — OS entropy while :attr:`shuffle_generator` is None, a seeded
+            stream for reproducible training (``ppml train --mode in-model`` gives it its per-rank generator). The
+            paper's in-model setting; default False (the input is used as it comes: plain or RS ciphertext). The
+            weights do not depend on it, so state dicts move between both settings.
         *args, **kwargs: any timm ``VisionTransformer`` argument (img_size, patch_size, num_classes, embed_dim,
             depth, num_heads, in_chans, class_token, global_pool, drop_path_rate, dynamic_img_size, ...) except
             ``pos_embed``, which can only be ``'none'``.
@@ -111,7 +122,7 @@ class PEFreeViT(VisionTransformer):
         output: Tensor[B, num_classes] logits (``forward_features``: Tensor[B, prefix + N, D]).
     """
 
-    def __init__(self, *args: Any, rpe: bool = True, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, rpe: bool = True, shuffle_input: bool = False, **kwargs: Any) -> None:
         pos_embed = kwargs.pop("pos_embed", "none")
         if pos_embed not in ("none", ""):
             raise ValueError(
@@ -124,6 +135,23 @@ class PEFreeViT(VisionTransformer):
             if rpe
             else None
         )
+        self.shuffle_input = bool(shuffle_input)
+        self.shuffle_generator: torch.Generator | None = None
+        if shuffle_input and self.patch_embed.patch_size[0] != self.patch_embed.patch_size[1]:
+            raise ValueError(f"ppml.models.PEFreeViT: shuffle_input needs square patches, got patch_size="
+                             f"{tuple(self.patch_embed.patch_size)}")
+
+    @torch.compiler.disable
+    def _shuffle(self, x: Tensor) -> Tensor:
+        # Outside torch.compile: the keys come from a generator the caller swaps between calls; a compiled graph that
+        # guarded on it would recompile for every new one.
+        return shuffle_patches(x, self.patch_embed.patch_size[0], generator=self.shuffle_generator)[0]
+
+    def forward_features(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return super().forward_features(self._shuffle(x) if self.shuffle_input else x, *args, **kwargs)
+
+    def forward_intermediates(self, x: Tensor, *args: Any, **kwargs: Any):
+        return super().forward_intermediates(self._shuffle(x) if self.shuffle_input else x, *args, **kwargs)
 
     def _pos_embed(self, x: Tensor) -> Tensor:
         # x holds the patch tokens only ([B, N, D], or [B, H', W', D] with dynamic_img_size): RPE before timm adds
@@ -132,6 +160,9 @@ class PEFreeViT(VisionTransformer):
             x = self.rpe(x)
         # timm 1.0.31 returns early when pos_embed is None and skips pos_drop; apply it so pos_drop_rate still works.
         return self.pos_drop(super()._pos_embed(x))
+
+    def extra_repr(self) -> str:
+        return "shuffle_input=True" if self.shuffle_input else ""
 
 
 def _square(value: Any, name: str) -> int:
@@ -374,8 +405,9 @@ def create_model(model_name: str, pretrained: bool = False, **kwargs: Any) -> Vi
         model_name: one of ``MODEL_NAMES`` (``pevit_{tiny,small,base}_patch16_224``,
             ``mivit_{tiny,small,base}_patch16_224``).
         pretrained: must stay False: ppml ships no weights.
-        **kwargs: ``rpe`` (pevit), ``grid`` and ``mix_input`` (mivit), and any timm VisionTransformer or
-            ``timm.create_model`` argument (img_size, patch_size, num_classes, embed_dim, depth, num_heads, ...).
+        **kwargs: ``rpe`` and ``shuffle_input`` (pevit), ``grid`` and ``mix_input`` (mivit), and any timm
+            VisionTransformer or ``timm.create_model`` argument (img_size, patch_size, num_classes, embed_dim, depth,
+            num_heads, ...).
 
     Returns:
         The model (randomly initialised, train mode).

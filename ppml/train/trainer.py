@@ -5,8 +5,9 @@ Settings (``TrainConfig``):
 - ``encryption`` none | rs | mi and ``mode`` owner | in-model. ``owner``: the data owner encrypts the whole dataset
   once, before training (keys from OS entropy unless ``key_seed`` is given; kept in ``DIR/owner_keys.pt``, which the
   trainer never reads); the trainer only sees ciphertext and augments it in the encrypted domain (``ppml.augment``,
-  at the ciphertext's patch size). ``in-model``: the paper's setting — plaintext augmentation, then a fresh RS shuffle
-  of each batch every step (or the MI mix inside the model, ``mix_input=True``).
+  at the ciphertext's patch size). ``in-model``: the paper's setting — plaintext augmentation, then the model
+  encrypts its input itself: a fresh RS shuffle of each batch every step (``pevit_*`` with ``shuffle_input=True``,
+  keys from the run's generator) or the MI mix (``mivit_*`` with ``mix_input=True``).
 - Determinism: every random draw comes from ``seed`` (model init, batch order, augmentation, in-model keys, dropout),
   per rank, per epoch. A checkpoint holds the optimizer, the schedule and every rank's generator states, so a run
   stopped mid-epoch (``stop_after`` steps, SIGINT or SIGTERM: the step finishes, a checkpoint is written) and resumed
@@ -15,6 +16,8 @@ Settings (``TrainConfig``):
   the training forward and backward, compiled after the DDP wrap as in timm's train.py. Checkpoints hold the plain
   module's state_dict (no ``_orig_mod.`` prefixes), and ``compile`` / ``compile_mode`` may change on ``--resume``:
   a run compiled or not resumes, evaluates and loads the same way.
+- The loop's plumbing (torchrun, checkpoints, stop requests, the schedule, the DDP check) is the training runtime,
+  :mod:`ppml.train.runtime`, which ``ppml detect train`` and the learned attacks share.
 - DDP: launched by torchrun (``WORLD_SIZE`` > 1) it uses gloo on CPU; on CUDA, nccl (gloo for the few CPU
   tensors it all-reduces) and one GPU per process, cuda:LOCAL_RANK; torch's DistributedSampler (seeded,
   per epoch), and checks at every checkpoint that all ranks hold identical parameters. Only rank 0 writes.
@@ -24,9 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -37,8 +38,23 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._device import distributed_backend, resolve_device
 from .._progress import progress
+from .runtime import (
+    Dist,
+    StopRequest,
+    any_rank,
+    atomic_save,
+    autocast_forward,
+    epoch_order,
+    gather_in_sync,
+    init_distributed,
+    keep_completed_epochs,
+    make_run_dir,
+    open_checkpoint,
+    print_result,
+    warmup_cosine,
+    write_summary,
+)
 
 _OP = "ppml train"
 
@@ -105,12 +121,19 @@ class TrainConfig:
                 raise ValueError(f"{_OP}: --{name.replace('_', '-')} must be a positive int, got {v!r}")
         if self.img_size % self.patch_size:
             raise ValueError(
-                f"{_OP}: --patch-size must divide --img-size, got patch_size={self.patch_size}, img_size={self.img_size}"
+                f"{_OP}: --patch-size must divide --img-size, got patch_size={self.patch_size}, "
+                f"img_size={self.img_size}"
             )
         if self.encryption == "mi" and self.patch_size % self.grid:
             raise ValueError(f"{_OP}: --grid must divide --patch-size, got grid={self.grid}, patch={self.patch_size}")
         if self.encryption == "none" and self.mode != "owner":
             raise ValueError(f"{_OP}: --mode in-model needs --encryption rs or mi, got --encryption none")
+        family = {"rs": "pevit", "mi": "mivit"}.get(self.encryption)
+        if self.mode == "in-model" and not self.model_name.startswith(f"{family}_"):
+            # in-model encryption is an option of the scheme's model (shuffle_input / mix_input): another model
+            # would see plain images
+            raise ValueError(f"{_OP}: --mode in-model with --encryption {self.encryption} needs a {family}_* model "
+                             f"(it encrypts its own input), got --model {self.model_name}")
         if self.compile_mode is not None and self.compile is None:
             raise ValueError(f"{_OP}: --compile-mode {self.compile_mode} needs --compile")
         if self.compile is not None:
@@ -138,32 +161,6 @@ class TrainConfig:
 # ----------------------------------------------------------------------------------------------------------- setup
 
 
-@dataclass
-class _Dist:
-    world: int = 1
-    rank: int = 0
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _init_distributed(device_arg: str, op: str = _OP) -> tuple[_Dist, torch.device]:
-    """This process's rank and device, the CUDA device made current, the process group joined under torchrun.
-
-    The device comes from :func:`ppml._device.resolve_device`: CUDA always with an index (a bare ``cuda`` is the
-    current CUDA device, or ``cuda:LOCAL_RANK`` when torchrun starts several processes)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    d = _Dist(world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")))
-    device = resolve_device(device_arg, d.local_rank if world > 1 else None, op=op)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend=distributed_backend(device))
-    return d, device
-
-
 def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     """The timm model named by the config; with an anchor loss its head is removed (the pooled features are the
     embedding the anchors live in)."""
@@ -177,6 +174,8 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     if cfg.model_name.startswith("mivit"):
         kwargs["grid"] = cfg.grid
         kwargs["mix_input"] = cfg.mode == "in-model"
+    elif cfg.model_name.startswith("pevit") and cfg.mode == "in-model":
+        kwargs["shuffle_input"] = True  # the trainer hands it its keys' generator (model.shuffle_generator)
     kwargs.update(cfg.extra)
     if cfg.model_name in ppml.models.MODEL_NAMES:
         return ppml.models.create_model(cfg.model_name, **kwargs)
@@ -185,21 +184,7 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     return timm.create_model(cfg.model_name, pretrained=False, **kwargs)  # any timm model, never downloaded
 
 
-def _lr_lambda(cfg: TrainConfig, steps_per_epoch: int):
-    total = cfg.epochs * steps_per_epoch
-    warm = int(round(cfg.warmup_epochs * steps_per_epoch))
-    floor = cfg.min_lr / cfg.lr
-
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        t = (step - warm) / max(1, total - warm)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-
-    return f
-
-
-def _encrypt_owner(cfg: TrainConfig, data, out_dir: str, d: _Dist):
+def _encrypt_owner(cfg: TrainConfig, data, out_dir: str, d: Dist):
     """Owner mode: encrypt train and val once. The ciphertext is cached in DIR (a resumed run reuses it); the RS keys
     go to DIR/owner_keys.pt — what the data owner keeps, never read by the trainer."""
     import ppml
@@ -211,20 +196,15 @@ def _encrypt_owner(cfg: TrainConfig, data, out_dir: str, d: _Dist):
     gen = torch.Generator().manual_seed(cfg.key_seed) if cfg.key_seed is not None else None
     keys = {}
     if cfg.encryption == "rs":
-        n = (cfg.img_size // cfg.patch_size) ** 2
-        out = []
-        for name, x in (("train", data.train_x), ("val", data.val_x)):
-            perm = ppml.random_permutations(x.shape[0], n, generator=gen)
-            out.append(ppml.shuffle_patches(x, cfg.patch_size, perm)[0])
-            keys[name] = perm
-        train_x, val_x = out
+        train_x, keys["train"] = ppml.shuffle_patches(data.train_x, cfg.patch_size, generator=gen)
+        val_x, keys["val"] = ppml.shuffle_patches(data.val_x, cfg.patch_size, generator=gen)
     else:  # mi: keyless, the plain mean of the paper
         train_x = ppml.mix_subpatches(data.train_x, cfg.patch_size, cfg.grid)
         val_x = ppml.mix_subpatches(data.val_x, cfg.patch_size, cfg.grid)
     if d.main:
-        _atomic_save({"train_x": train_x, "val_x": val_x}, cache)
+        atomic_save({"train_x": train_x, "val_x": val_x}, cache)
         if keys:
-            _atomic_save(keys, os.path.join(out_dir, "owner_keys.pt"))
+            atomic_save(keys, os.path.join(out_dir, "owner_keys.pt"))
     return train_x, val_x
 
 
@@ -238,8 +218,8 @@ def _check_encrypted(cfg: TrainConfig, manifest: dict) -> None:
     if wrong:
         flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in want.items())
         got = " ".join(f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in wrong)
-        raise ValueError(f"{_OP}: --data {cfg.data} holds {manifest['scheme']} ciphertext (patch {manifest['patch_size']}"
-                         f", {manifest['size']} px): pass {flags} (got {got})")
+        raise ValueError(f"{_OP}: --data {cfg.data} holds {manifest['scheme']} ciphertext (patch "
+                         f"{manifest['patch_size']}, {manifest['size']} px): pass {flags} (got {got})")
 
 
 def _compiled(module: nn.Module, cfg: TrainConfig) -> nn.Module:
@@ -253,66 +233,10 @@ def plain_state_dict(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k.replace("_orig_mod.", ""): v for k, v in state.items()}
 
 
-def _atomic_save(obj, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 # --------------------------------------------------------------------------------------------------------- training
 
 
-class _StopRequest:
-    """SIGINT / SIGTERM: finish the step, write a checkpoint, exit (a second signal exits at once)."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._old = {}
-
-    def __enter__(self):
-        for s in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[s] = signal.signal(s, self._handle)
-            except ValueError:  # not the main thread (e.g. called from a notebook worker)
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-
-def _any_rank(flag: bool, d: _Dist, device: torch.device) -> bool:
-    if d.world == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
-def _param_digest(model: nn.Module) -> float:
-    with torch.no_grad():
-        return float(sum(p.detach().double().sum().item() + p.detach().double().square().sum().item()
-                         for p in model.parameters()))
-
-
-def _epoch_order(n: int, cfg: TrainConfig, epoch: int, d: _Dist) -> list[Tensor]:
-    """This rank's batches of the epoch, from torch's DistributedSampler (a permutation seeded by seed + epoch, padded
-    by wrapping so every rank takes the same number of steps, strided by rank); one process is the world-size-1 case.
-    The data are in-memory tensors, so the indices are batched directly, without a DataLoader."""
-    from torch.utils.data import DistributedSampler
-
-    sampler = DistributedSampler(range(n), num_replicas=d.world, rank=d.rank, shuffle=True, seed=cfg.seed)
-    sampler.set_epoch(epoch)
-    return list(torch.tensor(list(sampler), dtype=torch.int64).split(cfg.batch_size))
-
-
-def _rank_generator(cfg: TrainConfig, epoch: int, d: _Dist) -> torch.Generator:
+def _rank_generator(cfg: TrainConfig, epoch: int, d: Dist) -> torch.Generator:
     return torch.Generator().manual_seed((cfg.seed * 7919 + epoch) * 65_537 + d.rank)
 
 
@@ -320,7 +244,7 @@ class _Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         cfg.check()
         self.cfg = cfg
-        self.d, self.device = _init_distributed(cfg.device)
+        self.d, self.device = init_distributed(cfg.device, _OP)
         self.out = cfg.out
         self.ckpt_path = os.path.join(self.out, "checkpoint.pt")
         self.metrics_path = os.path.join(self.out, "metrics.jsonl")
@@ -339,11 +263,8 @@ class _Trainer:
         import ppml.data
 
         cfg, d = self.cfg, self.d
-        ckpt = None
-        if resume:
-            if not os.path.exists(self.ckpt_path):
-                raise FileNotFoundError(f"{_OP}: --resume given but there is no checkpoint at {self.ckpt_path}")
-            ckpt = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
+        ckpt = open_checkpoint(self.ckpt_path, self.out, resume, _OP)
+        if ckpt is not None:
             saved = TrainConfig(**ckpt["config"])
             mine = dataclasses.replace(cfg, device=saved.device, amp=saved.amp, out=saved.out, compile=saved.compile,
                                        compile_mode=saved.compile_mode)
@@ -351,10 +272,6 @@ class _Trainer:
                 diff = {k: (v, getattr(cfg, k)) for k, v in dataclasses.asdict(saved).items()
                         if getattr(mine, k) != v}
                 raise ValueError(f"{_OP}: --resume with settings that differ from the checkpoint's: {diff}")
-        elif d.main and os.path.exists(self.ckpt_path):
-            raise FileExistsError(
-                f"{_OP}: {self.out} already holds a run (checkpoint.pt); pass --resume to continue it or choose another --out"
-            )
 
         t0 = time.perf_counter()
         encrypted = ppml.data.is_encrypted_dataset(cfg.data)
@@ -364,10 +281,7 @@ class _Trainer:
         else:
             data = ppml.data.load_dataset(cfg.data, cfg.img_size)
         # the run folder is made once the data are in hand: a refused or failed load leaves nothing behind
-        if d.main:
-            os.makedirs(self.out, exist_ok=True)
-        if d.world > 1:
-            dist.barrier()
+        make_run_dir(self.out, d)
         self.skipped = list(getattr(data, "skipped", []))
         if self.skipped:  # as `ppml encrypt` does: unreadable images are left out, listed and counted
             shown = "; ".join(f"{s['path']} ({s['error']})" for s in self.skipped[:10])
@@ -420,8 +334,9 @@ class _Trainer:
         self.opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
         )
-        self.steps_per_epoch = len(_epoch_order(len(self.train_y), cfg, 0, d))
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(cfg, self.steps_per_epoch))
+        self.steps_per_epoch = len(epoch_order(len(self.train_y), cfg.batch_size, cfg.seed, 0, d))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_cosine(
+            cfg.epochs, self.steps_per_epoch, lr=cfg.lr, min_lr=cfg.min_lr, warmup_epochs=cfg.warmup_epochs))
 
         hflip = cfg.hflip if cfg.hflip is not None else (0.0 if cfg.data == "digits" else 0.5)
         # RS ciphertext: flips act on every patch in place — for a PE-free model exactly the flipped plain image
@@ -446,13 +361,9 @@ class _Trainer:
             if self.start_step:  # mid-epoch: this rank's generators and partial loss sums continue
                 self.rank_state = ckpt["rank_states"][d.rank]
             if d.main:  # drop metric lines of epochs that will be run again ("epoch" counts completed epochs)
-                kept = []
-                if os.path.exists(self.metrics_path):
-                    with open(self.metrics_path) as fh:
-                        kept = [ln for ln in fh if ln.strip() and json.loads(ln)["epoch"] <= self.start_epoch]
-                with open(self.metrics_path, "w") as fh:
-                    fh.writelines(kept)
-            self._log(f"[ppml train] resumed from {self.ckpt_path}: epoch {self.start_epoch + 1}, step {self.start_step}")
+                keep_completed_epochs(self.metrics_path, self.start_epoch)
+            self._log(f"[ppml train] resumed from {self.ckpt_path}: epoch {self.start_epoch + 1}, "
+                      f"step {self.start_step}")
         elif d.main:
             open(self.metrics_path, "w").close()
 
@@ -469,61 +380,44 @@ class _Trainer:
         return out.argmax(1) if self.criterion is None else self.criterion.predict(out.float())
 
     def _prepare(self, x: Tensor, y: Tensor, gen: torch.Generator):
-        import ppml
-
         x = self.geometric(x, y, generator=gen)[0]
         x, ya, yb, lam = self.augment(x, y, generator=gen)
-        if self.cfg.mode == "in-model" and self.cfg.encryption == "rs":
-            n = (self.cfg.img_size // self.cfg.patch_size) ** 2
-            perm = ppml.random_permutations(x.shape[0], n, generator=gen).to(x.device)
-            x = ppml.shuffle_patches(x, self.cfg.patch_size, perm)[0]
         return x, ya, yb, lam.to(x.device)
-
-    def _forward(self, model: nn.Module, x: Tensor) -> Tensor:
-        if self.amp:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                return model(x)
-        return model(x)
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        import ppml
-
         cfg, d = self.cfg, self.d
         self.model.eval()
         correct = torch.zeros(2, dtype=torch.float64)
         idx = torch.arange(len(self.val_y))[d.rank :: d.world]
-        # In-model RS: validation images are shuffled too, with keys fixed for the run (same seed every epoch).
-        gen = torch.Generator().manual_seed(cfg.seed + 1)
-        n_tiles = (cfg.img_size // cfg.patch_size) ** 2
+        # In-model RS: the model shuffles the validation images too, with keys fixed for the run (same seed every
+        # epoch); the training generator is handed back afterwards.
+        train_gen = self._keys(torch.Generator().manual_seed(cfg.seed + 1))
         for b in idx.split(256):
             x = self.val_x[b].to(self.device)
-            if cfg.mode == "in-model" and cfg.encryption == "rs":
-                perm = ppml.random_permutations(len(b), n_tiles, generator=gen).to(self.device)
-                x = ppml.shuffle_patches(x, cfg.patch_size, perm)[0]
-            pred = self._predict(self._forward(self.model, x)).cpu()
+            pred = self._predict(autocast_forward(self.model, x, self.amp)).cpu()
             correct += torch.tensor([(pred == self.val_y[b]).sum().item(), len(b)], dtype=torch.float64)
+        self._keys(train_gen)
         if d.world > 1:
             dist.all_reduce(correct)
         self.model.train()
         return float(correct[0] / correct[1])
 
+    def _keys(self, gen: torch.Generator | None) -> torch.Generator | None:
+        """In-model RS: ``gen`` becomes the generator the model draws its keys from (after the augmentation's draws
+        of the same step, as they always were); returns the previous one."""
+        old = getattr(self.model, "shuffle_generator", None)
+        if getattr(self.model, "shuffle_input", False):
+            self.model.shuffle_generator = gen
+        return old
+
     def _save(self, epoch: int, step: int, gen: torch.Generator) -> None:
         d = self.d
         state = (gen.get_state(), torch.get_rng_state(), list(self.epoch_loss))
-        states = [state]
-        digest = _param_digest(self.model)
-        digests = [digest]
-        if d.world > 1:
-            states = [None] * d.world
-            dist.all_gather_object(states, state)
-            digests = [None] * d.world
-            dist.all_gather_object(digests, digest)
-        if len(set(digests)) != 1:
-            raise RuntimeError(f"{_OP}: ranks hold different parameters (digests {digests}): DDP is out of sync")
+        states, digests = gather_in_sync(state, self.model, d, _OP)
         self.last_digests = digests
         if d.main:
-            _atomic_save(
+            atomic_save(
                 {
                     "config": dataclasses.asdict(self.cfg),
                     "model": self.model.state_dict(),
@@ -544,8 +438,7 @@ class _Trainer:
         """The result of a run stopped by --stop-after before step ``step`` of epoch index ``epoch`` (printed as one
         JSON line by rank 0 only; "epoch" is 1-based there, as in the log)."""
         result = {"stopped": True, "epoch": epoch + 1, "step": step, "param_digests": self.last_digests}
-        if self.d.main:
-            print(json.dumps(result), flush=True)
+        print_result(result, self.d)
         return result
 
     def run(self, resume: bool = False, stop_after: int | None = None) -> dict:
@@ -555,15 +448,14 @@ class _Trainer:
             self._log(f"[ppml train] {self.out} is complete ({cfg.epochs} epochs): nothing to resume")
             with open(os.path.join(self.out, "summary.json")) as fh:
                 final = json.load(fh)
-            if d.main:
-                print(json.dumps(final), flush=True)
+            print_result(final, d)
             return final
         steps_run = 0
         summary: dict[str, Any] = {}
         self.epoch_loss = [0.0, 0]
-        with _StopRequest() as stop:
+        with StopRequest() as stop:
             for epoch in range(self.start_epoch, cfg.epochs):
-                batches = _epoch_order(len(self.train_y), cfg, epoch, d)
+                batches = epoch_order(len(self.train_y), cfg.batch_size, cfg.seed, epoch, d)
                 gen = _rank_generator(cfg, epoch, d)
                 first = 0
                 if epoch == self.start_epoch and self.rank_state is not None:
@@ -575,13 +467,16 @@ class _Trainer:
                     self.epoch_loss = [0.0, 0]
                     # dropout / drop-path draw from the global generator: seeded per (epoch, rank)
                     torch.manual_seed(cfg.seed * 7919 + epoch * 104_729 + d.rank)
+                self._keys(gen)
                 self.model.train()
                 t0 = time.perf_counter()
-                bar = progress(range(first, len(batches)), desc=f"epoch {epoch + 1}/{cfg.epochs}", enabled=d.main, leave=False)
+                bar = progress(range(first, len(batches)), desc=f"epoch {epoch + 1}/{cfg.epochs}", enabled=d.main,
+                               leave=False)
                 for step in bar:
                     b = batches[step]
-                    x, ya, yb, lam = self._prepare(self.train_x[b].to(self.device), self.train_y[b].to(self.device), gen)
-                    out = self._forward(self.ddp, x)
+                    x, ya, yb, lam = self._prepare(self.train_x[b].to(self.device), self.train_y[b].to(self.device),
+                                                   gen)
+                    out = autocast_forward(self.ddp, x, self.amp)
                     loss = self._loss(out, ya, yb, lam)
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"{_OP}: loss is {loss.item()} at epoch {epoch + 1} step {step}")
@@ -594,7 +489,7 @@ class _Trainer:
                     steps_run += 1
                     bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{self.sched.get_last_lr()[0]:.2e}")
                     halt = stop_after is not None and steps_run >= stop_after
-                    if _any_rank(halt or stop.signum is not None, d, self.device) and step + 1 < len(batches):
+                    if any_rank(halt or stop.signum is not None, d, self.device) and step + 1 < len(batches):
                         self._save(epoch, step + 1, gen)
                         why = f"signal {stop.signum}" if stop.signum is not None else f"--stop-after {stop_after}"
                         self._log(f"[ppml train] stopped ({why}) at epoch {epoch + 1} step {step + 1}; "
@@ -626,7 +521,7 @@ class _Trainer:
                         f"val acc {acc:.4f}, {train_s:.1f} s"
                     )
                 summary = row
-                if _any_rank(stop.signum is not None, d, self.device) and epoch + 1 < cfg.epochs:
+                if any_rank(stop.signum is not None, d, self.device) and epoch + 1 < cfg.epochs:
                     self._log(f"[ppml train] stopped (signal) after epoch {epoch + 1}: continue with --resume")
                     raise SystemExit(130)
                 if stop_after is not None and steps_run >= stop_after and epoch + 1 < cfg.epochs:
@@ -643,10 +538,7 @@ class _Trainer:
             "param_digests": getattr(self, "last_digests", None),
             "skipped_images": len(self.skipped),
         }
-        if d.main:
-            with open(os.path.join(self.out, "summary.json"), "w") as fh:
-                json.dump(final, fh)
-            print(json.dumps(final), flush=True)
+        write_summary(self.out, final, d)
         return final
 
 
