@@ -3,8 +3,8 @@ the built-in digits, with `ppml train` (each run is the printed command, in a su
 
 Run from the repository root::
 
-    python benchmarks/train_digits.py                    # 12 runs, about 6 minutes on a 2-core CPU
-    python benchmarks/train_digits.py --epochs 30 --out runs/digits
+    python benchmarks/experiments/train_digits.py                    # 12 runs, about 6 minutes on a 2-core CPU
+    python benchmarks/experiments/train_digits.py --epochs 30 --out runs/digits
 
 Every run: sklearn's digits upscaled to 32×32 (1,438 train / 359 validation, a fixed split), patch 8 (16 patches;
 MI: 2×2 sub-patches of 4×4), a ViT of depth 4, width 96, 3 heads (timm's ``vit_tiny`` with position embedding for

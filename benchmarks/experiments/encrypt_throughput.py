@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python benchmarks/encrypt_throughput.py              # about a minute on a 2-core CPU
+    python benchmarks/experiments/encrypt_throughput.py              # about a minute on a 2-core CPU
 
 Inputs: the built-in digits (1,797 8×8 images, upscaled to the output size: decoding is nearly free) and a folder of
 larger photos — the scikit-image bundled photos (astronaut, coffee, chelsea, rocket, …, 300-512 px), each saved as
