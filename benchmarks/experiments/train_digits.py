@@ -50,7 +50,8 @@ def main() -> int:
             out = os.path.join(args.out, f"p{args.patch_size}-{enc}-{mode}-{loss}")
             cmd = [
                 "python", "-m", "ppml", "train", "--data", "digits", "--encryption", enc, "--mode", mode,
-                "--loss", loss, "--img-size", "32", "--patch-size", str(args.patch_size), "--depth", "4", "--embed-dim", "96",
+                "--loss", loss, "--img-size", "32", "--patch-size", str(args.patch_size), "--depth", "4",
+                "--embed-dim", "96",
                 "--num-heads", "3", "--epochs", str(args.epochs), "--batch-size", "64", "--lr", "2e-3",
                 "--seed", "0", "--out", out,
             ]
@@ -79,14 +80,18 @@ def main() -> int:
                 }
             )
     print(
-        f"\npatch {args.patch_size} on 32×32 ({(32 // args.patch_size) ** 2} patches), {args.epochs} epochs each; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"\npatch {args.patch_size} on 32×32 ({(32 // args.patch_size) ** 2} patches), {args.epochs} epochs each; "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads\n"
     )
     print("| data | model | loss | val acc (last) | val acc (best) | s / epoch |")
     print("|---|---|---|---:|---:|---:|")
-    model = {"plain": "vit_tiny (PE)", "RS (owner)": "pevit_tiny", "RS (in-model)": "pevit_tiny", "MI (owner)": "mivit_tiny"}
+    model = {
+        "plain": "vit_tiny (PE)", "RS (owner)": "pevit_tiny", "RS (in-model)": "pevit_tiny", "MI (owner)": "mivit_tiny"
+    }
     for r in rows:
-        print(f"| {r['data']} | {model[r['data']]} | {r['loss']} | {r['val_acc']:.3f} | {r['best']:.3f} | {r['s_epoch']:.1f} |")
+        print(f"| {r['data']} | {model[r['data']]} | {r['loss']} | {r['val_acc']:.3f} | {r['best']:.3f} "
+              f"| {r['s_epoch']:.1f} |")
     print("\nCommands:\n")
     for r in rows:
         print(f"    {r['cmd']}")
