@@ -2,8 +2,9 @@
 
 CPU: warm-up, then the median of wall-clock repetitions (``time.perf_counter``), as many as fit a time budget but never
 fewer than ``min_reps``. CUDA: CUDA events around each call with the L2 cache flushed between repetitions (a 256 MiB
-buffer is written), median of the repetitions, the same method as ``triton.testing.do_bench``. Every result is in
-milliseconds. Numbers from different machines (or different processes, for the copy bound) are never compared.
+buffer is written), median of the repetitions, the same method as ``triton.testing.do_bench``; the GPU rows use
+:func:`time_events` instead, a fixed count of repetitions (:func:`time_wall` is its CPU twin, for tests). Every result
+is in milliseconds. Numbers from different machines (or different processes, for the copy bound) are never compared.
 """
 
 from __future__ import annotations
