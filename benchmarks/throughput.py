@@ -82,33 +82,24 @@ def _huge_page_hint(device: torch.device) -> str | None:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("throughput: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
-        return 2
-    env = environment(device)
-    cfg = Config(device=device, quick=args.quick, env=env, seed=args.seed)
-    t0 = time.perf_counter()
+def run_sections(cfg: Config, names: list[str], *, gpu_rows: bool) -> tuple[list[dict], dict[str, list[str]]]:
+    """Runs and prints every section of `names` in order, each followed by its GPU rows when `gpu_rows` (on CUDA;
+    the tests run them on a CPU), each a table with its notes and targets.
+
+    Returns:
+        (every row, {section name: its target lines}).
+
+    Raises:
+        BenchmarkMismatch: a (CPU-section) provider gave a wrong result.
+    """
     all_rows: list[dict] = []
     targets: dict[str, list[str]] = {}
-    print(f"# ppml throughput{' (--quick)' if args.quick else ''}")
-    print(env_line(env))
-    hint = _huge_page_hint(device)
-    if hint:
-        print(hint)
-    for name in args.sections:
-        # The section, then on a GPU its GPU rows (issue 19), each a table with its own targets.
-        for section in (SECTIONS[name], SECTIONS[name].gpu if device.type == "cuda" else None):
+    for name in names:
+        for section in (SECTIONS[name], SECTIONS[name].gpu if gpu_rows else None):
             if section is None:
                 continue
-            try:
-                rows = section.run(cfg)
-            except BenchmarkMismatch as exc:
-                print(f"\nMISMATCH — aborting: {exc}", file=sys.stderr)
-                return 1
-            print(f"\n## {section_title(rows, section)} on {env['device_name']}\n")
+            rows = section.run(cfg)
+            print(f"\n## {section_title(rows, section)} on {cfg.env['device_name']}\n")
             print(markdown_table(rows, section))
             if any(_contended(r) for r in rows):
                 print(
@@ -118,11 +109,33 @@ def main(argv: list[str] | None = None) -> int:
             if cfg.notes:
                 print("\n" + "\n".join(cfg.notes))
                 cfg.notes.clear()
-            targets[section.name] = check_targets(section.targets, rows, device)
+            targets[section.name] = check_targets(section.targets, rows, cfg.device)
             if targets[section.name]:
                 print(f"\ntargets ({section.name}):")
                 print("\n".join(targets[section.name]))
             all_rows += rows
+    return all_rows, targets
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("throughput: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
+        return 2
+    env = environment(device)
+    cfg = Config(device=device, quick=args.quick, env=env, seed=args.seed)
+    t0 = time.perf_counter()
+    print(f"# ppml throughput{' (--quick)' if args.quick else ''}")
+    print(env_line(env))
+    hint = _huge_page_hint(device)
+    if hint:
+        print(hint)
+    try:
+        all_rows, targets = run_sections(cfg, args.sections, gpu_rows=device.type == "cuda")
+    except BenchmarkMismatch as exc:
+        print(f"\nMISMATCH — aborting: {exc}", file=sys.stderr)
+        return 1
     arg_record = {"device": str(device), "quick": args.quick, "sections": args.sections, "seed": args.seed}
     paths = write_results(args.out, env, all_rows, targets, arg_record)
     print(f"\nwrote {', '.join(str(p) for p in paths)} in {time.perf_counter() - t0:.1f} s")

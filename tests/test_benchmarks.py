@@ -5,6 +5,7 @@ wrong), the fixed-count timers and the result files. The benchmark itself is run
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import re
 import sys
@@ -72,6 +73,26 @@ def test_cli_sections_and_errors(capsys):
     for name, section in throughput.SECTIONS.items():
         assert section.gpu is not None and section.gpu.name == f"{name}_gpu"
         assert section.gpu.targets and all(t.devices == ("cuda",) for t in section.gpu.targets)
+
+
+def test_run_sections_adds_the_gpu_table_only_when_asked(monkeypatch, capsys):
+    small = dict(batches=(2,), dtypes=(torch.uint8,), size=32, patch_size=8)
+    gpu = dataclasses.replace(bench_mix.GPU_SECTION, run=lambda cfg: bench_mix.gpu_rows(cfg, **small))
+    cpu = dataclasses.replace(
+        bench_mix.SECTION,
+        run=lambda cfg: bench_mix._mix_rows(cfg, bench_mix._mix_providers(), (2,), (torch.uint8,), 32, 8, 2, "mix"),
+        gpu=gpu,
+    )
+    monkeypatch.setitem(throughput.SECTIONS, "mix", cpu)
+    cfg = _cfg()
+    rows, targets = throughput.run_sections(cfg, ["mix"], gpu_rows=False)
+    assert list(targets) == ["mix"] and capsys.readouterr().out.count("\n## ") == 1
+    rows, targets = throughput.run_sections(cfg, ["mix"], gpu_rows=True)
+    out = capsys.readouterr().out
+    assert out.count("\n## ") == 2 and "## mix_subpatches GPU rows [B, 3, 32, 32] p=8 g=2" in out
+    assert list(targets) == ["mix", "mix_gpu"] and targets["mix_gpu"] == []  # CUDA targets do not apply on a CPU
+    assert {r["section"] for r in rows} == {"mix", "mix_subpatches_gpu"}
+    assert "skipped mix_subpatches/triton_weighted" in out and not cfg.notes  # notes printed under their table
 
 
 def test_reps_within_budget_and_time_wall():
