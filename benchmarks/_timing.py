@@ -2,8 +2,9 @@
 
 CPU: warm-up, then the median of wall-clock repetitions (``time.perf_counter``), as many as fit a time budget but never
 fewer than ``min_reps``. CUDA: CUDA events around each call with the L2 cache flushed between repetitions (a 256 MiB
-buffer is written), median of the repetitions, the same method as ``triton.testing.do_bench``. Every result is in
-milliseconds. Numbers from different machines (or different processes, for the copy bound) are never compared.
+buffer is written), median of the repetitions, the same method as ``triton.testing.do_bench``; the GPU rows use
+:func:`time_events` instead, a fixed count of repetitions (:func:`time_wall` is its CPU twin, for tests). Every result
+is in milliseconds. Numbers from different machines (or different processes, for the copy bound) are never compared.
 """
 
 from __future__ import annotations
@@ -330,3 +331,103 @@ def environment(device: torch.device | str) -> dict:
     else:
         env["device_name"] = env["cpu"]
     return env
+
+
+def time_events(
+    fn: Callable[[], object],
+    *,
+    device: torch.device | str = "cuda",
+    reps: int = 30,
+    warmup: int = 3,
+    inner: int = 1,
+    flush_l2: bool = True,
+    max_s: float | None = None,
+    min_reps: int = 5,
+) -> dict:
+    """Median device time per call of ``fn()`` over a fixed number of repetitions, from CUDA events: the method of the
+    GPU rows (issue 19's tables were measured this way), where a budget-sized count would vary from run to run.
+
+    Args:
+        fn: enqueues the work on the current stream; called with no arguments.
+        device: the CUDA device the work runs on.
+        reps: timed repetitions (each one a pair of events).
+        warmup: untimed calls first (Triton compiles on the first call); fewer when they already took ``max_s / 4``.
+        inner: calls back to back inside one pair of events, time per call = elapsed / inner. For calls of a few
+            microseconds: a pair of events cannot resolve one, and back to back the host's launch cost (or a host
+            round trip inside the op) shows, as it does in a training step.
+        flush_l2: write a 256 MiB buffer before each repetition (not between the ``inner`` calls).
+        max_s: when the warm-up says ``reps`` repetitions take longer than this, fewer (never below ``min_reps``): a
+            call of 0.8 s would otherwise hold the GPU check for half a minute per row.
+        min_reps: the fewest timed repetitions.
+
+    Returns:
+        ``{"ms": median per call, "min_ms": fastest per call, "reps": timed repetitions}``.
+    """
+    device = torch.device(device)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    cache = None
+    if flush_l2:
+        cache = _flush_buffer.get(device)
+        if cache is None:
+            cache = _flush_buffer[device] = torch.empty(_L2_FLUSH_BYTES, dtype=torch.int8, device=device)
+    per_call = _warm_up(fn, warmup, max_s, lambda: torch.cuda.synchronize(device))
+    reps = _reps_within(reps, per_call * inner, max_s, min_reps)
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        if cache is not None:
+            cache.zero_()
+        starts[i].record()
+        for _ in range(inner):
+            fn()
+        ends[i].record()
+    torch.cuda.synchronize(device)
+    times = [s.elapsed_time(e) / inner for s, e in zip(starts, ends, strict=True)]
+    return {"ms": statistics.median(times), "min_ms": min(times), "reps": reps}
+
+
+def time_wall(
+    fn: Callable[[], object],
+    *,
+    reps: int = 30,
+    warmup: int = 3,
+    inner: int = 1,
+    max_s: float | None = None,
+    min_reps: int = 5,
+    **_ignored,
+) -> dict:
+    """:func:`time_events` on the CPU (``time.perf_counter``, nothing to flush): the GPU rows' code path run on a CPU,
+    for the tests and for a look at the rows without a GPU. Same arguments and result."""
+    per_call = _warm_up(fn, warmup, max_s, lambda: None)
+    reps = _reps_within(reps, per_call * inner, max_s, min_reps)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        times.append((time.perf_counter() - t0) * 1e3 / inner)
+    return {"ms": statistics.median(times), "min_ms": min(times), "reps": reps}
+
+
+def _warm_up(fn: Callable[[], object], warmup: int, max_s: float | None, sync: Callable[[], None]) -> float:
+    """Runs the warm-up calls (at least one; stops once they took ``max_s / 4``) and returns the fastest one's
+    seconds, the estimate of a warm call (the first pays compilation and the allocator's growth)."""
+    est = []
+    spent = 0.0
+    for _ in range(max(1, warmup)):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        est.append(time.perf_counter() - t0)
+        spent += est[-1]
+        if max_s is not None and spent > max_s / 4:
+            break
+    return min(est)
+
+
+def _reps_within(reps: int, rep_s: float, max_s: float | None, min_reps: int) -> int:
+    """``reps``, or fewer (never below ``min_reps``) when ``reps`` repetitions of ``rep_s`` seconds exceed ``max_s``."""
+    if max_s is None or rep_s * reps <= max_s:
+        return reps
+    return max(min_reps, min(reps, int(max_s / max(rep_s, 1e-9))))

@@ -20,8 +20,9 @@ like-for-like comparison of the three encryptions.
 
 **Spatial prior** (``det_prior="gaussian"``, the default for the box head on ``vit_*`` / ``mivit_*``). YOLOS starts
 from DeiT weights; from scratch (nothing can be downloaded here) its [DET] tokens' attention stays uniform over the
-patches, every slot predicts the same mean box and COCO AP stays at zero (measured: ``benchmarks/detect_synthetic.py``,
-README). As in SMCA (Gao et al., 2021) and Anchor / Deformable DETR, each slot q gets a reference point r_q (learnable,
+patches, every slot predicts the same mean box and COCO AP stays at zero (measured:
+``benchmarks/experiments/detect_synthetic.py``, README). As in SMCA (Gao et al., 2021) and Anchor / Deformable DETR,
+each slot q gets a reference point r_q (learnable,
 initialised on a grid over the canvas), the attention logits from [DET] token q to patch token n get the additive bias
 ``-s_h * |r_q - c_n|^2`` in every block (c_n: the patch centre, canvas fractions; one learnable scale s_h per head,
 initialised from 1, nearly global, to 200, about one patch of a 64-token grid), and the box centre is predicted

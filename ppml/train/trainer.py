@@ -63,9 +63,10 @@ MODES = ("owner", "in-model")
 LOSSES = ("ce", "anchor-sqeuclidean", "anchor-euclidean", "anchor-cosine")
 DEFAULT_MODELS = {"none": "vit_tiny_patch16_224", "rs": "pevit_tiny_patch16_224", "mi": "mivit_tiny_patch16_224"}
 # Anchor-loss defaults (scale γ, pull λ) per metric, radius-1 anchors. A ViT's pooled features come out of its final
-# LayerNorm with norm ≈ √D, so a γ that suits unit-scale features (benchmarks/anchor_digits.py uses 16) saturates the
-# softmax for the distance metrics: on the digits (RS, 15 epochs, D = 96) sqeuclidean went 0.59 → 0.89 validation
-# accuracy from γ = 16 to γ = 1, euclidean 0.79 → 0.87 from γ = 1 to 4; cosine is scale-free in f and keeps γ = 16.
+# LayerNorm with norm ≈ √D, so a γ that suits unit-scale features (benchmarks/experiments/anchor_digits.py uses 16)
+# saturates the softmax for the distance metrics: on the digits (RS, 15 epochs, D = 96) sqeuclidean went 0.59 → 0.89
+# validation accuracy from γ = 16 to γ = 1, euclidean 0.79 → 0.87 from γ = 1 to 4; cosine is scale-free in f and
+# keeps γ = 16.
 ANCHOR_DEFAULTS = {"sqeuclidean": (1.0, 0.1), "euclidean": (4.0, 0.0), "cosine": (16.0, 0.0)}
 
 

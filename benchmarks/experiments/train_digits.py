@@ -3,8 +3,8 @@ the built-in digits, with `ppml train` (each run is the printed command, in a su
 
 Run from the repository root::
 
-    python benchmarks/train_digits.py                    # 12 runs, about 6 minutes on a 2-core CPU
-    python benchmarks/train_digits.py --epochs 30 --out runs/digits
+    python benchmarks/experiments/train_digits.py                    # 12 runs, about 6 minutes on a 2-core CPU
+    python benchmarks/experiments/train_digits.py --epochs 30 --out runs/digits
 
 Every run: sklearn's digits upscaled to 32×32 (1,438 train / 359 validation, a fixed split), patch 8 (16 patches;
 MI: 2×2 sub-patches of 4×4), a ViT of depth 4, width 96, 3 heads (timm's ``vit_tiny`` with position embedding for
@@ -50,7 +50,8 @@ def main() -> int:
             out = os.path.join(args.out, f"p{args.patch_size}-{enc}-{mode}-{loss}")
             cmd = [
                 "python", "-m", "ppml", "train", "--data", "digits", "--encryption", enc, "--mode", mode,
-                "--loss", loss, "--img-size", "32", "--patch-size", str(args.patch_size), "--depth", "4", "--embed-dim", "96",
+                "--loss", loss, "--img-size", "32", "--patch-size", str(args.patch_size), "--depth", "4",
+                "--embed-dim", "96",
                 "--num-heads", "3", "--epochs", str(args.epochs), "--batch-size", "64", "--lr", "2e-3",
                 "--seed", "0", "--out", out,
             ]
@@ -79,14 +80,18 @@ def main() -> int:
                 }
             )
     print(
-        f"\npatch {args.patch_size} on 32×32 ({(32 // args.patch_size) ** 2} patches), {args.epochs} epochs each; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"\npatch {args.patch_size} on 32×32 ({(32 // args.patch_size) ** 2} patches), {args.epochs} epochs each; "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads\n"
     )
     print("| data | model | loss | val acc (last) | val acc (best) | s / epoch |")
     print("|---|---|---|---:|---:|---:|")
-    model = {"plain": "vit_tiny (PE)", "RS (owner)": "pevit_tiny", "RS (in-model)": "pevit_tiny", "MI (owner)": "mivit_tiny"}
+    model = {
+        "plain": "vit_tiny (PE)", "RS (owner)": "pevit_tiny", "RS (in-model)": "pevit_tiny", "MI (owner)": "mivit_tiny"
+    }
     for r in rows:
-        print(f"| {r['data']} | {model[r['data']]} | {r['loss']} | {r['val_acc']:.3f} | {r['best']:.3f} | {r['s_epoch']:.1f} |")
+        print(f"| {r['data']} | {model[r['data']]} | {r['loss']} | {r['val_acc']:.3f} | {r['best']:.3f} "
+              f"| {r['s_epoch']:.1f} |")
     print("\nCommands:\n")
     for r in rows:
         print(f"    {r['cmd']}")

@@ -2,8 +2,8 @@
 
 Run from the repository root::
 
-    python benchmarks/anchor_digits.py                 # 11 runs, about 30 s on a quiet 2-core CPU
-    python benchmarks/anchor_digits.py --epochs 200 --seed 1
+    python benchmarks/experiments/anchor_digits.py                 # 11 runs, about 30 s on a quiet 2-core CPU
+    python benchmarks/experiments/anchor_digits.py --epochs 200 --seed 1
 
 Data: ``sklearn.datasets.load_digits`` (1,797 8×8 images, 10 classes), pixels / 16, one fixed stratified split
 ``train_test_split(test_size=0.25, random_state=0, stratify=y)`` (1,347 train, 450 test).

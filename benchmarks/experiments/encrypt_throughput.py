@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python benchmarks/encrypt_throughput.py              # about a minute on a 2-core CPU
+    python benchmarks/experiments/encrypt_throughput.py              # about a minute on a 2-core CPU
 
 Inputs: the built-in digits (1,797 8×8 images, upscaled to the output size: decoding is nearly free) and a folder of
 larger photos — the scikit-image bundled photos (astronaut, coffee, chelsea, rocket, …, 300-512 px), each saved as
@@ -60,7 +60,8 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         folder = make_photo_folder(os.path.join(tmp, "photos"), args.photos)
-        for label, src in (("digits (1,797, 8×8 → upscaled)", "digits"), (f"photos ({args.photos} JPEGs, 300-512 px)", folder)):
+        sources = (("digits (1,797, 8×8 → upscaled)", "digits"), (f"photos ({args.photos} JPEGs, 300-512 px)", folder))
+        for label, src in sources:
             for scheme in ("rs", "mi"):
                 dst = os.path.join(tmp, f"{scheme}-{len(rows)}")
                 s = encrypt_dataset(src, dst, scheme=scheme, patch_size=16, grid=2, size=args.size,
@@ -69,8 +70,10 @@ def main() -> int:
                 rows.append((label, scheme, s))
     dev = rows[0][2]["device"]
     print(f"\n`ppml encrypt`, {args.size} px, p = 16 (MI g = 2), batch 256, on {dev}: {platform.machine()}, "
-          f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads, ppml {ppml.__version__}\n")
-    print("| source | scheme | images | seconds | images/s | decode + resize | encryption op | writing | encryption share |")
+          f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"ppml {ppml.__version__}\n")
+    print("| source | scheme | images | seconds | images/s | decode + resize | encryption op | writing "
+          "| encryption share |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for label, scheme, s in rows:
         print(f"| {label} | {scheme.upper()} | {s['images']} | {s['seconds']:.2f} | {s['images_per_s']:.0f} | "

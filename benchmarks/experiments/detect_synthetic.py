@@ -3,8 +3,8 @@
 
 Run from the repository root::
 
-    python benchmarks/detect_synthetic.py                       # 8 runs, about 70 minutes on a 2-core CPU
-    python benchmarks/detect_synthetic.py --epochs 10 --out runs/detect-short   # about 6 minutes
+    python benchmarks/experiments/detect_synthetic.py                       # 8 runs, about 70 minutes on a 2-core CPU
+    python benchmarks/experiments/detect_synthetic.py --epochs 10 --out runs/detect-short   # about 6 minutes
 
 Every run: the built-in set (1,000 train / 200 val images of 192×144, 1-4 rectangles / ellipses / triangles on
 scikit-image photos), DETR-style augmentation on the plain side, a 64-pixel canvas, patch 8 (64 tokens; MI: 2×2
