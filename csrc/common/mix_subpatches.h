@@ -1,7 +1,7 @@
 // Index maths and argument checks for ppml::mix_subpatches, shared by the CPU and CUDA kernels.
 //
-// Layout as in shuffle_patches.h: `planes` planes of H rows of W * K elements (NCHW: planes = B * C, K = 1; NHWC:
-// planes = B, K = C). With q = p / g, one row of a sub-patch is a contiguous run of q * K elements, both in the input
+// Layout as in common/plane_geometry.h: `planes` planes of H rows of W * K elements (NCHW: planes = B * C, K = 1;
+// NHWC: planes = B, K = C). With q = p / g, one row of a sub-patch is a contiguous run of q * K elements, both in the input
 // (at column (tx * p + j * q) * K) and in the output (at column tx * q * K), so the kernels add runs to runs.
 #pragma once
 
@@ -9,7 +9,8 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "common/shuffle_patches.h"
+#include "common/checks.h"
+#include "common/plane_geometry.h"
 
 #ifndef __CUDACC_RTC__
 #include <ATen/ops/empty.h>
@@ -86,13 +87,13 @@ inline void check_mix_args(const at::Tensor& images, int64_t p, int64_t grid, co
 }
 
 inline MixGeometry make_mix_geometry(const at::Tensor& dense, bool channels_last, int64_t p, int64_t grid) {
-  const int64_t B = dense.size(0), C = dense.size(1), H = dense.size(2), W = dense.size(3);
-  const int64_t K = channels_last ? C : 1;
+  const PlaneLayout l = make_plane_layout(dense, channels_last);
+  const int64_t H = dense.size(2), W = dense.size(3), K = l.interleave;
   MixGeometry g;
-  g.planes = channels_last ? B : B * C;
-  g.planes_per_image = channels_last ? 1 : C;
+  g.planes = l.planes;
+  g.planes_per_image = l.planes_per_image;
   g.height = H;
-  g.in_row = W * K;
+  g.in_row = l.row;
   g.out_rows = H / grid;
   g.out_row = (W / grid) * K;
   g.patch = p;
@@ -116,8 +117,8 @@ struct MixOperands {
 inline MixOperands prepare_mix(const at::Tensor& images, int64_t p, int64_t grid,
                                const c10::optional<at::Tensor>& weights) {
   check_mix_args(images, p, grid, weights);
-  const bool cl = shuffle_use_channels_last(images);
-  const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const bool cl = use_channels_last(images);
+  const auto fmt = working_format(cl);
   MixOperands m;
   m.src = images.contiguous(fmt);
   const auto st = images.scalar_type();

@@ -66,7 +66,7 @@ def _fake(images: Tensor, perm: Tensor, patch_size: int) -> Tensor:
 
 
 def _check_out(images: Tensor, out: Tensor, op: str = OP) -> None:
-    """`out` for an op whose result has the images' shape and dtype (twin of csrc/common/shuffle_patches.h::check_out)."""
+    """`out` for an op whose result has the images' shape and dtype (twin of csrc/common/checks.h::check_out)."""
     if not isinstance(out, Tensor) or out.shape != images.shape or out.dtype != images.dtype or out.device != images.device:
         expected = f"{describe(images).split(' ')[0]} {list(images.shape)} on {images.device}"
         raise ValueError(f"{op}: out must be {expected}, got {describe(out)}")
