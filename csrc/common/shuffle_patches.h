@@ -42,7 +42,8 @@ C10_HOST_DEVICE inline Index shuffle_row_offset(const ShuffleGeometry& g, Index 
 // with precomputed fast dividers).
 template <typename Index>
 C10_HOST_DEVICE inline Index shuffle_source_offset(const ShuffleGeometry& g, Index plane, Index r, Index sy, Index sx) {
-  return shuffle_row_offset<Index>(g, plane, sy * static_cast<Index>(g.patch) + r) + sx * static_cast<Index>(g.run_units);
+  return shuffle_row_offset<Index>(g, plane, sy * static_cast<Index>(g.patch) + r) +
+         sx * static_cast<Index>(g.run_units);
 }
 
 // Clamp of a tile index into [0, N): perm is validated before the gather runs (on the host for CPU tensors, by a
@@ -65,8 +66,9 @@ inline void check_shuffle_args(const at::Tensor& images, const at::Tensor& perm,
               describe(images));
   const int64_t B = images.size(0), H = images.size(2), W = images.size(3);
   TORCH_CHECK_VALUE(p > 0, "ppml.shuffle_patches: patch_size must be a positive integer, got ", p);
-  TORCH_CHECK_VALUE(H % p == 0 && W % p == 0, "ppml.shuffle_patches: patch_size must divide H and W, got patch_size=", p,
-              " for H=", H, ", W=", W);
+  TORCH_CHECK_VALUE(H % p == 0 && W % p == 0,
+                    "ppml.shuffle_patches: patch_size must divide H and W, got patch_size=", p, " for H=", H,
+                    ", W=", W);
   const int64_t N = (H / p) * (W / p);
   TORCH_CHECK_VALUE(perm.scalar_type() == at::kLong && perm.dim() == 2 && perm.size(0) == B && perm.size(1) == N,
               "ppml.shuffle_patches: perm must be int64 [B, N] with B=", B, " and N=(H/p)*(W/p)=", N, ", got ",

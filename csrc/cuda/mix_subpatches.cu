@@ -106,7 +106,9 @@ void launch(const at::Tensor& src, at::Tensor& out, const at::Tensor& w, const M
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-bool aligned(const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(bytes) == 0; }
+bool aligned(const void* p, int64_t bytes) {
+  return reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(bytes) == 0;
+}
 
 // The widest access the geometry and the pointers allow: 16-byte loads when a sub-patch row is a multiple of 16 bytes
 // (Width = 16 / sizeof) or exactly half of it (J = 2, when g is even), else 8-byte loads (uint8 channels_last with
@@ -125,7 +127,8 @@ void dispatch(const at::Tensor& src, at::Tensor& out, const at::Tensor& w, const
   auto fits = [&](int width, int j) {
     const int v = width / j;
     const bool shape = j == 1 ? g.run % width == 0 : (g.run == v && g.grid % j == 0);
-    return width > 1 && shape && aligned(s, width * static_cast<int64_t>(sizeof(scalar_t))) && aligned(o, v * out_bytes);
+    const int64_t in_bytes = width * static_cast<int64_t>(sizeof(scalar_t));
+    return width > 1 && shape && aligned(s, in_bytes) && aligned(o, v * out_bytes);
   };
   if (fits(kFull, 1)) return launch<scalar_t, kFull, 1, uint32_t>(src, out, w, g);
   if (fits(kFull, 2)) return launch<scalar_t, kFull, 2, uint32_t>(src, out, w, g);

@@ -156,7 +156,8 @@ dim3 fused_grid(int64_t images, int64_t image_units, int sms) {
   const int64_t chunks = (image_units + chunk - 1) / chunk;
   const int64_t target = static_cast<int64_t>(sms) * (2048 / kThreads) * kWaves;
   const int64_t per_image = std::max<int64_t>(1, (target + images - 1) / images);
-  return dim3(static_cast<unsigned>(std::min(chunks, per_image)), static_cast<unsigned>(std::min<int64_t>(images, 65535)));
+  return dim3(static_cast<unsigned>(std::min(chunks, per_image)),
+              static_cast<unsigned>(std::min<int64_t>(images, 65535)));
 }
 
 template <typename Unit, typename Index>
