@@ -64,6 +64,15 @@ def test_calls_never_synchronise(backend):
 _BAD = {
     "shuffle native": "torch.ops.ppml.shuffle_patches(x, torch.zeros(2, 16, dtype=torch.long, device='cuda'), 8)",
     "shuffle native out-of-range": "torch.ops.ppml.shuffle_patches(x, torch.full((2, 16), 99, device='cuda'), 8)",
+    "shuffle native negative": "torch.ops.ppml.shuffle_patches(x, torch.arange(16, device='cuda').repeat(2, 1) - 1, 8)",
+    # one bad row among 300 images: each block checks its own image's row
+    "shuffle native last row": "torch.ops.ppml.shuffle_patches(torch.rand(300, 3, 32, 32, device='cuda'), "
+    "torch.cat([torch.arange(16, device='cuda').repeat(299, 1), torch.tensor([[0] * 15 + [15]], device='cuda')]), 8)",
+    # N = 9,216 tiles: too long for the check fused into the gather, checked by the separate kernel
+    "shuffle native long key": "torch.ops.ppml.shuffle_patches(torch.rand(2, 1, 96, 96, device='cuda'), "
+    "torch.zeros(2, 9216, dtype=torch.long, device='cuda'), 1)",
+    "shuffle native out=": "torch.ops.ppml.shuffle_patches.out(x, torch.full((2, 16), 16, device='cuda'), 8, "
+    "out=torch.empty_like(x))",
     "shuffle triton": "torch.ops.ppml.shuffle_patches_triton(x, torch.zeros(2, 16, dtype=torch.long, device='cuda'), "
     "8)",
     "shuffle reference": "ppml.shuffle_patches(x, 8, torch.zeros(2, 16, dtype=torch.long, device='cuda'), "
@@ -100,3 +109,59 @@ def test_bad_key_stops_the_stream_with_a_named_assert(case):
         # torch's generic assertion instead (documented in the README).
         name = _EXPECTED[case.split()[0]]
         assert name in text, f"the assert does not name {name}:\n{text[-3000:]}"
+
+
+def _kernels_launched(fn) -> list[str] | None:
+    """Names of the CUDA kernels `fn` launches, from the profiler; None where the profiler sees no kernels at all."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return names or None
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("batch", [1, 64])
+def test_native_shuffle_is_one_launch_without_host_sync(dtype, batch):
+    # The key check lives inside the gather kernel: one launch per call (no memset, no separate check kernel), and
+    # the host never waits, for out= and for a fresh output alike.
+    _available("shuffle_patches", "native")
+    x = (torch.rand(batch, 3, 224, 224, device="cuda") * 255).to(dtype)
+    perm = ppml.random_permutations(batch, 196, device="cuda")
+    out = torch.empty_like(x)
+    torch.ops.ppml.shuffle_patches.out(x, perm, 16, out=out)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fresh = torch.ops.ppml.shuffle_patches(x, perm, 16)
+        torch.ops.ppml.shuffle_patches.out(x, perm, 16, out=out)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    expected = reference.shuffle_patches(x.cpu(), perm.cpu(), 16)
+    assert torch.equal(fresh.cpu(), expected) and torch.equal(out.cpu(), expected)
+    control = _kernels_launched(lambda: out.add_(0) if dtype != torch.uint8 else out.bitwise_or_(0))
+    if control is None:
+        pytest.skip("the profiler sees no CUDA kernels here (no CUPTI)")
+    launched = _kernels_launched(lambda: torch.ops.ppml.shuffle_patches.out(x, perm, 16, out=out))
+    assert launched is not None and len(launched) == 1 and "shuffle_patches" in launched[0], launched
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_native_mix_never_synchronises(dtype, layout):
+    _available("mix_subpatches", "native")
+    x = (torch.rand(2, 3, 64, 64, device="cuda") * 255).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = ppml.random_mixing_weights(2, 16, 2, device="cuda")
+    torch.ops.ppml.mix_subpatches(x, 16, 2, w)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        mean, keyed = torch.ops.ppml.mix_subpatches(x, 16, 2, None), torch.ops.ppml.mix_subpatches(x, 16, 2, w)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.equal(mean.cpu(), reference.mix_subpatches(x.cpu(), 16, 2))
+    assert torch.equal(keyed.cpu(), reference.mix_subpatches(x.cpu(), 16, 2, w.cpu()))

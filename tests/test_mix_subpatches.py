@@ -70,7 +70,13 @@ def test_output_dtypes():
 
 # ---- every backend vs the reference --------------------------------------------------------------------------------
 
-CASES = [((2, 3, 16, 16), 8, 2), ((1, 2, 12, 18), 6, 3), ((2, 3, 8, 8), 4, 4), ((1, 1, 8, 12), 4, 1), ((0, 3, 8, 8), 4, 2)]
+CASES = [
+    ((2, 3, 16, 16), 8, 2),
+    ((1, 2, 12, 18), 6, 3),
+    ((2, 3, 8, 8), 4, 4),
+    ((1, 1, 8, 12), 4, 1),
+    ((0, 3, 8, 8), 4, 2),
+]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -81,7 +87,8 @@ CASES = [((2, 3, 16, 16), 8, 2), ((1, 2, 12, 18), 6, 3), ((2, 3, 8, 8), 4, 4), (
 def test_backends_match_reference(device, dtype, layout, shape, p, g, weighted):
     x = make_images(shape, dtype, device, layout, seed=p * g)
     n = (shape[2] // p) * (shape[3] // p)
-    w = ppml.random_mixing_weights(shape[0], n, g, generator=torch.Generator().manual_seed(3)).to(device) if weighted else None
+    gen = torch.Generator().manual_seed(3)
+    w = ppml.random_mixing_weights(shape[0], n, g, generator=gen).to(device) if weighted else None
     expected = ref_mix(x, p, g, w)
     for backend in backends_for(device, "mix_subpatches"):
         out = ppml.mix_subpatches(x, p, g, w, backend=backend)
@@ -103,7 +110,8 @@ def test_native_cpu_is_bit_exact(dtype):
 def test_layout_rule():
     x = make_images((2, 3, 8, 8), torch.float32, layout="channels_last")
     assert torch.ops.ppml.mix_subpatches(x, 4, 2, None).is_contiguous(memory_format=torch.channels_last)
-    assert torch.ops.ppml.mix_subpatches(make_images((2, 3, 8, 8), torch.float32, layout="sliced"), 4, 2, None).is_contiguous()
+    sliced = make_images((2, 3, 8, 8), torch.float32, layout="sliced")
+    assert torch.ops.ppml.mix_subpatches(sliced, 4, 2, None).is_contiguous()
 
 
 # ---- the paper's properties (mean variant) -------------------------------------------------------------------------
@@ -134,7 +142,8 @@ def test_order_of_subpatches_inside_a_patch_does_not_matter():
     shuffled = sub.reshape(B, H // p, W // p, g, g, C, q, q).permute(0, 5, 1, 3, 6, 2, 4, 7).reshape(B, C, H, W)
     assert not torch.equal(shuffled, x)
     for backend in backends_for("cpu", "mix_subpatches"):
-        assert torch.equal(ppml.mix_subpatches(shuffled, p, g, backend=backend), ppml.mix_subpatches(x, p, g, backend=backend))
+        mixed = ppml.mix_subpatches(shuffled, p, g, backend=backend)
+        assert torch.equal(mixed, ppml.mix_subpatches(x, p, g, backend=backend))
 
 
 @pytest.mark.parametrize(
@@ -229,7 +238,8 @@ BAD = [
     (torch.zeros(1, 3, 8, 8), 4, -2, None, ValueError, r"grid must be a positive integer, got -2"),
     (torch.zeros(1, 3, 8, 8), 4, 0, None, ValueError, r"grid must be a positive integer, got 0"),
     (torch.zeros(1, 3, 8, 8), 0, 1, None, ValueError, r"patch_size must be a positive integer, got 0"),
-    (torch.zeros(1, 3, 8, 12), 8, 2, None, ValueError, r"patch_size must divide H and W, got patch_size=8 for H=8, W=12"),
+    (torch.zeros(1, 3, 8, 12), 8, 2, None, ValueError,
+     r"patch_size must divide H and W, got patch_size=8 for H=8, W=12"),
     (torch.zeros(2, 3, 8, 8), 4, 2, torch.zeros(2, 4, 3), ValueError,
      r"weights must be float \[B, N, g\*g\] with B=2, N=\(H/p\)\*\(W/p\)=4, g\*g=4, got float32 \[2, 4, 3\]"),
     (torch.zeros(2, 3, 8, 8), 4, 2, torch.zeros(1, 4, 4), ValueError, r"got float32 \[1, 4, 4\]"),
@@ -315,7 +325,8 @@ def mix_cases(draw):
     g = draw(st.integers(1, 4))
     p = g * draw(st.integers(1, 3))
     shape = (draw(st.integers(0, 3)), draw(st.integers(1, 4)), p * draw(st.integers(1, 4)), p * draw(st.integers(1, 4)))
-    return shape, p, g, draw(st.sampled_from(ALL_DTYPES)), draw(st.sampled_from(list(LAYOUTS))), draw(st.booleans()), draw(st.integers(0, 2**31 - 1))
+    dtype, layout = draw(st.sampled_from(ALL_DTYPES)), draw(st.sampled_from(list(LAYOUTS)))
+    return shape, p, g, dtype, layout, draw(st.booleans()), draw(st.integers(0, 2**31 - 1))
 
 
 @pytest.mark.parametrize("backend", ["native", "reference"])
@@ -333,3 +344,38 @@ def test_fuzz_backend_vs_loop_oracle(backend, case):
     # Against the exact sum, g² float32 roundings (one product, one add per term) can accumulate: the standard
     # g²·eps·Σ|terms| bound of recursive summation, plus the final rounding to the output dtype.
     assert_within_ulp(out, oracle.to(out.dtype), g * g * abs_terms(x, p, g, w), ulps=1.0)
+
+
+# ---- every path of the CUDA kernel, bit-exact (skipped without a GPU; benchmarks/gpu_check.sh runs them) -----------
+
+# (shape, p, g): with q = p/g the sub-patch row is q elements (NCHW) or q*C (NHWC); the CUDA kernel loads 16 bytes
+# per sub-patch row when the row is a multiple of 16 bytes, per pair of rows when it is exactly 8 bytes and g is even,
+# 8 bytes when the row is a multiple of that, else one element: these cases reach each of them for several dtypes.
+CUDA_MIX_PATHS = [
+    ((1, 3, 224, 224), 16, 2),  # B = 1; uint8 pairs of rows (NCHW) and 8-byte loads (NHWC, 24-byte rows)
+    ((4, 3, 64, 96), 16, 4),  # q = 4
+    ((2, 3, 32, 32), 4, 2),  # q = 2: float32 pairs of rows, uint8 one element
+    ((3, 3, 30, 42), 6, 3),  # odd sizes, odd g: no pairs
+    ((2, 2, 32, 32), 16, 1),  # g = 1
+    ((2, 1, 8, 8), 2, 2),  # q = 1
+]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "misaligned"])
+@pytest.mark.parametrize("shape,p,g", CUDA_MIX_PATHS, ids=str)
+@pytest.mark.parametrize("weighted", [False, True], ids=["mean", "weighted"])
+def test_cuda_paths_are_bit_exact(dtype, layout, shape, p, g, weighted):
+    # Equal to the reference computed on the CPU (which test_native_cpu_is_bit_exact ties to the C++ order).
+    if "native" not in backends_for("cuda", "mix_subpatches"):
+        pytest.skip("native unavailable on cuda")
+    x = make_images(shape, dtype, layout="channels_last" if layout == "channels_last" else "contiguous", seed=p + g)
+    n = (shape[2] // p) * (shape[3] // p)
+    w = ppml.random_mixing_weights(shape[0], n, g, generator=torch.Generator().manual_seed(g)) if weighted else None
+    expected = ref_mix(x, p, g, w)
+    xc = x.cuda()
+    if layout == "misaligned":  # one element into its storage: no vector loads
+        xc = torch.empty(x.numel() + 1, dtype=dtype, device="cuda")[1:].view(shape).copy_(x)
+    out = torch.ops.ppml.mix_subpatches(xc, p, g, None if w is None else w.cuda())
+    assert torch.equal(out.cpu(), expected)

@@ -229,17 +229,20 @@ def test_meta_device_shapes_and_strides():
 
 BAD_CASES = [
     # (images, perm, patch_size, exception, regex)
-    (torch.zeros(3, 8, 8), torch.zeros(1, 4, dtype=torch.int64), 4, ValueError, r"images must be 4-D .*got float32 \[3, 8, 8\]"),
+    (torch.zeros(3, 8, 8), torch.zeros(1, 4, dtype=torch.int64), 4, ValueError,
+     r"images must be 4-D .*got float32 \[3, 8, 8\]"),
     (torch.zeros(1, 3, 8, 8, dtype=torch.int32), None, 4, TypeError, r"images must be uint8.*got int32"),
     (torch.zeros(1, 3, 8, 8), None, 0, ValueError, r"patch_size must be a positive integer, got 0"),
     (torch.zeros(1, 3, 8, 8), None, -4, ValueError, r"patch_size must be a positive integer, got -4"),
     (torch.zeros(1, 3, 8, 12), None, 5, ValueError, r"patch_size must divide H and W, got patch_size=5 for H=8, W=12"),
     (torch.zeros(2, 3, 8, 8), torch.zeros(2, 4, dtype=torch.int32), 4, ValueError,
      r"perm must be int64 \[B, N\] with B=2 and N=\(H/p\)\*\(W/p\)=4, got int32 \[2, 4\]"),
-    (torch.zeros(2, 3, 8, 8), torch.zeros(2, 5, dtype=torch.int64), 4, ValueError, r"N=\(H/p\)\*\(W/p\)=4, got int64 \[2, 5\]"),
+    (torch.zeros(2, 3, 8, 8), torch.zeros(2, 5, dtype=torch.int64), 4, ValueError,
+     r"N=\(H/p\)\*\(W/p\)=4, got int64 \[2, 5\]"),
     (torch.zeros(2, 3, 8, 8), torch.zeros(3, 4, dtype=torch.int64), 4, ValueError, r"B=2 .*got int64 \[3, 4\]"),
     (torch.zeros(2, 3, 8, 8), torch.zeros(8, dtype=torch.int64), 4, ValueError, r"got int64 \[8\]"),
-    (torch.zeros(1, 3, 8, 8), torch.tensor([[0, 1, 2, 4]]), 4, ValueError, r"every row of perm must be a permutation of 0\.\.3"),
+    (torch.zeros(1, 3, 8, 8), torch.tensor([[0, 1, 2, 4]]), 4, ValueError,
+     r"every row of perm must be a permutation of 0\.\.3"),
     (torch.zeros(1, 3, 8, 8), torch.tensor([[0, 1, 2, -1]]), 4, ValueError, r"every row of perm must be a permutation"),
     (torch.zeros(1, 3, 8, 8), torch.tensor([[0, 1, 1, 3]]), 4, ValueError, r"every row of perm must be a permutation"),
     (torch.zeros(2, 3, 8, 8), torch.tensor([[0, 1, 2, 3], [3, 3, 3, 3]]), 4, ValueError, r"permutation"),
@@ -370,7 +373,8 @@ def test_fuzz_backend_vs_reference(backend, case):
     x = make_images(shape, dtype, "cpu", layout, seed)
     perm = make_perm(shape[0], (shape[2] // p) * (shape[3] // p), seed=seed)
     out, _ = ppml.shuffle_patches(x, p, perm, backend=backend)
-    expected = torch.stack([torch.cat([torch.cat(row, 2) for row in _rows(x[i], perm[i], p)], 1) for i in range(shape[0])]) if shape[0] else x
+    images = [torch.cat([torch.cat(row, 2) for row in _rows(x[i], perm[i], p)], 1) for i in range(shape[0])]
+    expected = torch.stack(images) if shape[0] else x
     assert torch.equal(out, expected)
     assert torch.equal(ppml.unshuffle_patches(out, perm, p, backend=backend), x)
 
@@ -411,3 +415,52 @@ def test_gpu_key_check_is_a_device_side_assert(monkeypatch):
     assert [msg for _, msg in queued] == ["unused", "bad key, device_side=True"]
     with pytest.raises(ValueError, match="bad key, device_side=False"):
         _common.check_values(torch.tensor(False), lambda device_side=False: f"bad key, device_side={device_side}")
+
+
+# ---- every path of the CUDA kernel, bit-exact (skipped without a GPU; benchmarks/gpu_check.sh runs them) -----------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+# (shape, p): which path of csrc/cuda/shuffle_patches.cu each reaches
+CUDA_PATHS = [
+    ((1, 3, 224, 224), 16),  # B = 1: one image spread over many blocks; 16-byte units for every dtype
+    ((5, 3, 224, 224), 16),  # several images, several 16 KiB chunks each
+    ((3, 3, 30, 42), 6),  # odd sizes: 6-element runs (uint8 2-byte units, float32 8-byte units), partial chunks
+    ((2, 2, 14, 21), 7),  # 7-element runs: 1-byte units for uint8, N = 6
+    ((2, 1, 96, 96), 1),  # N = 9,216 > kMaxFusedTiles: the separate key check and the element-wise gather
+    ((65537, 1, 4, 4), 2),  # B > 65,535: blocks stride over the images past the grid's y limit
+]
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape,p", CUDA_PATHS, ids=lambda v: str(v))
+def test_cuda_paths_are_bit_exact(dtype, layout, shape, p):
+    if "native" not in backends_for("cuda"):
+        pytest.skip("native unavailable on cuda")
+    if shape[0] > 1000 and dtype != torch.uint8:
+        pytest.skip("the grid-stride case needs one dtype")
+    x = make_images(shape, dtype, "cuda", layout, seed=p)
+    n = (shape[2] // p) * (shape[3] // p)
+    perm = make_perm(shape[0], n, "cuda", seed=p)
+    expected = ref_shuffle(x.cpu(), perm.cpu(), p)
+    assert torch.equal(torch.ops.ppml.shuffle_patches(x, perm, p).cpu(), expected)
+    out = torch.full_like(x, 7)  # every element must be written
+    torch.ops.ppml.shuffle_patches.out(x, perm, p, out=out)
+    assert torch.equal(out.cpu(), expected)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.bfloat16, torch.float32], ids=str)
+def test_cuda_misaligned_views_take_narrower_units(dtype):
+    # Contiguous views one element into their storage: 16-byte units would be misaligned, so narrower ones are used.
+    if "native" not in backends_for("cuda"):
+        pytest.skip("native unavailable on cuda")
+    shape, p = (2, 3, 32, 48), 16
+    x = make_images(shape, dtype, "cuda")
+    xv = torch.empty(x.numel() + 1, dtype=dtype, device="cuda")[1:].view(shape).copy_(x)
+    out = torch.empty(x.numel() + 1, dtype=dtype, device="cuda")[1:].view(shape)
+    perm = make_perm(2, 6, "cuda", seed=1)
+    torch.ops.ppml.shuffle_patches.out(xv, perm, p, out=out)
+    assert torch.equal(out.cpu(), ref_shuffle(x.cpu(), perm.cpu(), p))

@@ -1,15 +1,16 @@
 // Index maths and argument checks for ppml::mix_subpatches, shared by the CPU and CUDA kernels.
 //
-// Layout as in shuffle_patches.h: `planes` planes of H rows of W * K elements (NCHW: planes = B * C, K = 1; NHWC:
-// planes = B, K = C). With q = p / g, one row of a sub-patch is a contiguous run of q * K elements, both in the input
-// (at column (tx * p + j * q) * K) and in the output (at column tx * q * K), so the kernels add runs to runs.
+// Layout as in common/plane_geometry.h: `planes` planes of H rows of W * K elements (NCHW: planes = B * C, K = 1;
+// NHWC: planes = B, K = C). With q = p / g, one row of a sub-patch is a contiguous run of q * K elements, both in
+// the input (at column (tx * p + j * q) * K) and in the output (at column tx * q * K), so the kernels add runs to runs.
 #pragma once
 
 #include <c10/macros/Macros.h>
 #include <cstdint>
 #include <type_traits>
 
-#include "common/shuffle_patches.h"
+#include "common/checks.h"
+#include "common/plane_geometry.h"
 
 #ifndef __CUDACC_RTC__
 #include <ATen/ops/empty.h>
@@ -50,7 +51,8 @@ C10_HOST_DEVICE inline Index mix_input_offset(const MixGeometry& g, Index plane,
 
 // Offset of the weight of sub-patch (i, j) of tile (ty, tx) of `plane`'s image in a contiguous [B, N, g*g] tensor.
 template <typename Index>
-C10_HOST_DEVICE inline Index mix_weight_offset(const MixGeometry& g, Index plane, Index ty, Index tx, Index i, Index j) {
+C10_HOST_DEVICE inline Index mix_weight_offset(const MixGeometry& g, Index plane, Index ty, Index tx, Index i,
+                                               Index j) {
   const Index b = plane / static_cast<Index>(g.planes_per_image);
   const Index gg = static_cast<Index>(g.grid * g.grid);
   return (b * static_cast<Index>(g.num_tiles) + ty * static_cast<Index>(g.tiles_x) + tx) * gg +
@@ -60,7 +62,8 @@ C10_HOST_DEVICE inline Index mix_weight_offset(const MixGeometry& g, Index plane
 #ifndef __CUDACC_RTC__
 
 // The same checks, with the same wording, as ppml/ops/mix_subpatches.py::_check.
-inline void check_mix_args(const at::Tensor& images, int64_t p, int64_t grid, const c10::optional<at::Tensor>& weights) {
+inline void check_mix_args(const at::Tensor& images, int64_t p, int64_t grid,
+                           const c10::optional<at::Tensor>& weights) {
   TORCH_CHECK_VALUE(images.dim() == 4, "ppml.mix_subpatches: images must be 4-D [B, C, H, W], got ", describe(images));
   const auto st = images.scalar_type();
   TORCH_CHECK_TYPE(st == at::kByte || st == at::kHalf || st == at::kBFloat16 || st == at::kFloat || st == at::kDouble,
@@ -86,13 +89,13 @@ inline void check_mix_args(const at::Tensor& images, int64_t p, int64_t grid, co
 }
 
 inline MixGeometry make_mix_geometry(const at::Tensor& dense, bool channels_last, int64_t p, int64_t grid) {
-  const int64_t B = dense.size(0), C = dense.size(1), H = dense.size(2), W = dense.size(3);
-  const int64_t K = channels_last ? C : 1;
+  const PlaneLayout l = make_plane_layout(dense, channels_last);
+  const int64_t H = dense.size(2), W = dense.size(3), K = l.interleave;
   MixGeometry g;
-  g.planes = channels_last ? B : B * C;
-  g.planes_per_image = channels_last ? 1 : C;
+  g.planes = l.planes;
+  g.planes_per_image = l.planes_per_image;
   g.height = H;
-  g.in_row = W * K;
+  g.in_row = l.row;
   g.out_rows = H / grid;
   g.out_row = (W / grid) * K;
   g.patch = p;
@@ -116,8 +119,8 @@ struct MixOperands {
 inline MixOperands prepare_mix(const at::Tensor& images, int64_t p, int64_t grid,
                                const c10::optional<at::Tensor>& weights) {
   check_mix_args(images, p, grid, weights);
-  const bool cl = shuffle_use_channels_last(images);
-  const auto fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  const bool cl = use_channels_last(images);
+  const auto fmt = working_format(cl);
   MixOperands m;
   m.src = images.contiguous(fmt);
   const auto st = images.scalar_type();

@@ -1,22 +1,21 @@
 // Index maths and argument checks for ppml::shuffle_patches, shared by the CPU and CUDA kernels.
 //
-// Both kernels see the images as `planes` planes of H rows, each row W * K elements long, where
-//   NCHW contiguous:  planes = B * C, K = 1  (one plane per channel; perm row = plane / C)
-//   NHWC contiguous:  planes = B,     K = C  (channels interleaved; a patch row is p * C contiguous elements)
-// so a patch row is always one contiguous run of p * K elements and the op is a gather of such runs. The kernels
-// move bytes, not typed values, so one code path serves every dtype: all sizes below are in "units", a unit being
-// the widest power-of-two byte chunk that divides a run (see pick_unit_bytes).
+// The images are planes of rows (common/plane_geometry.h): a patch row is always one contiguous run of p * K
+// elements and the op is a gather of such runs. The kernels move bytes, not typed values, so one code path serves
+// every dtype: all sizes below are in "units", a unit being the widest power-of-two byte chunk that divides a run
+// (see pick_unit_bytes).
 #pragma once
 
 #include <c10/macros/Macros.h>
 #include <cstdint>
 
+#include "common/checks.h"  // dtype_name, describe, check_out (other ops still reach them through this header)
+#include "common/plane_geometry.h"
+
 #ifndef __CUDACC_RTC__
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
-#include <sstream>
-#include <string>
 #endif
 
 namespace ppml::ops {
@@ -43,11 +42,12 @@ C10_HOST_DEVICE inline Index shuffle_row_offset(const ShuffleGeometry& g, Index 
 // with precomputed fast dividers).
 template <typename Index>
 C10_HOST_DEVICE inline Index shuffle_source_offset(const ShuffleGeometry& g, Index plane, Index r, Index sy, Index sx) {
-  return shuffle_row_offset<Index>(g, plane, sy * static_cast<Index>(g.patch) + r) + sx * static_cast<Index>(g.run_units);
+  return shuffle_row_offset<Index>(g, plane, sy * static_cast<Index>(g.patch) + r) +
+         sx * static_cast<Index>(g.run_units);
 }
 
 // Clamp of a tile index into [0, N): perm is validated before the gather runs (on the host for CPU tensors, by a
-// device-side assert queued ahead of it for CUDA ones), so this never changes a valid key; it only guarantees that no
+// device-side assert inside the CUDA kernel itself), so this never changes a valid key; it only guarantees that no
 // bad key can make a kernel read outside the image, whatever happens to the check.
 template <typename Index>
 C10_HOST_DEVICE inline Index clamp_tile(Index tile, Index num_tiles) {
@@ -55,29 +55,6 @@ C10_HOST_DEVICE inline Index clamp_tile(Index tile, Index num_tiles) {
 }
 
 #ifndef __CUDACC_RTC__
-
-inline const char* dtype_name(at::ScalarType t) {
-  switch (t) {
-    case at::kByte: return "uint8";
-    case at::kChar: return "int8";
-    case at::kShort: return "int16";
-    case at::kInt: return "int32";
-    case at::kLong: return "int64";
-    case at::kHalf: return "float16";
-    case at::kBFloat16: return "bfloat16";
-    case at::kFloat: return "float32";
-    case at::kDouble: return "float64";
-    case at::kBool: return "bool";
-    default: return c10::toString(t);
-  }
-}
-
-// "int32 [8, 196] on cpu": the wording ppml/ops/_common.py::describe uses too.
-inline std::string describe(const at::Tensor& t) {
-  std::ostringstream os;
-  os << dtype_name(t.scalar_type()) << " " << t.sizes() << " on " << t.device();
-  return os.str();
-}
 
 // The same checks, with the same wording, as ppml/ops/shuffle_patches.py::_check (which the fake kernel and the
 // public function use); these guard direct calls of torch.ops.ppml.shuffle_patches.
@@ -89,8 +66,9 @@ inline void check_shuffle_args(const at::Tensor& images, const at::Tensor& perm,
               describe(images));
   const int64_t B = images.size(0), H = images.size(2), W = images.size(3);
   TORCH_CHECK_VALUE(p > 0, "ppml.shuffle_patches: patch_size must be a positive integer, got ", p);
-  TORCH_CHECK_VALUE(H % p == 0 && W % p == 0, "ppml.shuffle_patches: patch_size must divide H and W, got patch_size=", p,
-              " for H=", H, ", W=", W);
+  TORCH_CHECK_VALUE(H % p == 0 && W % p == 0,
+                    "ppml.shuffle_patches: patch_size must divide H and W, got patch_size=", p, " for H=", H,
+                    ", W=", W);
   const int64_t N = (H / p) * (W / p);
   TORCH_CHECK_VALUE(perm.scalar_type() == at::kLong && perm.dim() == 2 && perm.size(0) == B && perm.size(1) == N,
               "ppml.shuffle_patches: perm must be int64 [B, N] with B=", B, " and N=(H/p)*(W/p)=", N, ", got ",
@@ -99,47 +77,27 @@ inline void check_shuffle_args(const at::Tensor& images, const at::Tensor& perm,
               images.device(), ", got ", describe(perm));
 }
 
-// Memory layout the kernels work in and return: channels_last stays channels_last, everything else is made
-// contiguous. ppml/ops/shuffle_patches.py::_output_is_channels_last is the Python twin (used by the fake kernel).
-inline bool shuffle_use_channels_last(const at::Tensor& images) {
-  return !images.is_contiguous() && images.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
-// Checks an `out=` tensor for ops whose output has the shape `sizes` and dtype `dtype`, and returns whether the kernel
-// should work in channels_last (out is channels_last) or contiguous (out is contiguous) layout. An out sharing storage
-// with the images would make the gather read what it already wrote, so it is refused.
-inline bool check_out(const char* op, const at::Tensor& out, at::IntArrayRef sizes, at::ScalarType dtype,
-                      const at::Tensor& images) {
-  TORCH_CHECK_VALUE(out.sizes() == sizes && out.scalar_type() == dtype && out.device() == images.device(), op,
-                    ": out must be ", dtype_name(dtype), " ", sizes, " on ", images.device(), ", got ", describe(out));
-  const bool contiguous = out.is_contiguous();
-  const bool cl = !contiguous && out.is_contiguous(at::MemoryFormat::ChannelsLast);
-  TORCH_CHECK_VALUE(contiguous || cl, op, ": out must be contiguous or channels_last, got strides ", out.strides());
-  TORCH_CHECK_VALUE(!out.numel() || !out.is_alias_of(images), op, ": out must not share memory with images");
-  return cl;
-}
+// The working-layout rule, under the name the ops used before it moved to common/plane_geometry.h.
+inline bool shuffle_use_channels_last(const at::Tensor& images) { return use_channels_last(images); }
 
 // The functional op's output: same shape and dtype, in the working layout.
 inline at::Tensor empty_shuffle_output(const at::Tensor& images) {
-  return at::empty(images.sizes(), images.options().memory_format(shuffle_use_channels_last(images)
-                                                                        ? at::MemoryFormat::ChannelsLast
-                                                                        : at::MemoryFormat::Contiguous));
+  return at::empty(images.sizes(), images.options().memory_format(working_format(use_channels_last(images))));
 }
 
 inline ShuffleGeometry make_shuffle_geometry(const at::Tensor& dense, bool channels_last, int64_t p,
                                              int64_t unit_bytes) {
-  const int64_t B = dense.size(0), C = dense.size(1), H = dense.size(2), W = dense.size(3);
-  const int64_t K = channels_last ? C : 1;
-  ShuffleGeometry g;
-  g.planes = channels_last ? B : B * C;
-  g.planes_per_perm = channels_last ? 1 : C;
-  g.height = H;
+  const PlaneLayout l = make_plane_layout(dense, channels_last);
   const int64_t elem = static_cast<int64_t>(dense.element_size());
-  g.row_units = W * K * elem / unit_bytes;
-  g.run_units = p * K * elem / unit_bytes;
+  ShuffleGeometry g;
+  g.planes = l.planes;
+  g.planes_per_perm = l.planes_per_image;
+  g.height = l.height;
+  g.row_units = l.row * elem / unit_bytes;
+  g.run_units = p * l.interleave * elem / unit_bytes;
   g.patch = p;
-  g.tiles_x = W / p;
-  g.num_tiles = (H / p) * (W / p);
+  g.tiles_x = dense.size(3) / p;
+  g.num_tiles = (dense.size(2) / p) * g.tiles_x;
   return g;
 }
 

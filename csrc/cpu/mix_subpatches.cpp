@@ -40,7 +40,8 @@ PPML_CPU_CLONES void mix_row_range(const MixGeometry& g, const scalar_t* src, mi
     const int64_t u = oy - ty * g.sub;
     // Everything per tile is a fixed step from the row's first tile.
     const scalar_t* base = src + mix_input_offset<int64_t>(g, plane, ty, int64_t{0}, int64_t{0}, int64_t{0}, u);
-    const acc_t* wrow = Weighted ? w + mix_weight_offset<int64_t>(g, plane, ty, int64_t{0}, int64_t{0}, int64_t{0}) : nullptr;
+    const acc_t* wrow =
+        Weighted ? w + mix_weight_offset<int64_t>(g, plane, ty, int64_t{0}, int64_t{0}, int64_t{0}) : nullptr;
     out_t* o = dst + row * g.out_row;
     for (int64_t tx = 0; tx < tiles_x; ++tx) {
       const scalar_t* first = base + tx * tile_step;
@@ -50,12 +51,16 @@ PPML_CPU_CLONES void mix_row_range(const MixGeometry& g, const scalar_t* src, mi
         acc_t acc[Run > 0 ? Run : kMaxRun];
         // The (0, 0) term first, outside the loops: a branch inside them keeps the accumulator out of registers.
         const scalar_t* s00 = first + e0;
-        for (int64_t e = 0; e < len; ++e) acc[e] = Weighted ? wt[0] * static_cast<acc_t>(s00[e]) : static_cast<acc_t>(s00[e]);
+        for (int64_t e = 0; e < len; ++e) {
+          acc[e] = Weighted ? wt[0] * static_cast<acc_t>(s00[e]) : static_cast<acc_t>(s00[e]);
+        }
         for (int64_t i = 0; i < grid; ++i) {
           for (int64_t j = (i == 0 ? 1 : 0); j < grid; ++j) {
             const scalar_t* sj = first + i * row_step + j * sub_step + e0;
             const acc_t wv = Weighted ? wt[i * grid + j] : acc_t(1);
-            for (int64_t e = 0; e < len; ++e) acc[e] += Weighted ? wv * static_cast<acc_t>(sj[e]) : static_cast<acc_t>(sj[e]);
+            for (int64_t e = 0; e < len; ++e) {
+              acc[e] += Weighted ? wv * static_cast<acc_t>(sj[e]) : static_cast<acc_t>(sj[e]);
+            }
           }
         }
         out_t* oe = o + tx * run + e0;

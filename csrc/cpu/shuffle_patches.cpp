@@ -47,30 +47,15 @@ inline void copy_run(char* dst, const char* src) {
   std::memcpy(dst, src, Bytes);
 }
 
-// One task unit is a tile row of one plane (p image rows, L1/L2-sized): its tiles' source addresses are computed
-// once, then output rows are written in order, each a sequence of run copies from N scattered source tiles. No
-// hardware prefetcher can predict those reads, so two software prefetches feed them:
-// - each copy of a run of 32 bytes or more prefetches the same tile's next row (float32 on the 2-core development
-//   VM: ~0.45x -> ~0.65x of memcpy bandwidth; distances 2-4 and L2 hints were no better; non-temporal stores did not
-//   help);
-// - the units of a task read, between them, every byte of the planes they cover, in no useful order. The source is
-//   also one linear stream of units, so each unit prefetches (into L2) the unit kAheadBytes further on in memory
-//   order, spread over its p output rows: the planes arrive sequentially, which DRAM and the L2 serve best, before
-//   the scattered reads want them (single-thread float32 B=64: ~0.6x -> ~0.8x of memcpy; 16 KiB and 256 KiB were
-//   worse than 64 KiB, and for float32 the linear prefetch alone without the next-row one was worse than neither).
-// Measured on that VM and not kept (each no better, or better only where the other regime got worse): tile-major
-// order (scattered 16-byte stores cost more than scattered loads), the planes' tiles first rearranged tile-major in
-// a per-thread scratch and then gathered, output rows in row-in-tile-major order (every source line used whole while
-// in L1), two 16-byte runs joined into one 32-byte store, the C planes of an image in one unit, two output rows per
-// pass, and madvise(MADV_HUGEPAGE) on fresh outputs (from ~20 ms to 6-76 ms per float32 B=64 call: erratic here).
+// One task unit is a tile row of one plane (p image rows): output rows are written in order from N scattered source
+// tiles, so two software prefetches (the next row of each tile, and the source stream 64 KiB ahead) feed reads no
+// hardware prefetcher predicts; the measurements behind them: benchmarks/RESULTS.md, "CPU shuffle: prefetch
+// experiments (moved from shuffle_patches.cpp)".
 template <int64_t Bytes>
 void gather_tile_rows(const ShuffleGeometry& g, const int64_t* perm, const char* src, char* dst, int64_t run_bytes) {
   constexpr int64_t kAheadBytes = int64_t{64} << 10;
   constexpr int64_t kLine = 64;
-  // Runs shorter than this skip the next-row prefetch: a 16-byte run (uint8, p = 16) pays one prefetch per 16
-  // bytes moved, and its line holds three other tiles' rows that the linear stream below has already brought in
-  // (uint8 B=64 / B=256 on the development VM, 2 threads: ~0.4 -> ~0.5 and ~0.83 -> ~0.92 of copy; 32-byte runs
-  // and longer are better with it).
+  // Runs shorter than this skip the next-row prefetch: a 16-byte run's line holds other tiles' rows already fetched.
   constexpr int64_t kMinPrefetchedRun = 32;
   const int64_t tiles_y = g.height / g.patch;
   const int64_t units = g.planes * tiles_y;

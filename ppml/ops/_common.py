@@ -12,7 +12,7 @@ lib = torch.library.Library("ppml", "DEF")
 
 def output_is_channels_last(images: torch.Tensor) -> bool:
     """Kernels keep channels_last inputs channels_last and make everything else contiguous (twin of
-    csrc/common/shuffle_patches.h::shuffle_use_channels_last); fake kernels must promise the same strides."""
+    csrc/common/plane_geometry.h::use_channels_last); fake kernels must promise the same strides."""
     return not images.is_contiguous() and images.is_contiguous(memory_format=torch.channels_last)
 
 

@@ -83,7 +83,8 @@ def _backward(ctx, grad: Tensor):
         if weights is None:
             gi = go.expand(B, C, th, g, q, tw, g, q) * (1.0 / (g * g))
         else:
-            gi = go * weights.to(acc_t).reshape(B, th, tw, g, g).permute(0, 1, 3, 2, 4).reshape(B, 1, th, g, 1, tw, g, 1)
+            w = weights.to(acc_t).reshape(B, th, tw, g, g).permute(0, 1, 3, 2, 4)
+            gi = go * w.reshape(B, 1, th, g, 1, tw, g, 1)
         # .contiguous(): traced, the reshape becomes a view, which the broadcast product's strides need not allow.
         grad_images = gi.contiguous().reshape(B, C, Hg * g, Wg * g).to(ctx.images_dtype)
     if ctx.has_weights and ctx.needs_input_grad[3]:
@@ -206,7 +207,9 @@ class SubpatchMix(nn.Module):
         check_positive_int(patch_size, "ppml.SubpatchMix", "patch_size")
         check_positive_int(grid, "ppml.SubpatchMix", "grid")
         if patch_size % grid:
-            raise ValueError(f"ppml.SubpatchMix: grid must divide patch_size, got grid={grid} for patch_size={patch_size}")
+            raise ValueError(
+                f"ppml.SubpatchMix: grid must divide patch_size, got grid={grid} for patch_size={patch_size}"
+            )
         self.patch_size, self.grid = patch_size, grid
         self.keyed, self.return_weights = keyed, return_weights
         self.backend, self.generator = backend, generator

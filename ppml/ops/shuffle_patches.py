@@ -66,14 +66,20 @@ def _fake(images: Tensor, perm: Tensor, patch_size: int) -> Tensor:
 
 
 def _check_out(images: Tensor, out: Tensor, op: str = OP) -> None:
-    """`out` for an op whose result has the images' shape and dtype (twin of csrc/common/shuffle_patches.h::check_out)."""
-    if not isinstance(out, Tensor) or out.shape != images.shape or out.dtype != images.dtype or out.device != images.device:
+    """`out` for an op whose result has the images' shape and dtype (twin of csrc/common/checks.h::check_out)."""
+    if (
+        not isinstance(out, Tensor)
+        or out.shape != images.shape
+        or out.dtype != images.dtype
+        or out.device != images.device
+    ):
         expected = f"{describe(images).split(' ')[0]} {list(images.shape)} on {images.device}"
         raise ValueError(f"{op}: out must be {expected}, got {describe(out)}")
     if not (out.is_contiguous() or out.is_contiguous(memory_format=torch.channels_last)):
         raise ValueError(f"{op}: out must be contiguous or channels_last, got strides {list(out.stride())}")
     # (fake tensors have no data pointers to compare: the real kernel checks again)
-    if out.numel() and out.device.type != "meta" and not is_fake(out) and out.untyped_storage().data_ptr() == images.untyped_storage().data_ptr():
+    real = out.numel() and out.device.type != "meta" and not is_fake(out)
+    if real and out.untyped_storage().data_ptr() == images.untyped_storage().data_ptr():
         raise ValueError(f"{op}: out must not share memory with images")
 
 
