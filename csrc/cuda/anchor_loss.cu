@@ -126,7 +126,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks)
 
   // Pass 1: per-thread online (max, Σ exp(u − max)), one exp per logit, then merged over the block. Tiles of kUnroll
   // strided elements per thread: kUnroll independent loads in flight each, which the bandwidth needs (Little's law:
-  // ~20 KiB in flight per SM on an H200; 1024 resident threads × 4 × 4 B of z, 32 KiB).
+  // ~20 KiB in flight per SM on an H200; 1024 resident threads × 4 × 4 B of z is 16 KiB, plus the norms).
   acc_t m = -INFINITY, s = 0;
   for (int64_t base = 0; base < C; base += kUnroll * static_cast<int64_t>(blockDim.x)) {
     acc_t u[kUnroll];

@@ -80,6 +80,9 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_loss: Tensor, _unused):
     (grad,) = ctx.saved_tensors
     # d(loss_i)/d(f_i) was computed in the forward pass; the chain rule only scales each row.
+    # float32/float64 features: one multiply, no casts (at small B the op is host-bound)
+    if grad.dtype == grad_loss.dtype:
+        return grad_loss[:, None] * grad, None, None, None, None, None, None
     acc = accumulation_dtype(grad.dtype)
     return (grad_loss.to(acc)[:, None] * grad.to(acc)).to(grad.dtype), None, None, None, None, None, None
 
