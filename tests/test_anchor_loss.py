@@ -323,5 +323,5 @@ def test_cuda_matches_cpu_formulas(dtype, C):
             tol = 1e-9 if dtype == torch.float64 else (1e-3 if dtype == torch.float32 else 5e-2)
             assert torch.allclose(loss.cpu().double(), l2, rtol=tol, atol=tol), (metric, pull, softmax)
             assert torch.allclose(grad.cpu().double(), g2, rtol=tol * 10, atol=tol), (metric, pull, softmax)
-    with pytest.raises(ValueError, match=r"labels must lie in \[0, C\)"):
-        torch.ops.ppml.anchor_loss(f.cuda(), a.cuda(), torch.full_like(y, C).cuda(), "cosine", 1.0, 0.0, True)
+    # A label outside [0, C) is a device-side assert on CUDA (no host sync), which leaves the context unusable: it is
+    # checked in a child process by tests/test_anchor_loss_cuda.py and tests/test_cuda_runtime.py.

@@ -1,9 +1,12 @@
-// Constants, metric parsing and argument checks for ppml::anchor_loss, shared by the CPU and CUDA kernels.
+// The host side of ppml::anchor_loss that the CPU and CUDA kernels share: constants, metric parsing, argument checks,
+// the accumulation dtype, the output tensors and the chunk sizing (anchor_prologue), written once.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <string>
@@ -59,14 +62,44 @@ inline void check_anchor_args(const at::Tensor& f, const at::Tensor& a, const at
                     "ppml.anchor_loss: with softmax=False the loss is pull·ρ alone, so pull must be > 0, got ", pull);
 }
 
+// Rows per chunk: as many as the [rows, C] buffer budget allows, then evened out over the chunks the batch needs
+// (B = 4096 at C = 32,000 is two chunks of 2048 rows, not 2097 + 1999: equal GEMMs, no ragged last tile).
 inline int64_t anchor_chunk_rows(int64_t B, int64_t C, bool softmax) {
-  if (!softmax) return B;
+  if (!softmax || B <= 0) return std::max<int64_t>(B, 1);
   int64_t budget = kAnchorChunkElements;
   if (const char* env = std::getenv("PPML_ANCHOR_CHUNK_ELEMENTS")) {
     const long long v = std::atoll(env);
     if (v > 0) budget = v;
   }
-  return std::max<int64_t>(1, std::min<int64_t>(B, budget / C));
+  const int64_t most = std::max<int64_t>(1, std::min<int64_t>(B, budget / C));
+  const int64_t chunks = (B + most - 1) / most;
+  return (B + chunks - 1) / chunks;
+}
+
+// What every kernel of the op starts from: the checked arguments, the parsed metric, contiguous labels, the
+// accumulation dtype (float64 for float64 features, float32 otherwise: the reference's rule), the [B] loss in that
+// dtype and the chunk size. Label values are not read here: the CPU kernel checks them itself, the CUDA kernels on
+// the device (no host round trip).
+struct AnchorCall {
+  Metric metric;
+  int64_t B, D, C, chunk;
+  at::ScalarType acc;
+  at::Tensor labels, loss;
+};
+
+inline AnchorCall anchor_prologue(const at::Tensor& features, const at::Tensor& anchors, const at::Tensor& labels,
+                                  c10::string_view metric, double scale, double pull, bool softmax) {
+  check_anchor_args(features, anchors, labels, scale, pull, softmax);
+  AnchorCall call;
+  call.metric = parse_metric(std::string_view(metric.data(), metric.size()));
+  call.B = features.size(0);
+  call.D = features.size(1);
+  call.C = anchors.size(0);
+  call.chunk = anchor_chunk_rows(call.B, call.C, softmax);
+  call.acc = features.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  call.labels = labels.contiguous();
+  call.loss = at::empty({call.B}, features.options().dtype(call.acc));
+  return call;
 }
 
 }  // namespace ppml::ops

@@ -150,7 +150,7 @@ PPML_CPU_CLONES acc_t cosine_grad_row(const acc_t* fr, const acc_t* ay, acc_t ay
 
 template <typename acc_t>
 void run(const at::Tensor& F, const at::Tensor& A, const int64_t* y, Metric metric, acc_t gamma, acc_t pull,
-         bool softmax, at::Tensor& loss, at::Tensor& grad) {
+         bool softmax, int64_t chunk, at::Tensor& loss, at::Tensor& grad) {
   const int64_t B = F.size(0), D = F.size(1), C = A.size(0);
   const acc_t* f = F.const_data_ptr<acc_t>();
   const acc_t* a = A.const_data_ptr<acc_t>();
@@ -167,7 +167,6 @@ void run(const at::Tensor& F, const at::Tensor& A, const int64_t* y, Metric metr
   });
   auto fnorm2 = [&](int64_t i) { return dot(f + i * D, f + i * D, D); };
 
-  const int64_t chunk = anchor_chunk_rows(B, C, softmax);
   at::Tensor buf = softmax ? at::empty({chunk, C}, F.options()) : at::Tensor();
   std::vector<acc_t> wsum(static_cast<size_t>(chunk));
   for (int64_t r0 = 0; r0 < B; r0 += chunk) {
@@ -230,28 +229,24 @@ void run(const at::Tensor& F, const at::Tensor& A, const int64_t* y, Metric metr
 std::tuple<at::Tensor, at::Tensor> anchor_loss_cpu(const at::Tensor& features, const at::Tensor& anchors,
                                                    const at::Tensor& labels, c10::string_view metric, double scale,
                                                    double pull, bool softmax) {
-  check_anchor_args(features, anchors, labels, scale, pull, softmax);
-  const Metric m = parse_metric(std::string_view(metric.data(), metric.size()));
-  const int64_t B = features.size(0), C = anchors.size(0);
-  const at::Tensor y = labels.contiguous();
-  const int64_t* yp = y.const_data_ptr<int64_t>();
-  for (int64_t i = 0; i < B; ++i) {
-    TORCH_CHECK_VALUE(yp[i] >= 0 && yp[i] < C, "ppml.anchor_loss: labels must lie in [0, C) with C=", C, ", got ",
-                      yp[i]);
+  AnchorCall call = anchor_prologue(features, anchors, labels, metric, scale, pull, softmax);
+  const int64_t* yp = call.labels.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < call.B; ++i) {
+    TORCH_CHECK_VALUE(yp[i] >= 0 && yp[i] < call.C, "ppml.anchor_loss: labels must lie in [0, C) with C=", call.C,
+                      ", got ", yp[i]);
   }
-  const auto acc = features.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor F = features.to(acc).contiguous();
-  const at::Tensor A = anchors.to(acc).contiguous();
-  at::Tensor loss = at::empty({B}, F.options());
-  at::Tensor grad = at::empty({B, features.size(1)}, F.options());
-  if (B > 0) {
-    if (acc == at::kDouble) {
-      run<double>(F, A, yp, m, scale, pull, softmax, loss, grad);
+  const at::Tensor F = features.to(call.acc).contiguous();
+  const at::Tensor A = anchors.to(call.acc).contiguous();
+  at::Tensor grad = at::empty({call.B, call.D}, F.options());
+  if (call.B > 0) {
+    if (call.acc == at::kDouble) {
+      run<double>(F, A, yp, call.metric, scale, pull, softmax, call.chunk, call.loss, grad);
     } else {
-      run<float>(F, A, yp, m, static_cast<float>(scale), static_cast<float>(pull), softmax, loss, grad);
+      run<float>(F, A, yp, call.metric, static_cast<float>(scale), static_cast<float>(pull), softmax, call.chunk,
+                 call.loss, grad);
     }
   }
-  return {loss, grad.to(features.scalar_type())};
+  return {call.loss, grad.to(features.scalar_type())};
 }
 
 }  // namespace
