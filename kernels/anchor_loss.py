@@ -90,7 +90,8 @@ class Config(NamedTuple):
 
 
 def launch_config(B: int, C: int, D: int, dot: int) -> Config:
-    """Tensor-core tiles of 64 (rows, classes) × 64 (16-bit) or 32 (TF32) feature columns, 128 gradient columns; the
+    """Tensor-core tiles of 64 (rows, classes) × 64 (16-bit) or 32 (TF32) feature columns, 128 gradient columns (256
+    would halve phase 2's recomputed logits but took 255 registers with spills, sm_90a); the
     FMA-based IEEE/float64 dots hold K-long operand slices per thread, so their tiles are 32 to stay in registers.
     Class splits fill _TARGET_PROGRAMS programs where the row (and column) blocks alone do not. Untuned: no GPU here."""
     if dot == DOT_IEEE:
