@@ -53,10 +53,10 @@ LOSS_ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-5, to
 GRAD_ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 
 
-def launch(f, a, y, metric, scale, pull, softmax):
+def launch(f, a, y, metric, scale, pull, softmax, config=None):
     from ppml.kernels.anchor_loss import anchor_loss_triton
 
-    return anchor_loss_triton(f, a, y, metric, scale, pull, softmax)
+    return anchor_loss_triton(f, a, y, metric, scale, pull, softmax, config=config)
 
 
 def make_case(B, C, D, dtype=torch.float32, seed=0, anchor_dtype=None, device=DEVICE):
@@ -233,14 +233,12 @@ def split_runs(all_cases=ALL_TRITON_CASES):
 @triton_run
 @pytest.mark.parametrize("dtype,metric,pull,softmax,shape", split_runs(), ids=str)
 def test_triton_class_splits_and_ragged_blocks(dtype, metric, pull, softmax, shape):
-    from ppml.kernels.anchor_loss import anchor_loss_triton
-
     B, C, D, s1, s2 = shape
     f, a, y = make_case(B, C, D, dtype, seed=B * C + D)
-    out = anchor_loss_triton(f, a, y, metric, SCALE, pull, softmax, config=small_config(s1, s2))
+    out = launch(f, a, y, metric, SCALE, pull, softmax, config=small_config(s1, s2))
     loss, grad = check(f, a, y, metric, SCALE, pull, softmax, out=out)
     # The split is a regrouping of the same sums: one split and many agree to float rounding.
-    one = anchor_loss_triton(f, a, y, metric, SCALE, pull, softmax, config=small_config(1, 1))
+    one = launch(f, a, y, metric, SCALE, pull, softmax, config=small_config(1, 1))
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(loss, one[0], rtol=tol, atol=tol)
     torch.testing.assert_close(grad.double(), one[1].double(), rtol=tol, atol=tol + GRAD_ATOL[dtype])
@@ -497,6 +495,21 @@ def aot_launches(all_cases=ALL_TRITON_CASES):
     for metric in METRICS:
         run(2, 3, 300, torch.bfloat16, metric, 0.5, True)
     run(2, 3, 64, torch.float64, "euclidean", 0.5, True)
+    for dtype, metric, pull, softmax, shape in split_runs(all_cases):  # the split tests' 16-wide tiles
+        f, a, y = make_case(*shape[:3], dtype, device="cpu")
+        launch(f, a, y, metric, SCALE, pull, softmax, config=small_config(*shape[3:]))
+    # The production tiles at the benchmark's D = 768 (block sizes depend on D and the dot mode only; B and C set the
+    # split counts, which are not specialised): bfloat16 and float32 in TF32 and IEEE, as the GPU benchmark runs them.
+    for dtype in (torch.bfloat16, torch.float32):
+        run(4, 5, 768, dtype, "sqeuclidean", 0.1, True)
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        run(4, 5, 768, torch.float32, "sqeuclidean", 0.1, True)
+        for metric in METRICS:  # test_triton_tf32_mode
+            run(19, 37, 20, torch.float32, metric, 0.5, True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
     if all_cases:  # the fuzz's D classes
         fuzz_d = [1, 5, 16, 20, 32, 40, 120, 128, 130]
         for D, dtype, metric, (pull, softmax) in itertools.product(fuzz_d, DTYPES, METRICS, SETTINGS):
@@ -504,16 +517,24 @@ def aot_launches(all_cases=ALL_TRITON_CASES):
 
 
 _PTX_CHECKS = """
+import re
 for (sig, consts), k in ok:
     ptx = k.asm["ptx"]
     assert ".target sm_90" in ptx and len(k.asm["cubin"]) > 0, consts
-    # input_precision="ieee": a TF32 dot would ruin the expanded-form distance ‖f‖² − 2f·a + ‖a‖².
-    assert "tf32" not in ptx, (sig, consts)
+    if consts["DOT"] == 0:  # IEEE: a TF32 dot would ruin the expanded-form distance ‖f‖² − 2f·a + ‖a‖²
+        assert "tf32" not in ptx, (sig, consts)
+    elif consts["PHASE"] in (1, 2):  # TF32 and 16-bit: the logits (and w·A) on tensor cores
+        assert re.search(r"^\\s*(wgmma\\.mma_async|mma\\.sync)", ptx, re.M), ("no mma/wgmma", sig, consts)
     if str(consts["ACC"]) == "fp32":  # IEEE square roots where there are any (cosine: ‖f‖; Euclidean: the distances)
-        uses_sqrt = consts["METRIC"] == 2 or (consts["METRIC"] == 1 and consts["SOFTMAX"])
+        uses_sqrt = consts["METRIC"] == 1 and consts["SOFTMAX"] and consts["PHASE"] in (1, 2)
         assert "sqrt.approx" not in ptx and ("sqrt.rn.f32" in ptx or not uses_sqrt), (sig, consts)
     # scale and pull arrive as float64 (a float32 argument would cap the float64 path at ~1e-8).
     assert ".param .f64" in ptx, (sig, consts)
+# The production tiles (D = 768) run wgmma, Hopper's warpgroup MMA, in TF32 and bfloat16.
+big = [(c, k) for (s, c), k in ok if c["BLOCK_N"] == 128 and c["DOT"] in (1, 2) and c["PHASE"] in (1, 2)]
+assert {(c["DOT"], c["PHASE"]) for c, _ in big} == {(1, 1), (1, 2), (2, 1), (2, 2)}, sorted(map(str, big))
+for c, k in big:
+    assert "wgmma.mma_async" in k.asm["ptx"], ("no wgmma at the production tiles", c)
 """
 
 
