@@ -22,7 +22,6 @@ float32 logit is only good to ~1e-3, and torch's own error there, the 2·|torch_
 
 from __future__ import annotations
 
-
 import itertools
 
 import pytest
@@ -54,10 +53,10 @@ LOSS_ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-5, to
 GRAD_ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 
 
-def launch(f, a, y, metric, scale, pull, softmax):
+def launch(f, a, y, metric, scale, pull, softmax, config=None):
     from ppml.kernels.anchor_loss import anchor_loss_triton
 
-    return anchor_loss_triton(f, a, y, metric, scale, pull, softmax)
+    return anchor_loss_triton(f, a, y, metric, scale, pull, softmax, config=config)
 
 
 def make_case(B, C, D, dtype=torch.float32, seed=0, anchor_dtype=None, device=DEVICE):
@@ -167,13 +166,106 @@ def test_triton_block_edges(metric, B, C, D):
 
 
 @triton_run
-def test_triton_block_sizes_cover_the_cases():
-    from ppml.kernels.anchor_loss import block_sizes
+def test_triton_launch_config_fills_the_gpu():
+    # The tensor-core tiles (64 rows/classes) and the class splits: B = 256 must give at least 132 programs (an
+    # H200's SMs) in the gradient phase, and in the statistics phase as many as the class tiles allow; no tile below
+    # tl.dot's 16.
+    from ppml.kernels.anchor_loss import DOT_16, DOT_IEEE, DOT_TF32, launch_config
 
-    assert block_sizes(128)[2] == 128 and block_sizes(129)[2] == 128 and block_sizes(5)[2] == 16
-    assert [block_sizes(D)[2] for D in (12, 20, 40)] == [16, 32, 64], "the D classes the tests name"
-    assert all(b >= 16 for D in (1, 24, 300) for b in block_sizes(D)), "tl.dot needs tiles >= 16"
-    assert block_sizes(1)[:2] == (16, 16), "test_triton_block_edges assumes 16 rows and 16 classes per block"
+    for dot in (DOT_IEEE, DOT_TF32, DOT_16):
+        for B, C, D in ((256, 1000, 768), (1024, 1000, 2048), (4096, 32000, 768), (3, 5, 1)):
+            cfg = launch_config(B, C, D, dot)
+            assert min(cfg.block_b, cfg.block_c, cfg.block_k, cfg.block_n) >= 16, cfg
+            row_blocks = -(-B // cfg.block_b)
+            class_tiles = -(-C // cfg.block_c)
+            assert 1 <= cfg.stat_splits <= class_tiles and 1 <= cfg.grad_splits <= class_tiles, cfg
+            if B >= 256:  # at least the SMs, or (phase 1 at C = 1,000: 4 × 16) one program per row and class tile
+                assert row_blocks * cfg.stat_splits >= 132 or cfg.stat_splits == class_tiles, (B, C, D, cfg)
+                assert row_blocks * -(-D // cfg.block_n) * cfg.grad_splits >= 132, (B, C, D, cfg)
+        assert launch_config(256, 1000, 768, dot).block_b >= (32 if dot == DOT_IEEE else 64)
+    assert launch_config(8, 8, 8, DOT_16)[:3] == (64, 64, 16), "tensor-core tiles of 64, the K step cut to D"
+
+
+def test_triton_dot_mode_follows_dtypes_and_tf32_flag():
+    # As torch's matmul: 16-bit operands of one dtype multiply in it; float32 in TF32 only when allowed.
+    from ppml.kernels.anchor_loss import DOT_16, DOT_IEEE, DOT_TF32, dot_mode
+
+    def t(dtype):
+        return torch.zeros(1, 1, dtype=dtype)
+
+    saved = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for allow in (False, True):
+            torch.backends.cuda.matmul.allow_tf32 = allow
+            f32 = DOT_TF32 if allow else DOT_IEEE
+            assert dot_mode(t(torch.bfloat16), t(torch.bfloat16)) == DOT_16
+            assert dot_mode(t(torch.float16), t(torch.float16)) == DOT_16
+            assert dot_mode(t(torch.float32), t(torch.float32)) == f32
+            assert dot_mode(t(torch.bfloat16), t(torch.float32)) == f32, "mixed: float32 arithmetic"
+            assert dot_mode(t(torch.float64), t(torch.float64)) == DOT_IEEE
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def small_config(stat_splits, grad_splits):
+    """16-wide tiles (tl.dot's smallest) and forced class splits: several row, class, K and column blocks, and split
+    merges, at interpreter-sized shapes."""
+    from ppml.kernels.anchor_loss import Config
+
+    return Config(16, 16, 16, 16, stat_splits, grad_splits, 4)
+
+
+# (B, C, D, stat_splits, grad_splits): ragged B and C (masks), splits of one and of several class tiles, a split count
+# above the class tiles (clipped), D spanning several K and column blocks.
+SPLIT_SHAPES = [(19, 37, 20, 3, 2), (5, 50, 33, 2, 4), (33, 17, 7, 1, 1), (7, 70, 12, 9, 5)]
+SPLIT_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+def split_runs(all_cases=ALL_TRITON_CASES):
+    """(dtype, metric, pull, softmax, shape) of the split tests: the GPU set one metric and setting per dtype."""
+    runs = []
+    for i, (dtype, metric, (pull, softmax)) in enumerate(itertools.product(SPLIT_DTYPES, METRICS, SETTINGS)):
+        if all_cases or i % (len(METRICS) * len(SETTINGS)) == SPLIT_DTYPES.index(dtype):
+            runs.append((dtype, metric, pull, softmax, SPLIT_SHAPES[i % len(SPLIT_SHAPES)]))
+    return runs
+
+
+@triton_run
+@pytest.mark.parametrize("dtype,metric,pull,softmax,shape", split_runs(), ids=str)
+def test_triton_class_splits_and_ragged_blocks(dtype, metric, pull, softmax, shape):
+    B, C, D, s1, s2 = shape
+    f, a, y = make_case(B, C, D, dtype, seed=B * C + D)
+    out = launch(f, a, y, metric, SCALE, pull, softmax, config=small_config(s1, s2))
+    loss, grad = check(f, a, y, metric, SCALE, pull, softmax, out=out)
+    # The split is a regrouping of the same sums: one split and many agree to float rounding.
+    one = launch(f, a, y, metric, SCALE, pull, softmax, config=small_config(1, 1))
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(loss, one[0], rtol=tol, atol=tol)
+    torch.testing.assert_close(grad.double(), one[1].double(), rtol=tol, atol=tol + GRAD_ATOL[dtype])
+
+
+@triton_run
+@pytest.mark.parametrize("metric", METRICS)
+def test_triton_tf32_mode(metric):
+    # With allow_tf32 the float32 dots run in TF32 on a GPU: there the bound is check()'s with TF32's unit roundoff
+    # (2^-11) in the conditioning term and torch's own matmul in TF32 as `same`. The interpreter multiplies in float32,
+    # so on CPU the TF32 specialisation's paths and masks are held to the float32 bound.
+    f, a, y = make_case(19, 37, 20, torch.float32, seed=11)
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        if INTERPRET:
+            check(f, a, y, metric, SCALE, 0.5, True)
+        else:
+            loss, grad = launch(f, a, y, metric, SCALE, 0.5, True)
+            ref_l, ref_g = loss_and_grad(f.double(), a.double(), y, metric, SCALE, 0.5, True)
+            same_l, same_g = loss_and_grad(f, a, y, metric, SCALE, 0.5, True)
+            delta = 2 * 2.0**-11 * term_scale(f, a, metric, SCALE) + (2.0**-11 * SCALE if metric == "cosine" else 0)
+            reach = SCALE * (f.double().abs().amax(1) + a.double().abs().max())
+            assert_within(loss, same_l, ref_l, 1e-5, delta, "loss")
+            assert_within(grad, same_g, ref_g, 1e-5, delta * reach, "grad")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 @triton_run
@@ -403,6 +495,21 @@ def aot_launches(all_cases=ALL_TRITON_CASES):
     for metric in METRICS:
         run(2, 3, 300, torch.bfloat16, metric, 0.5, True)
     run(2, 3, 64, torch.float64, "euclidean", 0.5, True)
+    for dtype, metric, pull, softmax, shape in split_runs(all_cases):  # the split tests' 16-wide tiles
+        f, a, y = make_case(*shape[:3], dtype, device="cpu")
+        launch(f, a, y, metric, SCALE, pull, softmax, config=small_config(*shape[3:]))
+    # The production tiles at the benchmark's D = 768 (block sizes depend on D and the dot mode only; B and C set the
+    # split counts, which are not specialised): bfloat16 and float32 in TF32 and IEEE, as the GPU benchmark runs them.
+    for dtype in (torch.bfloat16, torch.float32):
+        run(4, 5, 768, dtype, "sqeuclidean", 0.1, True)
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        run(4, 5, 768, torch.float32, "sqeuclidean", 0.1, True)
+        for metric in METRICS:  # test_triton_tf32_mode
+            run(19, 37, 20, torch.float32, metric, 0.5, True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
     if all_cases:  # the fuzz's D classes
         fuzz_d = [1, 5, 16, 20, 32, 40, 120, 128, 130]
         for D, dtype, metric, (pull, softmax) in itertools.product(fuzz_d, DTYPES, METRICS, SETTINGS):
@@ -410,16 +517,24 @@ def aot_launches(all_cases=ALL_TRITON_CASES):
 
 
 _PTX_CHECKS = """
+import re
 for (sig, consts), k in ok:
     ptx = k.asm["ptx"]
     assert ".target sm_90" in ptx and len(k.asm["cubin"]) > 0, consts
-    # input_precision="ieee": a TF32 dot would ruin the expanded-form distance ‖f‖² − 2f·a + ‖a‖².
-    assert "tf32" not in ptx, (sig, consts)
+    if consts["DOT"] == 0:  # IEEE: a TF32 dot would ruin the expanded-form distance ‖f‖² − 2f·a + ‖a‖²
+        assert "tf32" not in ptx, (sig, consts)
+    elif consts["PHASE"] in (1, 2):  # TF32 and 16-bit: the logits (and w·A) on tensor cores
+        assert re.search(r"^\\s*(wgmma\\.mma_async|mma\\.sync)", ptx, re.M), ("no mma/wgmma", sig, consts)
     if str(consts["ACC"]) == "fp32":  # IEEE square roots where there are any (cosine: ‖f‖; Euclidean: the distances)
-        uses_sqrt = consts["METRIC"] == 2 or (consts["METRIC"] == 1 and consts["SOFTMAX"])
+        uses_sqrt = consts["METRIC"] == 1 and consts["SOFTMAX"] and consts["PHASE"] in (1, 2)
         assert "sqrt.approx" not in ptx and ("sqrt.rn.f32" in ptx or not uses_sqrt), (sig, consts)
     # scale and pull arrive as float64 (a float32 argument would cap the float64 path at ~1e-8).
     assert ".param .f64" in ptx, (sig, consts)
+# The production tiles (D = 768) run wgmma, Hopper's warpgroup MMA, in TF32 and bfloat16.
+big = [(c, k) for (s, c), k in ok if c["BLOCK_N"] == 128 and c["DOT"] in (1, 2) and c["PHASE"] in (1, 2)]
+assert {(c["DOT"], c["PHASE"]) for c, _ in big} == {(1, 1), (1, 2), (2, 1), (2, 2)}, sorted(map(str, big))
+for c, k in big:
+    assert "wgmma.mma_async" in k.asm["ptx"], ("no wgmma at the production tiles", c)
 """
 
 

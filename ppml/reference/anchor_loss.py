@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from .._constants import COS_EPS, DIST2_EPS  # noqa: F401  (re-exported: ops and tests import them from here)
+
 METRICS = ("sqeuclidean", "euclidean", "cosine")
-# Smallest norm a feature or anchor is divided by in the cosine metric (as F.normalize): a zero feature gives finite
-# logits (all 0), never NaN.
-COS_EPS = 1e-12
-# Smallest squared distance the non-squared Euclidean metric takes a square root of: finite gradients at the anchor.
-DIST2_EPS = 1e-12
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -44,7 +41,8 @@ def anchor_loss(
 
     Distances that matter near the anchor — the true class's in the non-squared metric, and ρ — come from the
     difference vector f − a_y (the expanded form ‖f‖² − 2f·a + ‖a‖² loses precision there); the squared metric's
-    softmax drops the ‖f‖² row constant, which cancels exactly. Computed in float32 (float64 for float64 features); differentiable in ``features``.
+    softmax drops the ‖f‖² row constant, which cancels exactly. Computed in float32 (float64 for float64 features);
+    differentiable in ``features``.
 
     Args:
         features (Tensor[B, D]), anchors (Tensor[C, D]), labels (Tensor[B] int64 in [0, C)).
