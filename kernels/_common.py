@@ -27,8 +27,8 @@ def use_channels_last(images: torch.Tensor) -> bool:
     """The layout rule: kernels keep channels_last inputs channels_last and make everything else contiguous.
 
     Twin of ppml/ops/_common.py::output_is_channels_last (which the fake kernels use to promise the strides) and of
-    C++ ``shuffle_use_channels_last`` (csrc/common/shuffle_patches.h). A tensor that is both (C = 1, or H = W = 1) counts
-    as contiguous.
+    C++ ``shuffle_use_channels_last`` (csrc/common/shuffle_patches.h). A tensor that is both (C = 1, or H = W = 1)
+    counts as contiguous.
     """
     return not images.is_contiguous() and images.is_contiguous(memory_format=torch.channels_last)
 
@@ -92,6 +92,13 @@ def needs_int64(*tensors: torch.Tensor) -> bool:
     return any(t.numel() >= 2**31 for t in tensors)
 
 
+def row_align(units: int, cap: int = 16) -> int:
+    """The largest power of two (at most `cap`) dividing a row length. Kernels take the row length as
+    ``units // align`` times a constexpr ``align``, so the compiler knows every row starts at a multiple of it: Triton
+    itself only tells "divisible by 16" from "not", and a 56-element row (224 / 4) would lose its 16-byte vectors."""
+    return units & -units if units & -units < cap else cap
+
+
 def block_3d(rows: int, tiles: int, run: int, max_block: int) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_T, BLOCK_X), powers of two, for a band of `rows` rows × `tiles` tiles × `run` elements, at most
     `max_block` elements in all: the whole run first (the contiguous, vectorised axis), then as many tiles, then rows,
@@ -100,3 +107,14 @@ def block_3d(rows: int, tiles: int, run: int, max_block: int) -> tuple[int, int,
     block_t = max(1, min(triton.next_power_of_2(tiles), max_block // block_x))
     block_r = max(1, min(triton.next_power_of_2(rows), max_block // (block_x * block_t)))
     return block_r, block_t, block_x
+
+
+def num_warps_for(block_elems: int, elem_bytes: int, max_warps: int = 4) -> int:
+    """Warps for a block of `block_elems` elements of `elem_bytes`: as many as give every thread at least one 16-byte
+    vector (at most `max_warps`). More threads than that would split a 16-byte run between threads, and the loads
+    would narrow to 8 or 4 bytes (a [4, 16, 4] float32 block on 4 warps is 2 elements a thread)."""
+    threads = max(1, block_elems * elem_bytes // 16)
+    warps = 1
+    while warps * 2 <= max_warps and warps * 2 * 32 <= threads:
+        warps *= 2
+    return warps

@@ -26,8 +26,10 @@ from ._common import (
     block_3d,
     memory_format,
     needs_int64,
+    num_warps_for,
     plane_geometry,
     plane_view,
+    row_align,
     use_channels_last,
 )
 
@@ -51,10 +53,12 @@ def _mix_subpatches_kernel(
     tiles_y,
     planes_per_image,
     height,
-    in_row,
-    out_row,
+    in_row_aligned,
+    out_row_aligned,
     tiles_x,
     num_tiles,
+    IN_ALIGN: tl.constexpr,
+    OUT_ALIGN: tl.constexpr,
     GRID: tl.constexpr,
     SUB: tl.constexpr,
     RUN: tl.constexpr,
@@ -67,6 +71,9 @@ def _mix_subpatches_kernel(
     INT64: tl.constexpr,
 ):
     idx_t = tl.int64 if INT64 else tl.int32
+    # W·K and (W/g)·K, known multiples of IN_ALIGN and OUT_ALIGN (see _common.row_align)
+    in_row = in_row_aligned * IN_ALIGN
+    out_row = out_row_aligned * OUT_ALIGN
     rows = tl.arange(0, BLOCK_R)[:, None, None]
     tiles = tl.arange(0, BLOCK_T)[None, :, None]
     cols = tl.arange(0, BLOCK_X)[None, None, :]
@@ -122,8 +129,9 @@ def block_sizes(sub: int, run: int, tiles_x: int = 1) -> tuple[int, int, int]:
     return block_3d(sub, tiles_x, run, _MAX_BLOCK)
 
 
-def launch_config(geo, sub: int, element_size: int) -> dict:
-    """Block sizes, bands per program and grid for a plane geometry (p×p patches), q = ``sub`` and the input width."""
+def launch_config(geo, sub: int, element_size: int, out_element_size: int) -> dict:
+    """Block sizes, bands per program, grid and warps for a plane geometry (p×p patches), q = ``sub`` and the input and
+    output widths (bytes)."""
     run = sub * geo.interleave
     block_r, block_t, block_x = block_sizes(sub, run, geo.tiles_x)
     num_bands = geo.planes * geo.tiles_y
@@ -136,6 +144,7 @@ def launch_config(geo, sub: int, element_size: int) -> dict:
         BLOCK_R=block_r,
         BLOCK_T=block_t,
         BLOCK_X=block_x,
+        num_warps=num_warps_for(block_r * block_t * block_x, max(element_size, out_element_size)),
     )
 
 
@@ -171,7 +180,8 @@ def mix_subpatches_triton(
         w = torch.empty(1, dtype=acc_t, device=images.device)
     else:
         w = weights.to(device=images.device, dtype=acc_t).contiguous()
-    cfg = launch_config(geo, q, src.element_size())
+    cfg = launch_config(geo, q, src.element_size(), out.element_size())
+    out_row = (W // g) * geo.interleave
     _mix_subpatches_kernel[cfg["grid"]](
         plane_view(src, channels_last),
         plane_view(out, channels_last),
@@ -181,10 +191,12 @@ def mix_subpatches_triton(
         geo.tiles_y,
         geo.planes_per_perm,
         geo.height,
-        geo.row_units,
-        (W // g) * geo.interleave,
+        geo.row_units // row_align(geo.row_units),
+        out_row // row_align(out_row),
         geo.tiles_x,
         geo.num_tiles,
+        IN_ALIGN=row_align(geo.row_units),
+        OUT_ALIGN=row_align(out_row),
         GRID=g,
         SUB=q,
         RUN=q * geo.interleave,
@@ -196,7 +208,7 @@ def mix_subpatches_triton(
         BLOCK_T=cfg["BLOCK_T"],
         BLOCK_X=cfg["BLOCK_X"],
         INT64=needs_int64(src, out),
-        num_warps=4,
+        num_warps=cfg["num_warps"],
         # No FMA contraction: the reference rounds w·x before adding it, and so must we to match it bit for bit.
         enable_fp_fusion=False,
     )

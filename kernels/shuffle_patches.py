@@ -19,7 +19,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import block_3d, memory_format, needs_int64, plane_geometry, plane_view, use_channels_last
+from ._common import (
+    block_3d,
+    memory_format,
+    needs_int64,
+    num_warps_for,
+    plane_geometry,
+    plane_view,
+    row_align,
+    use_channels_last,
+)
 
 # Elements one program holds per step (the [BLOCK_R, BLOCK_T, BLOCK_X] block, padding included): 16 KB of float32,
 # 32 elements (two to eight 16-byte vectors) per thread at 4 warps; bounds registers for big patches.
@@ -41,9 +50,10 @@ def _shuffle_patches_kernel(
     tiles_y,
     planes_per_perm,
     height,
-    row_units,
+    row_units_aligned,
     tiles_x,
     num_tiles,
+    ROW_ALIGN: tl.constexpr,
     PATCH: tl.constexpr,
     RUN_UNITS: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -52,6 +62,7 @@ def _shuffle_patches_kernel(
     INT64: tl.constexpr,
 ):
     idx_t = tl.int64 if INT64 else tl.int32
+    row_units = row_units_aligned * ROW_ALIGN  # W·K, a known multiple of ROW_ALIGN (see _common.row_align)
     rows = tl.arange(0, BLOCK_R)[:, None, None]
     tiles = tl.arange(0, BLOCK_T)[None, :, None]
     cols = tl.arange(0, BLOCK_X)[None, None, :]
@@ -90,7 +101,7 @@ def block_sizes(patch: int, run_units: int, tiles_x: int = 1) -> tuple[int, int,
 
 
 def launch_config(geo, element_size: int) -> dict:
-    """Block sizes and how many bands each program moves, for a plane geometry and element width (bytes)."""
+    """Block sizes, bands per program, grid and warps, for a plane geometry and element width (bytes)."""
     block_r, block_t, block_x = block_sizes(geo.patch, geo.run_units, geo.tiles_x)
     num_bands = geo.planes * geo.tiles_y
     band_bytes = geo.patch * geo.row_units * element_size
@@ -102,6 +113,7 @@ def launch_config(geo, element_size: int) -> dict:
         BLOCK_R=block_r,
         BLOCK_T=block_t,
         BLOCK_X=block_x,
+        num_warps=num_warps_for(block_r * block_t * block_x, element_size),
     )
 
 
@@ -125,15 +137,16 @@ def shuffle_patches_triton(images: torch.Tensor, perm: torch.Tensor, patch_size:
         geo.tiles_y,
         geo.planes_per_perm,
         geo.height,
-        geo.row_units,
+        geo.row_units // row_align(geo.row_units),
         geo.tiles_x,
         geo.num_tiles,
+        ROW_ALIGN=row_align(geo.row_units),
         PATCH=geo.patch,
         RUN_UNITS=geo.run_units,
         BLOCK_R=cfg["BLOCK_R"],
         BLOCK_T=cfg["BLOCK_T"],
         BLOCK_X=cfg["BLOCK_X"],
         INT64=needs_int64(src),
-        num_warps=4,
+        num_warps=cfg["num_warps"],
     )
     return out
