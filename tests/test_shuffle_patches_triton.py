@@ -134,7 +134,6 @@ def test_triton_groups_bands_and_int64_offsets(monkeypatch, layout):
     # 64-bit offsets of tensors past 2^31 elements: both paths stay bit-exact. 5 images x 3 channels x 3 bands = 45
     # bands (15 in channels_last), 4 per program.
     import ppml.kernels.shuffle_patches as k
-
     from ppml.kernels._common import plane_geometry, use_channels_last
 
     x = make_images((5, 3, 12, 12), torch.float32, DEVICE, layout, seed=5)
