@@ -1,8 +1,11 @@
-"""What the Triton kernels share: numerics helpers and the memory-layout rule (twin of ppml/ops/_common.py and the
-C++ headers in csrc/common/)."""
+"""What the Triton kernels share: numerics helpers, the memory-layout rule and the plane geometry (twins of
+ppml/ops/_common.py::output_is_channels_last and of the C++ headers in csrc/common/)."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import torch
 import triton
 import triton.language as tl
 
@@ -18,3 +21,100 @@ def _round_to_bfloat16(x):
     rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
     rounded = tl.where(x != x, 0x7FC0, rounded)
     return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+def use_channels_last(images: torch.Tensor) -> bool:
+    """The layout rule: kernels keep channels_last inputs channels_last and make everything else contiguous.
+
+    Twin of ppml/ops/_common.py::output_is_channels_last (which the fake kernels use to promise the strides) and of
+    C++ ``shuffle_use_channels_last`` (csrc/common/shuffle_patches.h). A tensor that is both (C = 1, or H = W = 1)
+    counts as contiguous.
+    """
+    return not images.is_contiguous() and images.is_contiguous(memory_format=torch.channels_last)
+
+
+def memory_format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def plane_view(dense: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """The raw buffer of a dense [B, C, H, W] tensor in memory order, [B, H, W, C] for channels_last and [B, C, H, W]
+    otherwise: either way `planes` planes of H rows of W·K elements, which is all the kernels index."""
+    return dense.permute(0, 2, 3, 1) if channels_last else dense
+
+
+class PlaneGeometry(NamedTuple):
+    """The images as the kernels see them: `planes` planes of `height` rows of `row_units` elements, a pixel being
+    `interleave` consecutive elements. Field names are the C++ ones (csrc/common/shuffle_patches.h ShuffleGeometry;
+    MixGeometry calls planes_per_perm ``planes_per_image`` and interleave ``K``); a unit is one element here, as the
+    Triton kernels move elements (their loads vectorise to 16 bytes by themselves where alignment allows).
+
+    NCHW: planes = B·C, K = 1, planes_per_perm = C (one plane per channel).
+    NHWC: planes = B,   K = C, planes_per_perm = 1 (channels interleaved: a patch row is p·C contiguous elements).
+    """
+
+    channels_last: bool
+    planes: int  # number of planes
+    planes_per_perm: int  # consecutive planes sharing one image's key row (C for NCHW, 1 for NHWC)
+    height: int  # H
+    row_units: int  # one image row of a plane, W·K elements
+    interleave: int  # K: elements per pixel in memory order (1 for NCHW, C for NHWC)
+    patch: int  # p
+    run_units: int  # one patch row, p·K elements
+    tiles_x: int  # W / p
+    tiles_y: int  # H / p
+    num_tiles: int  # N = (H / p)·(W / p)
+
+
+def plane_geometry(shape, channels_last: bool, patch: int) -> PlaneGeometry:
+    """The geometry of [B, C, H, W] images with p×p patches (p divides H and W, checked by the op) in the layout the
+    kernels work in (``use_channels_last``)."""
+    B, C, H, W = shape
+    k = C if channels_last else 1
+    return PlaneGeometry(
+        channels_last=channels_last,
+        planes=B if channels_last else B * C,
+        planes_per_perm=1 if channels_last else C,
+        height=H,
+        row_units=W * k,
+        interleave=k,
+        patch=patch,
+        run_units=patch * k,
+        tiles_x=W // patch,
+        tiles_y=H // patch,
+        num_tiles=(H // patch) * (W // patch),
+    )
+
+
+def needs_int64(*tensors: torch.Tensor) -> bool:
+    """Whether an element offset into one of `tensors` can pass int32: only then do the kernels index in int64 (which
+    costs a register pair and slower multiplies on every offset)."""
+    return any(t.numel() >= 2**31 for t in tensors)
+
+
+def row_align(units: int, cap: int = 16) -> int:
+    """The largest power of two (at most `cap`) dividing a row length. Kernels take the row length as
+    ``units // align`` times a constexpr ``align``, so the compiler knows every row starts at a multiple of it: Triton
+    itself only tells "divisible by 16" from "not", and a 56-element row (224 / 4) would lose its 16-byte vectors."""
+    return units & -units if units & -units < cap else cap
+
+
+def block_3d(rows: int, tiles: int, run: int, max_block: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_T, BLOCK_X), powers of two, for a band of `rows` rows × `tiles` tiles × `run` elements, at most
+    `max_block` elements in all: the whole run first (the contiguous, vectorised axis), then as many tiles, then rows,
+    so that one program moves whole tile rows side by side."""
+    block_x = min(triton.next_power_of_2(run), max_block)
+    block_t = max(1, min(triton.next_power_of_2(tiles), max_block // block_x))
+    block_r = max(1, min(triton.next_power_of_2(rows), max_block // (block_x * block_t)))
+    return block_r, block_t, block_x
+
+
+def num_warps_for(block_elems: int, elem_bytes: int, max_warps: int = 4) -> int:
+    """Warps for a block of `block_elems` elements of `elem_bytes`: as many as give every thread at least one 16-byte
+    vector (at most `max_warps`). More threads than that would split a 16-byte run between threads, and the loads
+    would narrow to 8 or 4 bytes (a [4, 16, 4] float32 block on 4 warps is 2 elements a thread)."""
+    threads = max(1, block_elems * elem_bytes // 16)
+    warps = 1
+    while warps * 2 <= max_warps and warps * 2 * 32 <= threads:
+        warps *= 2
+    return warps

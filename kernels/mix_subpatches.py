@@ -1,9 +1,13 @@
-"""Triton kernel of ppml::mix_subpatches: one program per (plane, patch) sums the g² sub-patches of one p×p patch into
-one q × (q·K) output block (q = p/g).
+"""Triton kernel of ppml::mix_subpatches: one program per band of whole patches (p input rows of one plane, every tile
+of them), summing the g² sub-patches of each into q output rows held as a [rows, tiles, q·K] block whose last axis is
+one contiguous sub-patch row (q = p/g).
 
-The layout is the shuffle kernel's: `planes` planes of H rows of W·K elements, K = 1 for NCHW (planes = B·C) and
-K = C for channels_last (planes = B). One sub-patch row is then a contiguous run of q·K elements: input column
-offset (tx·p + j·q)·K, output column offset tx·q·K, in output rows of (W/g)·K elements.
+The layout is the shuffle kernel's (kernels/_common.py::PlaneGeometry): `planes` planes of H rows of W·K elements,
+K = 1 for NCHW (planes = B·C) and K = C for channels_last (planes = B). One sub-patch row is then a contiguous run of
+q·K elements: input column offset (tx·p + j·q)·K, output column offset tx·q·K, in output rows of (W/g)·K elements.
+The output band (q rows × (W/g)·K) is contiguous. g, q and q·K are constexprs: the g² loads unroll, and every run
+starts at a known multiple of q·K elements, so the loads and stores vectorise up to 16 bytes (NCHW, p = 16, g = 2:
+q·K = 8 elements, 32 bytes of float32).
 
 Numerics follow ppml.reference.mix_subpatches exactly: values widen to float32 (float64 for float64 images), the sum
 starts from the (0, 0) term and adds one sub-patch at a time in row-major (i, j) order, the mean multiplies by the
@@ -17,10 +21,26 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _round_to_bfloat16
+from ._common import (
+    _round_to_bfloat16,
+    block_3d,
+    memory_format,
+    needs_int64,
+    num_warps_for,
+    plane_geometry,
+    plane_view,
+    row_align,
+    use_channels_last,
+)
 
-# Elements one program holds per inner step (the accumulator and one loaded block): bounds registers for big patches.
-_MAX_BLOCK = 4096
+# Output elements one program holds per step (the [BLOCK_R, BLOCK_T, BLOCK_X] block, padding included). Each of the
+# g² loaded blocks is as big, and the unrolled loads are all in flight at once: 2,048 keeps float32 at g = 2 within
+# ~100 registers a thread at 4 warps.
+_MAX_BLOCK = 2048
+# As in the shuffle launcher: bands are grouped until a program moves this many input bytes, while the grid keeps a
+# few waves of programs for the 132 SMs of an H100/H200.
+_MIN_PROGRAM_BYTES = 16384
+_MIN_PROGRAMS = 132 * 8
 
 
 @triton.jit
@@ -28,79 +48,104 @@ def _mix_subpatches_kernel(
     src,
     dst,
     weights,
-    planes_per_batch,
+    num_bands,
+    bands_per_program,
+    tiles_y,
+    planes_per_image,
     height,
-    in_row_len,
-    out_row_len,
-    patch,
-    sub,
-    grid,
-    k,
+    in_row_aligned,
+    out_row_aligned,
     tiles_x,
     num_tiles,
+    IN_ALIGN: tl.constexpr,
+    OUT_ALIGN: tl.constexpr,
+    GRID: tl.constexpr,
+    SUB: tl.constexpr,
+    RUN: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr,
     SCALE: tl.constexpr,
     ACC: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr,
     BLOCK_X: tl.constexpr,
+    INT64: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    plane = pid // num_tiles
-    t = pid - plane * num_tiles
-    ty = t // tiles_x
-    tx = t - ty * tiles_x
-    run_len = sub * k
-    # The g² weights of this (image, patch); NCHW planes of one image share them.
-    w_row = weights + ((plane // planes_per_batch) * num_tiles + t) * grid * grid
-    # Row indices are int64 (from pid) before they meet the row lengths: a plane, or even the q-row band between two
-    # sub-patch rows, may pass 2^31 elements while every argument still fits int32.
-    in_row0 = plane * height + ty * patch
-    out_row0 = plane * (height // grid) + ty * sub
-    in_col0 = tx * patch * k
-    out_col0 = tx * run_len
-    sub_step = tl.cast(sub, tl.int64) * in_row_len  # from sub-patch row i to row i + 1
-    rows = tl.arange(0, BLOCK_R)[:, None]
-    cols = tl.arange(0, BLOCK_X)[None, :]
-    for r0 in range(0, sub, BLOCK_R):
-        r = r0 + rows
-        for x0 in range(0, run_len, BLOCK_X):
-            x = x0 + cols
-            mask = (r < sub) & (x < run_len)
-            ptrs = src + ((in_row0 + r) * in_row_len + in_col0 + x)
-            # The reference's order: start from the (0, 0) term (not from zero: 0 + (-0.0) would lose the sign of a
-            # zero), then add one sub-patch at a time, i outer, j inner, each product rounded before its add.
-            acc = tl.load(ptrs, mask=mask, other=0).to(ACC)
-            if HAS_WEIGHTS:
-                acc = tl.load(w_row) * acc
-            for j in range(1, grid):
-                v = tl.load(ptrs + j * run_len, mask=mask, other=0).to(ACC)
-                if HAS_WEIGHTS:
-                    v = tl.load(w_row + j) * v
-                acc = acc + v
-            w_i = w_row
-            for _ in range(1, grid):  # sub-patch rows i = 1 .. g-1
-                ptrs += sub_step
-                w_i += grid
-                for j in range(0, grid):
-                    v = tl.load(ptrs + j * run_len, mask=mask, other=0).to(ACC)
+    idx_t = tl.int64 if INT64 else tl.int32
+    # W·K and (W/g)·K, known multiples of IN_ALIGN and OUT_ALIGN (see _common.row_align)
+    in_row = in_row_aligned * IN_ALIGN
+    out_row = out_row_aligned * OUT_ALIGN
+    rows = tl.arange(0, BLOCK_R)[:, None, None]
+    tiles = tl.arange(0, BLOCK_T)[None, :, None]
+    cols = tl.arange(0, BLOCK_X)[None, None, :]
+    for k in range(0, bands_per_program):
+        band = tl.program_id(0).to(idx_t) * bands_per_program + k
+        # Past the last band (the grid rounds up): an empty mask, so nothing is read or written.
+        live = band < num_bands
+        plane = band // tiles_y
+        ty = band - plane * tiles_y
+        in_row0 = plane * height + ty * (GRID * SUB)  # first input row of the band
+        out_row0 = plane * (height // GRID) + ty * SUB
+        # The g² weights of each (image, patch) of the band; NCHW planes of one image share them.
+        w_band = weights + ((plane // planes_per_image) * num_tiles + ty * tiles_x) * (GRID * GRID)
+        for t0 in range(0, tiles_x, BLOCK_T):
+            t = t0 + tiles
+            t_ok = live & (t < tiles_x)
+            w_t = w_band + t * (GRID * GRID)
+            in_col = t * (GRID * RUN)
+            out_col = t * RUN
+            for r0 in range(0, SUB, BLOCK_R):
+                r = r0 + rows
+                in_base = (in_row0 + r) * in_row + in_col
+                out_off = (out_row0 + r) * out_row + out_col
+                for x0 in range(0, RUN, BLOCK_X):
+                    x = x0 + cols
+                    mask = t_ok & (r < SUB) & (x < RUN)
+                    # The reference's order: start from the (0, 0) term (not from zero: 0 + (-0.0) would lose the
+                    # sign of a zero), then add one sub-patch at a time, i outer, j inner, each product rounded
+                    # before its add.
+                    acc = tl.load(src + in_base + x, mask=mask, other=0).to(ACC)
                     if HAS_WEIGHTS:
-                        v = tl.load(w_i + j) * v
-                    acc = acc + v
-            if not HAS_WEIGHTS:
-                # SCALE is the host's double 1/g², rounded to ACC here exactly as torch rounds a Python scalar.
-                acc = acc * tl.full([], SCALE, ACC)
-            if dst.dtype.element_ty == tl.bfloat16:
-                out = _round_to_bfloat16(acc)
-            else:
-                out = acc.to(dst.dtype.element_ty)
-            tl.store(dst + ((out_row0 + r) * out_row_len + out_col0 + x), out, mask=mask)
+                        acc = tl.load(w_t, mask=t_ok, other=0) * acc
+                    for ij in tl.static_range(1, GRID * GRID):
+                        i = ij // GRID
+                        j = ij % GRID
+                        v = tl.load(src + in_base + (i * SUB) * in_row + (j * RUN + x), mask=mask, other=0).to(ACC)
+                        if HAS_WEIGHTS:
+                            v = tl.load(w_t + ij, mask=t_ok, other=0) * v
+                        acc = acc + v
+                    if not HAS_WEIGHTS:
+                        # SCALE is the host's double 1/g², rounded to ACC here exactly as torch rounds a Python scalar.
+                        acc = acc * tl.full([], SCALE, ACC)
+                    if dst.dtype.element_ty == tl.bfloat16:
+                        out = _round_to_bfloat16(acc)
+                    else:
+                        out = acc.to(dst.dtype.element_ty)
+                    tl.store(dst + out_off + x, out, mask=mask)
 
 
-def block_sizes(sub: int, run_len: int) -> tuple[int, int]:
-    """(BLOCK_R, BLOCK_X) for q = ``sub`` output rows of ``run_len`` = q·K elements, at most _MAX_BLOCK in all."""
-    block_x = min(triton.next_power_of_2(run_len), _MAX_BLOCK)
-    block_r = max(1, min(triton.next_power_of_2(sub), _MAX_BLOCK // block_x))
-    return block_r, block_x
+def block_sizes(sub: int, run: int, tiles_x: int = 1) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_T, BLOCK_X) for q = ``sub`` output rows × ``tiles_x`` tiles × ``run`` = q·K elements, at most
+    _MAX_BLOCK in all."""
+    return block_3d(sub, tiles_x, run, _MAX_BLOCK)
+
+
+def launch_config(geo, sub: int, element_size: int, out_element_size: int) -> dict:
+    """Block sizes, bands per program, grid and warps for a plane geometry (p×p patches), q = ``sub`` and the input and
+    output widths (bytes)."""
+    run = sub * geo.interleave
+    block_r, block_t, block_x = block_sizes(sub, run, geo.tiles_x)
+    num_bands = geo.planes * geo.tiles_y
+    band_bytes = geo.patch * geo.row_units * element_size
+    per_program = max(1, min(_MIN_PROGRAM_BYTES // max(band_bytes, 1), num_bands // _MIN_PROGRAMS))
+    return dict(
+        num_bands=num_bands,
+        bands_per_program=per_program,
+        grid=(triton.cdiv(num_bands, per_program),),
+        BLOCK_R=block_r,
+        BLOCK_T=block_t,
+        BLOCK_X=block_x,
+        num_warps=num_warps_for(block_r * block_t * block_x, max(element_size, out_element_size)),
+    )
 
 
 def mix_subpatches_triton(
@@ -123,45 +168,47 @@ def mix_subpatches_triton(
     q = p // g
     acc_t = torch.float64 if images.dtype == torch.float64 else torch.float32
     out_t = torch.float32 if images.dtype == torch.uint8 else images.dtype
-    channels_last = not images.is_contiguous() and images.is_contiguous(memory_format=torch.channels_last)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    channels_last = use_channels_last(images)
+    fmt = memory_format(channels_last)
     src = images.contiguous(memory_format=fmt)
     out = torch.empty((B, C, H // g, W // g), dtype=out_t, device=images.device, memory_format=fmt)
     if out.numel() == 0:
         return out
-    k = C if channels_last else 1
-    planes, planes_per_batch = (B, 1) if channels_last else (B * C, C)
-    # The raw buffers in memory order: [planes, H, W*K] in, [planes, H/g, (W/g)*K] out, either way.
-    src_flat = src.permute(0, 2, 3, 1) if channels_last else src
-    dst_flat = out.permute(0, 2, 3, 1) if channels_last else out
+    geo = plane_geometry(src.shape, channels_last, p)
     if weights is None:
         # Never read (HAS_WEIGHTS=False), but the pointer argument needs a tensor of the accumulation dtype.
         w = torch.empty(1, dtype=acc_t, device=images.device)
     else:
         w = weights.to(device=images.device, dtype=acc_t).contiguous()
-    tiles_x = W // p
-    num_tiles = (H // p) * tiles_x
-    block_r, block_x = block_sizes(q, q * k)
-    _mix_subpatches_kernel[(planes * num_tiles,)](
-        src_flat,
-        dst_flat,
+    cfg = launch_config(geo, q, src.element_size(), out.element_size())
+    out_row = (W // g) * geo.interleave
+    _mix_subpatches_kernel[cfg["grid"]](
+        plane_view(src, channels_last),
+        plane_view(out, channels_last),
         w,
-        planes_per_batch,
-        H,
-        W * k,
-        (W // g) * k,
-        p,
-        q,
-        g,
-        k,
-        tiles_x,
-        num_tiles,
+        cfg["num_bands"],
+        cfg["bands_per_program"],
+        geo.tiles_y,
+        geo.planes_per_perm,
+        geo.height,
+        geo.row_units // row_align(geo.row_units),
+        out_row // row_align(out_row),
+        geo.tiles_x,
+        geo.num_tiles,
+        IN_ALIGN=row_align(geo.row_units),
+        OUT_ALIGN=row_align(out_row),
+        GRID=g,
+        SUB=q,
+        RUN=q * geo.interleave,
         HAS_WEIGHTS=weights is not None,
         # The reference's expression, in double; the kernel rounds it to the accumulation dtype.
         SCALE=1.0 if weights is not None else 1.0 / (g * g),
         ACC=tl.float64 if acc_t == torch.float64 else tl.float32,
-        BLOCK_R=block_r,
-        BLOCK_X=block_x,
+        BLOCK_R=cfg["BLOCK_R"],
+        BLOCK_T=cfg["BLOCK_T"],
+        BLOCK_X=cfg["BLOCK_X"],
+        INT64=needs_int64(src, out),
+        num_warps=cfg["num_warps"],
         # No FMA contraction: the reference rounds w·x before adding it, and so must we to match it bit for bit.
         enable_fp_fusion=False,
     )

@@ -1,8 +1,16 @@
-"""Triton kernel of ppml::shuffle_patches: one program per (plane, output tile) copies a p × (p·K) block.
+"""Triton kernel of ppml::shuffle_patches: one program per band of whole tile rows (p image rows of one plane, every
+tile of them), moving them as a [rows, tiles, p·K] block whose last axis is one contiguous patch row.
 
-The layout is the C++ kernels' (csrc/common/shuffle_patches.h): `planes` planes of H rows of W·K elements, K = 1 for
-NCHW and K = C for channels_last, so one patch row is a contiguous run of p·K elements. Values are moved as integers
-of the same width, so every dtype (and every NaN payload) is copied bit for bit.
+The layout is the C++ kernels' (kernels/_common.py::PlaneGeometry, csrc/common/shuffle_patches.h): `planes` planes of
+H rows of W·K elements, K = 1 for NCHW and K = C for channels_last, so one patch row is a contiguous run of p·K
+elements. The destination band is contiguous (p rows × W·K), the source is p·K-element runs gathered from the tiles
+the key names. Values are moved as integers of the same width, so every dtype (and every NaN payload) is copied bit
+for bit.
+
+Why a band and not one tile per program: a 16 × 16 tile is 256 to 2,048 bytes, too little per program to cover the
+launch and index cost, and split over 128 threads it leaves 2 elements (8 bytes) per thread, so loads cannot be
+16-byte vectors. A band of 14 tiles is 14 times that; the patch row (p·K, a constexpr) is the vectorised axis, its
+start a known multiple of 16 elements whenever W·K is.
 """
 
 from __future__ import annotations
@@ -11,9 +19,25 @@ import torch
 import triton
 import triton.language as tl
 
-# Elements one program moves per inner step: bounds registers for big patches (p = 224, channels_last...).
+from ._common import (
+    block_3d,
+    memory_format,
+    needs_int64,
+    num_warps_for,
+    plane_geometry,
+    plane_view,
+    row_align,
+    use_channels_last,
+)
+
+# Elements one program holds per step (the [BLOCK_R, BLOCK_T, BLOCK_X] block, padding included): 16 KB of float32,
+# 32 elements (two to eight 16-byte vectors) per thread at 4 warps; bounds registers for big patches.
 _MAX_BLOCK = 4096
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+# Bytes one program should move at least before it is worth splitting the work further: below it, bands are grouped
+# (uint8 NCHW bands are 3.5 KB at p = 16, W = 224), as long as the grid keeps _MIN_PROGRAMS programs.
+_MIN_PROGRAM_BYTES = 16384
+_MIN_PROGRAMS = 132 * 8  # a few waves of the 132 SMs of an H100/H200, several programs resident per SM
 
 
 @triton.jit
@@ -21,77 +45,108 @@ def _shuffle_patches_kernel(
     src,
     dst,
     perm,
+    num_bands,
+    bands_per_program,
+    tiles_y,
     planes_per_perm,
     height,
-    row_len,
-    run_len,
-    patch,
+    row_units_aligned,
     tiles_x,
     num_tiles,
+    ROW_ALIGN: tl.constexpr,
+    PATCH: tl.constexpr,
+    RUN_UNITS: tl.constexpr,
     BLOCK_R: tl.constexpr,
+    BLOCK_T: tl.constexpr,
     BLOCK_X: tl.constexpr,
+    INT64: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    plane = pid // num_tiles
-    t = pid - plane * num_tiles
-    src_tile = tl.load(perm + (plane // planes_per_perm) * num_tiles + t)
-    # perm is validated before launch; the clamp keeps even a corrupted key inside the image.
-    src_tile = tl.minimum(tl.maximum(src_tile, 0), num_tiles - 1)
-    ty = t // tiles_x
-    tx = t - ty * tiles_x
-    sy = src_tile // tiles_x
-    sx = src_tile - sy * tiles_x
-    rows = tl.arange(0, BLOCK_R)[:, None]
-    cols = tl.arange(0, BLOCK_X)[None, :]
-    for r0 in range(0, patch, BLOCK_R):
-        r = r0 + rows
-        src_row = (plane * height + sy * patch + r) * row_len + sx * run_len
-        dst_row = (plane * height + ty * patch + r) * row_len + tx * run_len
-        for x0 in range(0, run_len, BLOCK_X):
-            x = x0 + cols
-            mask = (r < patch) & (x < run_len)
-            v = tl.load(src + src_row + x, mask=mask)
-            tl.store(dst + dst_row + x, v, mask=mask)
+    idx_t = tl.int64 if INT64 else tl.int32
+    row_units = row_units_aligned * ROW_ALIGN  # W·K, a known multiple of ROW_ALIGN (see _common.row_align)
+    rows = tl.arange(0, BLOCK_R)[:, None, None]
+    tiles = tl.arange(0, BLOCK_T)[None, :, None]
+    cols = tl.arange(0, BLOCK_X)[None, None, :]
+    for k in range(0, bands_per_program):
+        band = tl.program_id(0).to(idx_t) * bands_per_program + k
+        # Past the last band (the grid rounds up): an empty mask, so nothing is read or written.
+        live = band < num_bands
+        plane = band // tiles_y
+        ty = band - plane * tiles_y
+        perm_row = perm + (plane // planes_per_perm) * num_tiles + ty * tiles_x
+        row0 = plane * height  # first row of the plane
+        for t0 in range(0, tiles_x, BLOCK_T):
+            t = t0 + tiles
+            t_ok = live & (t < tiles_x)
+            src_tile = tl.load(perm_row + t, mask=t_ok, other=0).to(idx_t)
+            # perm is validated by the op before launch; the clamp keeps even a corrupted key inside the image.
+            src_tile = tl.minimum(tl.maximum(src_tile, 0), num_tiles - 1)
+            sy = src_tile // tiles_x
+            sx = src_tile - sy * tiles_x
+            src_col = sx * RUN_UNITS
+            dst_col = t * RUN_UNITS
+            for r0 in range(0, PATCH, BLOCK_R):
+                r = r0 + rows
+                src_row = (row0 + sy * PATCH + r) * row_units + src_col
+                dst_row = (row0 + ty * PATCH + r) * row_units + dst_col
+                for x0 in range(0, RUN_UNITS, BLOCK_X):
+                    x = x0 + cols
+                    mask = t_ok & (r < PATCH) & (x < RUN_UNITS)
+                    v = tl.load(src + src_row + x, mask=mask)
+                    tl.store(dst + dst_row + x, v, mask=mask)
 
 
-def block_sizes(patch: int, run_len: int) -> tuple[int, int]:
-    block_x = min(triton.next_power_of_2(run_len), _MAX_BLOCK)
-    block_r = max(1, min(triton.next_power_of_2(patch), _MAX_BLOCK // block_x))
-    return block_r, block_x
+def block_sizes(patch: int, run_units: int, tiles_x: int = 1) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_T, BLOCK_X): rows × tiles × elements of one step, a whole patch row per tile first."""
+    return block_3d(patch, tiles_x, run_units, _MAX_BLOCK)
+
+
+def launch_config(geo, element_size: int) -> dict:
+    """Block sizes, bands per program, grid and warps, for a plane geometry and element width (bytes)."""
+    block_r, block_t, block_x = block_sizes(geo.patch, geo.run_units, geo.tiles_x)
+    num_bands = geo.planes * geo.tiles_y
+    band_bytes = geo.patch * geo.row_units * element_size
+    per_program = max(1, min(_MIN_PROGRAM_BYTES // max(band_bytes, 1), num_bands // _MIN_PROGRAMS))
+    return dict(
+        num_bands=num_bands,
+        bands_per_program=per_program,
+        grid=(triton.cdiv(num_bands, per_program),),
+        BLOCK_R=block_r,
+        BLOCK_T=block_t,
+        BLOCK_X=block_x,
+        num_warps=num_warps_for(block_r * block_t * block_x, element_size),
+    )
 
 
 def shuffle_patches_triton(images: torch.Tensor, perm: torch.Tensor, patch_size: int) -> torch.Tensor:
     """Launches the kernel; arguments are already checked by ppml.ops.shuffle_patches (this is its kernel)."""
-    B, C, H, W = images.shape
-    channels_last = not images.is_contiguous() and images.is_contiguous(memory_format=torch.channels_last)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    channels_last = use_channels_last(images)
+    fmt = memory_format(channels_last)
     src = images.contiguous(memory_format=fmt)
     out = torch.empty_like(src, memory_format=fmt)
     if out.numel() == 0:
         return out
-    k = C if channels_last else 1
-    planes, planes_per_perm = (B, 1) if channels_last else (B * C, C)
+    geo = plane_geometry(src.shape, channels_last, patch_size)
     as_int = _INT_OF_SIZE[src.element_size()]
-    # The raw buffers in memory order: [planes, H, W*K] either way.
-    src_flat = src.permute(0, 2, 3, 1).view(as_int) if channels_last else src.view(as_int)
-    dst_flat = out.permute(0, 2, 3, 1).view(as_int) if channels_last else out.view(as_int)
-    tiles_x = W // patch_size
-    num_tiles = (H // patch_size) * tiles_x
-    run_len = patch_size * k
-    block_r, block_x = block_sizes(patch_size, run_len)
-    grid = (planes * num_tiles,)
-    _shuffle_patches_kernel[grid](
-        src_flat,
-        dst_flat,
+    cfg = launch_config(geo, src.element_size())
+    _shuffle_patches_kernel[cfg["grid"]](
+        plane_view(src, channels_last).view(as_int),
+        plane_view(out, channels_last).view(as_int),
         perm.contiguous(),
-        planes_per_perm,
-        H,
-        W * k,
-        run_len,
-        patch_size,
-        tiles_x,
-        num_tiles,
-        BLOCK_R=block_r,
-        BLOCK_X=block_x,
+        cfg["num_bands"],
+        cfg["bands_per_program"],
+        geo.tiles_y,
+        geo.planes_per_perm,
+        geo.height,
+        geo.row_units // row_align(geo.row_units),
+        geo.tiles_x,
+        geo.num_tiles,
+        ROW_ALIGN=row_align(geo.row_units),
+        PATCH=geo.patch,
+        RUN_UNITS=geo.run_units,
+        BLOCK_R=cfg["BLOCK_R"],
+        BLOCK_T=cfg["BLOCK_T"],
+        BLOCK_X=cfg["BLOCK_X"],
+        INT64=needs_int64(src),
+        num_warps=cfg["num_warps"],
     )
     return out

@@ -16,7 +16,6 @@ dtype plus eps(accumulation) · Σ|w·x| (see assert_close_ulp): room for an FMA
 from __future__ import annotations
 
 import itertools
-import os
 
 import pytest
 import torch
@@ -168,8 +167,8 @@ def test_triton_big_patch_loops_over_blocks(shape, layout, p, g, weighted):
 
     x = make_images(shape, torch.float32, DEVICE, layout, seed=7)
     q, k = p // g, (shape[1] if layout == "channels_last" else 1)
-    block_r, block_x = block_sizes(q, q * k)
-    assert block_r * block_x <= 4096
+    block_r, block_t, block_x = block_sizes(q, q * k, shape[3] // p)
+    assert block_r * block_t * block_x <= 4096
     if p > 64:
         assert block_r < q or block_x < q * k, "this case must loop over chunks"
     n = (shape[2] // p) * (shape[3] // p)
@@ -368,6 +367,7 @@ def aot_launches(all_cases=ALL_TRITON_CASES):
     x = make_images((1, 2, 2, 4), torch.float64, "cpu", seed=4)  # gradcheck
     run(x, 2, 2, make_weights(1, 2, 2, device="cpu", seed=4, dtype=torch.float64, signed=True))
     run(x, 2, 2)
+    run_real_images(run)
     if all_cases:  # the fuzz: every dtype and layout, p, g and weights at a few shapes
         for dtype, layout, (g, m), w_dtype in itertools.product(
             ALL_DTYPES, LAYOUTS, [(1, 1), (1, 3), (2, 1), (2, 2), (3, 1), (3, 2)], [None, torch.float32, torch.float64]
@@ -379,22 +379,49 @@ def aot_launches(all_cases=ALL_TRITON_CASES):
                 run(x, p, g, w)
 
 
+def run_real_images(run, batch=1):
+    """Real images' patches (p = 16, g = 2 and 4 at 224 × 224), every width and both layouts, mean and keyed: the
+    launches _PTX_CHECKS looks for 16-byte vectors in."""
+    layouts = ["contiguous", "channels_last"]
+    for dtype, layout, g, keyed in itertools.product(ALL_DTYPES, layouts, [2, 4], [False, True]):
+        x = make_images((batch, 3, 224, 224), dtype, "cpu", layout)
+        run(x, 16, g, make_weights(batch, 196, g, device="cpu") if keyed else None)
+
+
 _PTX_CHECKS = """
+import re
+
+vector_cases = 0
 for (sig, consts), k in ok:
     ptx = k.asm["ptx"]
     assert ".target sm_90" in ptx and len(k.asm["cubin"]) > 0, (sig, consts)
     # The launcher turns fusion off so products round before the add, like the reference.
     assert "fma.rn.f" not in ptx, (sig, consts)
+    # Real images (p = 16): a sub-patch row is q·K elements at a multiple of q·K, so wherever that is 16 bytes or more
+    # (all but uint8 NCHW at g = 2, 8 bytes, and q·K = 4 at g = 4) the main loop moves 16-byte vectors.
+    width = {"*u8": 1, "*fp16": 2, "*bf16": 2, "*fp32": 4, "*fp64": 8}
+    if consts.get("GRID") in (2, 4) and consts.get("SUB") * consts.get("GRID") == 16 and consts.get("BLOCK_T") == 16:
+        run_bytes = consts["RUN"] * width[sig["src"]]
+        loads = set(re.findall(r"ld\\.global(?:\\.\\w+)*?\\.(v4\\.b32|v2\\.b64)", ptx))
+        stores = set(re.findall(r"st\\.global(?:\\.\\w+)*?\\.(v4\\.b32|v2\\.b64)", ptx))
+        if run_bytes % 16 == 0:
+            assert loads, ("no 128-bit global load", sig, consts)
+            vector_cases += 1
+        if consts["RUN"] * width[sig["dst"]] % 16 == 0:
+            assert stores, ("no 128-bit global store", sig, consts)
+assert vector_cases >= 16, f"only {vector_cases} real-image specialisations with 16-byte loads"
 
-# ... and that check is not vacuous: the same kernel with fusion on does contract.
+# ... and the no-FMA check is not vacuous: the same kernel with fusion on does contract.
 import triton.language as tl
-from ppml.kernels.mix_subpatches import block_sizes
 
-ints = ["planes_per_batch", "height", "in_row_len", "out_row_len", "patch", "sub", "grid", "k", "tiles_x", "num_tiles"]
-sig = {"src": "*fp32", "dst": "*fp32", "weights": "*fp32", **{n: "i64" for n in ints},
-       **{c: "constexpr" for c in ("HAS_WEIGHTS", "SCALE", "ACC", "BLOCK_R", "BLOCK_X")}}
-br, bx = block_sizes(8, 8)
-consts = {"HAS_WEIGHTS": True, "SCALE": 1.0, "ACC": tl.float32, "BLOCK_R": br, "BLOCK_X": bx}
+ints = ["num_bands", "bands_per_program", "tiles_y", "planes_per_image", "height", "in_row_aligned",
+        "out_row_aligned", "tiles_x", "num_tiles"]
+cx = ("IN_ALIGN", "OUT_ALIGN", "GRID", "SUB", "RUN", "HAS_WEIGHTS", "SCALE", "ACC", "BLOCK_R", "BLOCK_T", "BLOCK_X",
+      "INT64")
+sig = {"src": "*fp32", "dst": "*fp32", "weights": "*fp32", **{n: "i32" for n in ints}, **{c: "constexpr" for c in cx}}
+consts = {"IN_ALIGN": 16, "OUT_ALIGN": 16, "GRID": 2, "SUB": 8, "RUN": 8, "HAS_WEIGHTS": True, "SCALE": 1.0,
+          "ACC": tl.float32, "BLOCK_R": 8,
+          "BLOCK_T": 16, "BLOCK_X": 8, "INT64": False}
 k = triton.compile(ASTSource(kernel, sig, consts), target=target, options={"enable_fp_fusion": True})
 assert "fma.rn.f32" in k.asm["ptx"], "the no-FMA check above would be vacuous"
 """

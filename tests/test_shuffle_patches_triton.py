@@ -11,7 +11,6 @@ test_triton_matches_reference, whose GPU set runs every dtype there and float32 
 
 from __future__ import annotations
 
-
 import itertools
 
 import pytest
@@ -82,7 +81,7 @@ def test_triton_big_patch_loops_over_blocks():
     perm = make_perm(1, 2, DEVICE)
     from ppml.kernels.shuffle_patches import block_sizes
 
-    assert block_sizes(64, 192)[0] < 64
+    assert block_sizes(64, 192, 2)[0] < 64
     assert torch.equal(triton_shuffle(x, perm, 64), ref_shuffle(x, perm, 64))
 
 
@@ -106,7 +105,9 @@ def test_triton_gradcheck():
 def test_triton_compile_fullgraph():
     x = make_images((1, 3, 8, 12), torch.float32, DEVICE)  # shares test_triton_matches_reference's specialisation
     perm = make_perm(1, 6, DEVICE)
-    fn = torch.compile(lambda t, k: torch.ops.ppml.shuffle_patches_triton(t, k, 4) + 1, fullgraph=True, backend="aot_eager")
+    fn = torch.compile(
+        lambda t, k: torch.ops.ppml.shuffle_patches_triton(t, k, 4) + 1, fullgraph=True, backend="aot_eager"
+    )
     assert torch.equal(fn(x, perm), ref_shuffle(x, perm, 4) + 1)
 
 
@@ -117,16 +118,58 @@ def test_triton_meta_and_bad_perm():
     )
     assert out.shape == (2, 3, 8, 8) and out.device.type == "meta"
     with pytest.raises(ValueError, match=r"ppml\.shuffle_patches_triton: every row of perm must be a permutation"):
-        torch.ops.ppml.shuffle_patches_triton(torch.zeros(1, 1, 4, 4, device=DEVICE), torch.tensor([[0, 0, 1, 2]], device=DEVICE), 2)
+        torch.ops.ppml.shuffle_patches_triton(
+            torch.zeros(1, 1, 4, 4, device=DEVICE), torch.tensor([[0, 0, 1, 2]], device=DEVICE), 2
+        )
     with pytest.raises(ValueError, match=r"ppml\.shuffle_patches_triton: patch_size must divide H and W"):
-        torch.ops.ppml.shuffle_patches_triton(torch.zeros(1, 1, 4, 4, device=DEVICE), torch.zeros(1, 4, dtype=torch.int64, device=DEVICE), 3)
+        torch.ops.ppml.shuffle_patches_triton(
+            torch.zeros(1, 1, 4, 4, device=DEVICE), torch.zeros(1, 4, dtype=torch.int64, device=DEVICE), 3
+        )
+
+
+@triton_run
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_triton_groups_bands_and_int64_offsets(monkeypatch, layout):
+    # Small grids make the launcher group bands (several per program, the last program part-empty) and INT64 forces the
+    # 64-bit offsets of tensors past 2^31 elements: both paths stay bit-exact. 5 images x 3 channels x 3 bands = 45
+    # bands (15 in channels_last), 4 per program.
+    import ppml.kernels.shuffle_patches as k
+    from ppml.kernels._common import plane_geometry, use_channels_last
+
+    x = make_images((5, 3, 12, 12), torch.float32, DEVICE, layout, seed=5)
+    perm = make_perm(5, 9, DEVICE, seed=5)
+    geo = plane_geometry(x.shape, use_channels_last(x), 4)
+    monkeypatch.setattr(k, "_MIN_PROGRAMS", 2)
+    monkeypatch.setattr(k, "_MIN_PROGRAM_BYTES", 4 * geo.patch * geo.row_units * 4)  # 4 bands of float32
+    cfg = k.launch_config(geo, 4)
+    assert cfg["bands_per_program"] == 4 and cfg["grid"][0] * 4 > cfg["num_bands"], cfg
+    assert torch.equal(triton_shuffle(x, perm, 4), ref_shuffle(x, perm, 4))
+    monkeypatch.setattr(k, "needs_int64", lambda *t: True)
+    assert torch.equal(triton_shuffle(x, perm, 4), ref_shuffle(x, perm, 4))
+
+
+def test_launch_config_fills_the_gpu():
+    # Real images (224 x 224, p = 16): every B from 64 up gives a few waves of programs on 132 SMs, bands are grouped
+    # only where they are small (uint8) and B is large, and no program moves more than _MAX_BLOCK elements a step.
+    from ppml.kernels._common import plane_geometry
+    from ppml.kernels.shuffle_patches import _MAX_BLOCK, launch_config
+
+    for channels_last, size, batch in itertools.product([False, True], [1, 2, 4], [1, 64, 256, 1024]):
+        cfg = launch_config(plane_geometry((batch, 3, 224, 224), channels_last, 16), size)
+        assert cfg["BLOCK_R"] * cfg["BLOCK_T"] * cfg["BLOCK_X"] <= _MAX_BLOCK
+        assert cfg["grid"][0] * cfg["bands_per_program"] >= cfg["num_bands"]
+        if batch >= 64:
+            assert cfg["grid"][0] >= 132 * 4, (channels_last, size, batch, cfg)
+        if size == 4 or batch == 1:
+            assert cfg["bands_per_program"] == 1, (channels_last, size, batch, cfg)
 
 
 @st.composite
 def tiny_cases(draw):
     p = draw(st.integers(1, 3))
     shape = (draw(st.integers(0, 2)), draw(st.integers(1, 3)), p * draw(st.integers(1, 3)), p * draw(st.integers(1, 3)))
-    return shape, p, draw(st.sampled_from(ALL_DTYPES)), draw(st.sampled_from(list(LAYOUTS))), draw(st.integers(0, 2**31 - 1))
+    dtype, layout = draw(st.sampled_from(ALL_DTYPES)), draw(st.sampled_from(list(LAYOUTS)))
+    return shape, p, dtype, layout, draw(st.integers(0, 2**31 - 1))
 
 
 @triton_run
@@ -154,6 +197,16 @@ def aot_launches(all_cases=ALL_TRITON_CASES):
     launch(make_images((1, 2, 4, 4), torch.float64, "cpu"), make_perm(1, 4), 2)  # gradcheck
     for dtype, layout, p in itertools.product(ALL_DTYPES, ["contiguous", "channels_last"], [16, 224]):
         launch(make_images((1, 3, 224, 224), dtype, "cpu", layout), make_perm(1, (224 // p) ** 2), p)
+    # Real batches: uint8 NCHW at B = 256 groups bands (bands_per_program > 1), and 64-bit offsets (INT64), which only
+    # tensors past 2^31 elements take: compiled here by forcing the flag on a small launch.
+    launch(make_images((256, 3, 224, 224), torch.uint8, "cpu"), make_perm(256, 196), 16)
+    import ppml.kernels.shuffle_patches as k
+
+    needs_int64, k.needs_int64 = k.needs_int64, lambda *t: True
+    try:
+        launch(make_images((1, 3, 224, 224), torch.float32, "cpu"), make_perm(1, 196), 16)
+    finally:
+        k.needs_int64 = needs_int64
     if all_cases:  # the fuzz: every dtype, layout and p at a few shapes
         for dtype, layout, p, (b, c, th, tw) in itertools.product(
             ALL_DTYPES, LAYOUTS, [1, 2, 3], [(1, 1, 1, 1), (2, 3, 2, 3), (1, 2, 3, 1)]
@@ -162,8 +215,23 @@ def aot_launches(all_cases=ALL_TRITON_CASES):
 
 
 _PTX_CHECKS = """
+import re
+
+vector_cases = 0
 for (sig, consts), k in ok:
-    assert ".target sm_90" in k.asm["ptx"] and len(k.asm["cubin"]) > 0, (sig, consts)
+    ptx = k.asm["ptx"]
+    assert ".target sm_90" in ptx and len(k.asm["cubin"]) > 0, (sig, consts)
+    # Where a patch row is a multiple of 16 bytes at a multiple of 16 bytes (p = 16 or 224 at 224 x 224, every width
+    # and layout, and the big-patch case), the loads and stores are 128-bit vectors: v4.b32, or v2.b64 for 8-byte
+    # elements.
+    width = {"*i8": 1, "*i16": 2, "*i32": 4, "*i64": 8}[sig["src"]]
+    if consts["PATCH"] in (16, 64, 224) and consts["RUN_UNITS"] * width % 16 == 0:
+        vectors = r"\\.global(?:\\.\\w+)*?\\.(?:v4\\.b32|v2\\.b64)"
+        assert re.search("ld" + vectors, ptx), ("no 128-bit global load", sig, consts)
+        assert re.search("st" + vectors, ptx), ("no 128-bit global store", sig, consts)
+        vector_cases += 1
+# 4 widths (float16 and bfloat16 share int16) x 2 layouts x p = 16, 224, the big patch, grouped bands and INT64
+assert vector_cases >= 19, f"only {vector_cases} real-image specialisations checked for 128-bit vectors"
 """
 
 
