@@ -11,7 +11,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _round_to_bfloat16(x):
+def round_to_bfloat16(x):
     """float32 -> bfloat16, round to nearest even, NaN kept NaN (torch's c10::BFloat16 rounding).
 
     Done on the bits because the interpreter's own float32 -> bfloat16 cast truncates, so the numerics tested on CPU

@@ -45,7 +45,7 @@ import triton.language as tl
 
 from ppml._constants import COS_EPS, DIST2_EPS
 
-from ._common import _round_to_bfloat16
+from ._common import round_to_bfloat16
 
 _METRIC_IDS = {"sqeuclidean": 0, "euclidean": 1, "cosine": 2}
 _SQEUCLIDEAN = tl.constexpr(0)
@@ -433,7 +433,7 @@ def _anchor_loss_kernel(
             g = tl.where(row_mask[:, None], g, 0.0)
             if grad.dtype.element_ty == tl.bfloat16:
                 # Rounded on the bits: the interpreter's float32 -> bfloat16 cast truncates (see _common).
-                out = _round_to_bfloat16(g.to(tl.float32))
+                out = round_to_bfloat16(g.to(tl.float32))
             else:
                 out = g.to(grad.dtype.element_ty)
             tl.store(grad + rows[:, None] * D + k[None, :], out, mask=m2)

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    _round_to_bfloat16,
+    round_to_bfloat16,
     block_3d,
     memory_format,
     needs_int64,
@@ -117,7 +117,7 @@ def _mix_subpatches_kernel(
                         # SCALE is the host's double 1/g², rounded to ACC here exactly as torch rounds a Python scalar.
                         acc = acc * tl.full([], SCALE, ACC)
                     if dst.dtype.element_ty == tl.bfloat16:
-                        out = _round_to_bfloat16(acc)
+                        out = round_to_bfloat16(acc)
                     else:
                         out = acc.to(dst.dtype.element_ty)
                     tl.store(dst + out_off + x, out, mask=mask)

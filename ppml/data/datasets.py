@@ -45,7 +45,7 @@ class TensorSplit:
         return len(self.classes)
 
 
-def _stratified_split(labels: Tensor, val_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+def stratified_split(labels: Tensor, val_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
     """Indices of a fixed stratified split: per class, a seeded shuffle, the first round(fraction·n) go to val."""
     gen = torch.Generator().manual_seed(seed)
     train, val = [], []
@@ -88,7 +88,7 @@ def load_digits(img_size: int = 32, channels: int = 3, val_fraction: float = 0.2
         x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False).clamp_(0, 1)
     x = x.expand(-1, channels, -1, -1).contiguous()
     y = torch.as_tensor(bunch.target, dtype=torch.int64)
-    tr, va = _stratified_split(y, val_fraction, split_seed)
+    tr, va = stratified_split(y, val_fraction, split_seed)
     return TensorSplit(x[tr], y[tr], x[va], y[va], [str(c) for c in range(10)])
 
 
@@ -133,7 +133,7 @@ def load_image_folder(path: str, img_size: int = 224, val_fraction: float = 0.2,
         is_val = torch.tensor([s == "val" for s in split])
         tr, va = torch.nonzero(~is_val).flatten(), torch.nonzero(is_val).flatten()
     else:
-        tr, va = _stratified_split(y, val_fraction, split_seed)
+        tr, va = stratified_split(y, val_fraction, split_seed)
     return TensorSplit(x[tr], y[tr], x[va], y[va], classes, skipped)
 
 

@@ -440,7 +440,7 @@ def load_encrypted(dst: str, val_fraction: float = 0.2, split_seed: int = 0):
     """An encrypted dataset as a :class:`ppml.data.TensorSplit` of float32 ciphertext in [0, 1] (RS: uint8 / 255 —
     scaling commutes with the shuffle; MI: the stored 0..255 means / 255). The split: the source's train/val folders
     when it had them, else the fixed stratified split of :func:`ppml.data.load_digits`. Also returns the manifest."""
-    from .datasets import TensorSplit, _stratified_split
+    from .datasets import TensorSplit, stratified_split
 
     x, y, idx, manifest = load_shards(dst)
     x = x.float() / 255.0
@@ -449,7 +449,7 @@ def load_encrypted(dst: str, val_fraction: float = 0.2, split_seed: int = 0):
         is_val = torch.tensor([splits[i] == "val" for i in idx.tolist()])
         tr, va = torch.nonzero(~is_val).flatten(), torch.nonzero(is_val).flatten()
     else:
-        tr, va = _stratified_split(y, val_fraction, split_seed)
+        tr, va = stratified_split(y, val_fraction, split_seed)
     return TensorSplit(x[tr], y[tr], x[va], y[va], list(manifest["classes"])), manifest
 
 
