@@ -22,13 +22,13 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    round_to_bfloat16,
     block_3d,
     memory_format,
     needs_int64,
     num_warps_for,
     plane_geometry,
     plane_view,
+    round_to_bfloat16,
     row_align,
     use_channels_last,
 )
