@@ -1,6 +1,6 @@
 """Encrypted-domain augmentation: transforms of a ciphertext batch that equal plaintext augmentation.
 
-The trainer only ever sees ciphertext (METHOD.md §1, §5), so augmentation has to happen there. For a model that is
+The trainer only ever sees ciphertext (the data owner encrypts before training), so augmentation has to happen there. For a model that is
 invariant to the order of its patch tokens (a ViT without position embedding), the transforms below are exact
 equivalents of their plaintext counterparts:
 
@@ -25,7 +25,7 @@ equivalents of their plaintext counterparts:
   permutation-invariant model it is a Mixup of *randomly paired* patches, not the plaintext Mixup (which pairs the
   patches at the same position). It is the plaintext Mixup only when both images were shuffled with the same key.
 
-Random-resized-crop has no exact equivalent (METHOD.md §5).
+Random-resized-crop has no exact equivalent.
 
 Every random choice is drawn on the CPU from the optional ``generator`` (a CPU ``torch.Generator``; torch's global CPU
 generator when ``None``) and then moved to the images' device, so a training run is reproducible and resumable from

@@ -1,4 +1,4 @@
-"""Anchors and ppml::anchor_loss: both anchor principles, every backend vs the float64 reference (DESIGN.md's loss
+"""Anchors and ppml::anchor_loss: both anchor principles, every backend vs the float64 reference (ARCHITECTURE.md's loss
 tolerance rule), the CE identity, gradcheck, opcheck, compile, meta, chunking, edge cases, bad input and fuzzing."""
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def _ref64(f, a, y, metric, scale, pull, softmax):
 
 
 def assert_loss_tolerance(ours, torch_same, ref64, atol):
-    """DESIGN.md: |ours − ref_fp64| <= 2·|torch_same_dtype − ref_fp64| + atol (elementwise), with atol relative to the
+    """ARCHITECTURE.md: |ours − ref_fp64| <= 2·|torch_same_dtype − ref_fp64| + atol (elementwise), with atol relative to the
     loss's size (the logits are sums of terms as large as γ·(‖f‖² + r²), rounded in the input's precision)."""
     ours, torch_same = ours.detach(), torch_same.detach()
     err = (ours.double() - ref64).abs()

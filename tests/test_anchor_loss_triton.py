@@ -11,7 +11,7 @@ small-D tests share one D class (BLOCK_D = 16, D neither 1 nor a multiple of 16;
 kernel) and the GPU set compiles each dtype × metric × softmax there once (test_triton_matches_float64_formulas),
 plus the block-size classes of test_triton_block_edges, D = 1, and the mixed-dtype loads.
 
-Oracle: ``loss_and_grad`` on the same inputs widened to float64. Tolerance (DESIGN.md's loss rule, applied per row to
+Oracle: ``loss_and_grad`` on the same inputs widened to float64. Tolerance (ARCHITECTURE.md's loss rule, applied per row to
 the gradient's largest entry as well): |ours − ref64| <= 2·|torch_same − ref64| + atol·(1 + |ref64|) + cond, torch_same
 being ``loss_and_grad`` run in the kernel's own precision (float32 for half inputs, the gradient rounded to the input
 dtype). atol is 1e-10 for float64 and 1e-5 for float32 arithmetic; half-precision gradients add one ulp of their dtype
