@@ -118,3 +118,30 @@ def num_warps_for(block_elems: int, elem_bytes: int, max_warps: int = 4) -> int:
     while warps * 2 <= max_warps and warps * 2 * 32 <= threads:
         warps *= 2
     return warps
+
+
+def band_launch_config(
+    geo: PlaneGeometry,
+    blocks: tuple[int, int, int],
+    element_size: int,
+    warp_element_size: int,
+    min_program_bytes: int,
+    min_programs: int,
+) -> dict:
+    """Bands per program, grid and warps of a band kernel (one band = ``geo.patch`` rows of a plane), for its
+    (BLOCK_R, BLOCK_T, BLOCK_X) ``blocks``: a program takes bands up to ``min_program_bytes`` of input (``element_size``
+    bytes an element) as long as the grid keeps ``min_programs`` programs; the warps follow the block and
+    ``warp_element_size``."""
+    block_r, block_t, block_x = blocks
+    num_bands = geo.planes * geo.tiles_y
+    band_bytes = geo.patch * geo.row_units * element_size
+    per_program = max(1, min(min_program_bytes // max(band_bytes, 1), num_bands // min_programs))
+    return dict(
+        num_bands=num_bands,
+        bands_per_program=per_program,
+        grid=(triton.cdiv(num_bands, per_program),),
+        BLOCK_R=block_r,
+        BLOCK_T=block_t,
+        BLOCK_X=block_x,
+        num_warps=num_warps_for(block_r * block_t * block_x, warp_element_size),
+    )

@@ -22,10 +22,10 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    band_launch_config,
     block_3d,
     memory_format,
     needs_int64,
-    num_warps_for,
     plane_geometry,
     plane_view,
     round_to_bfloat16,
@@ -133,19 +133,9 @@ def launch_config(geo, sub: int, element_size: int, out_element_size: int) -> di
     """Block sizes, bands per program, grid and warps for a plane geometry (p×p patches), q = ``sub`` and the input and
     output widths (bytes)."""
     run = sub * geo.interleave
-    block_r, block_t, block_x = block_sizes(sub, run, geo.tiles_x)
-    num_bands = geo.planes * geo.tiles_y
-    band_bytes = geo.patch * geo.row_units * element_size
-    per_program = max(1, min(_MIN_PROGRAM_BYTES // max(band_bytes, 1), num_bands // _MIN_PROGRAMS))
-    return dict(
-        num_bands=num_bands,
-        bands_per_program=per_program,
-        grid=(triton.cdiv(num_bands, per_program),),
-        BLOCK_R=block_r,
-        BLOCK_T=block_t,
-        BLOCK_X=block_x,
-        num_warps=num_warps_for(block_r * block_t * block_x, max(element_size, out_element_size)),
-    )
+    blocks = block_sizes(sub, run, geo.tiles_x)
+    warp_size = max(element_size, out_element_size)
+    return band_launch_config(geo, blocks, element_size, warp_size, _MIN_PROGRAM_BYTES, _MIN_PROGRAMS)
 
 
 def mix_subpatches_triton(
