@@ -406,6 +406,22 @@ class Target:
         return (self.minimum is None or value >= self.minimum) and (self.maximum is None or value <= self.maximum)
 
 
+def gpu_share_targets(metric: str, batches: tuple[int, ...], minimum: float = 0.85) -> list[Target]:
+    """float32 GPU targets "``metric`` >= ``minimum``" for the CUDA kernel (provider ``native``) then the Triton one, at
+    each of ``batches``; labelled "cuda float32 B=64 share of copy" for ``metric`` share_of_copy."""
+    what = metric.replace("_", " ")
+    return [
+        Target(f"{name} float32 B={B} {what}", provider, "float32", B, metric, minimum, ("cuda",))
+        for name, provider in (("cuda", "native"), ("triton", "triton"))
+        for B in batches
+    ]
+
+
+# The columns every op section shows: (header, row key, format, suffix).
+GB_PER_S_COLUMN = ("GB/s", "gb_per_s", ".1f", "")
+IMAGES_PER_S_COLUMN = ("images/s", "images_per_s", ",.0f", "")
+
+
 def check_targets(targets: list[Target], rows: list[dict], device: torch.device) -> list[str]:
     """One line per target of a section (whose rows are `rows`) that applies to `device`: value, threshold,
     met / NOT met / n/a."""

@@ -22,12 +22,15 @@ import torch
 
 # Run as a script, so benchmarks/ is on sys.path and the shared helpers import by their module name.
 from _harness import (
+    GB_PER_S_COLUMN,
+    IMAGES_PER_S_COLUMN,
     Config,
     Provider,
     Section,
     Target,
     bit_equal,
     derive,
+    gpu_share_targets,
     lazily_compiled,
     measure_shape,
     random_images,
@@ -217,15 +220,14 @@ def _mix_rows(
 
 TARGETS: list[Target] = [
     Target("native float32 B=64 share of bound", "native", "float32", 64, "share_of_bound", 0.9, ("cpu",)),
-    Target("cuda float32 B=64 share of bound", "native", "float32", 64, "share_of_bound", 0.85, ("cuda",)),
-    Target("triton float32 B=64 share of bound", "triton", "float32", 64, "share_of_bound", 0.85, ("cuda",)),
+    *gpu_share_targets("share_of_bound", (64,)),
 ]
 
 COLUMNS = [
-    ("GB/s", "gb_per_s", ".1f", ""),
+    GB_PER_S_COLUMN,
     ("share of bound", "share_of_bound", ".2f", ""),
     ("vs torch", "speedup_vs_torch", ".2f", "×"),
-    ("images/s", "images_per_s", ",.0f", ""),
+    IMAGES_PER_S_COLUMN,
 ]
 
 

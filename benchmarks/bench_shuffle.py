@@ -25,12 +25,15 @@ import torch
 
 # Run as a script, so benchmarks/ is on sys.path and the shared helpers import by their module name.
 from _harness import (
+    GB_PER_S_COLUMN,
+    IMAGES_PER_S_COLUMN,
     BenchmarkMismatch,
     Config,
     Provider,
     Section,
     Target,
     derive,
+    gpu_share_targets,
     lazily_compiled,
     measure_shape,
     random_images,
@@ -228,20 +231,17 @@ TARGETS: list[Target] = [
         "speedup_vs_vectorised",
         3.0,
     ),
-    Target("cuda float32 B=64 share of copy", "native", "float32", 64, "share_of_copy", 0.85, ("cuda",)),
-    Target("cuda float32 B=256 share of copy", "native", "float32", 256, "share_of_copy", 0.85, ("cuda",)),
-    Target("triton float32 B=64 share of copy", "triton", "float32", 64, "share_of_copy", 0.85, ("cuda",)),
-    Target("triton float32 B=256 share of copy", "triton", "float32", 256, "share_of_copy", 0.85, ("cuda",)),
+    *gpu_share_targets("share_of_copy", (64, 256)),
 ]
 
 
 COLUMNS = [
-    ("GB/s", "gb_per_s", ".1f", ""),
+    GB_PER_S_COLUMN,
     ("share of copy", "share_of_copy", ".2f", ""),
     ("vs loop", "speedup_vs_loop", ".1f", "×"),
     ("vs vectorised", "speedup_vs_vectorised", ".2f", "×"),
     ("vs compiled", "speedup_vs_compiled", ".2f", "×"),
-    ("images/s", "images_per_s", ",.0f", ""),
+    IMAGES_PER_S_COLUMN,
 ]
 
 
@@ -374,7 +374,7 @@ GPU_SECTION = Section(
         ("bound", "bound_provider", "s", ""),
         ("share of bound", "share_of_bound", ".2f", ""),
         ("µs above bound", "us_above_bound", ",.1f", ""),
-        ("GB/s", "gb_per_s", ".1f", ""),
+        GB_PER_S_COLUMN,
         ("reps", "reps", "d", ""),
     ],
     title=_gpu_title,
