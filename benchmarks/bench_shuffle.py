@@ -147,6 +147,26 @@ def _shuffle_providers() -> list[Provider]:
     ]
 
 
+def _measure_batch(
+    cfg: Config, tag: str, runnable: list[Provider], x: torch.Tensor, n: int, p: int, **kwargs
+) -> tuple[list[dict], torch.Tensor]:
+    """:func:`_harness.measure_shape` of ``runnable`` on the batch ``x`` (``n`` patches of p×p an image) under a fresh
+    key from ``cfg.seed + 1``, checked against the reference; ``kwargs`` go to measure_shape (``bound``, ``base_row``,
+    ...). Returns the rows and the key."""
+    perm = ppml.random_permutations(x.shape[0], n, generator=torch.Generator().manual_seed(cfg.seed + 1)).to(cfg.device)
+    expected = reference.shuffle_patches(x, perm, p)
+    rows = measure_shape(
+        cfg,
+        op="shuffle_patches",
+        tag=tag,
+        runnable=runnable,
+        args=(x, perm, p),
+        expected={"default": expected}.__getitem__,
+        **kwargs,
+    )
+    return rows, perm
+
+
 def section_shuffle(cfg: Config) -> list[dict]:
     """RS encryption, ``ppml::shuffle_patches``: [B, 3, 224, 224], p = 16, every provider, dtype and batch size."""
     device = cfg.device
@@ -159,15 +179,8 @@ def section_shuffle(cfg: Config) -> list[dict]:
         dname = str(dtype).replace("torch.", "")
         for B in (1, 64, 256):
             x = random_images((B, C, H, W), dtype, device, seed=cfg.seed + B)
-            perm = ppml.random_permutations(B, n, generator=torch.Generator().manual_seed(cfg.seed + 1)).to(device)
-            expected = reference.shuffle_patches(x, perm, p)
-            shape_rows = measure_shape(
-                cfg,
-                op="shuffle_patches",
-                tag="shuffle",
-                runnable=runnable,
-                args=(x, perm, p),
-                expected={"default": expected}.__getitem__,
+            shape_rows, perm = _measure_batch(
+                cfg, "shuffle", runnable, x, n, p,
                 bound=functools.partial(copy_bound_ms, x, budget_s=cfg.budget_s, warmup=cfg.warmup),
                 base_row={
                     "section": "shuffle_patches",
@@ -183,7 +196,7 @@ def section_shuffle(cfg: Config) -> list[dict]:
                 retime_against_copy(shape_rows, runnable, "native_out", (x, perm, p), cfg)
             derive(shape_rows, nbytes=2 * x.numel() * x.element_size())
             rows += shape_rows
-            del x, perm, expected
+            del x, perm
     return rows
 
 
@@ -313,15 +326,8 @@ def gpu_rows(
             latency = B == latency_batch
             kw = {"inner": LATENCY_INNER, "flush_l2": False} if latency else {}
             x = device_images((B, C, size, size), dtype, device, seed=cfg.seed + B)
-            perm = ppml.random_permutations(B, n, generator=torch.Generator().manual_seed(cfg.seed + 1)).to(device)
-            expected = reference.shuffle_patches(x, perm, p)
-            shape_rows = measure_shape(
-                cfg,
-                op="shuffle_patches",
-                tag="shuffle_gpu",
-                runnable=runnable,
-                args=(x, perm, p),
-                expected={"default": expected}.__getitem__,
+            shape_rows, perm = _measure_batch(
+                cfg, "shuffle_gpu", runnable, x, n, p,
                 bound=functools.partial(timer, copy_call(x), **kw),
                 base_row={
                     "section": "shuffle_patches_gpu",
@@ -338,7 +344,7 @@ def gpu_rows(
             )
             derive_bound(shape_rows, nbytes=2 * x.numel() * x.element_size())
             rows += shape_rows
-            del x, perm, expected
+            del x, perm
     return rows
 
 
