@@ -186,6 +186,15 @@ def runnable_providers(providers: list[Provider], op: str, tag: str, cfg: Config
     return runnable
 
 
+def drop_failed(cfg: Config, runnable: list, prov, exc: Exception, where: str, op: str, tag: str) -> None:
+    """Takes the optional provider ``prov``, which raised ``exc`` ``where`` (e.g. "on float32 B=64"), out of
+    ``runnable``, with a log line and a note that give the first line of the error."""
+    runnable.remove(prov)
+    why = f"failed {where}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    log(f"[{tag}] skipping {prov.name}: {why}")
+    cfg.notes.append(f"skipped {op}/{prov.name} on {cfg.device.type}: {why}")
+
+
 def measure_shape(
     cfg: Config,
     *,
@@ -236,10 +245,7 @@ def measure_shape(
             except Exception as exc:
                 if not prov.optional:
                     raise
-                runnable.remove(prov)
-                why = f"failed on {dname} B={B}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-                log(f"[{tag}] skipping {prov.name}: {why}")
-                cfg.notes.append(f"skipped {op}/{prov.name} on {cfg.device.type}: {why}")
+                drop_failed(cfg, runnable, prov, exc, f"on {dname} B={B}", op, tag)
                 continue
             if not prov.check(got, expected(prov.expects)):
                 msg = (

@@ -40,6 +40,7 @@ from _harness import (
     Target,
     _libc,
     backend_reason,
+    drop_failed,
     lazily_compiled,
     log,
     peak_extra_mb,
@@ -220,10 +221,7 @@ def section_anchor(cfg: Config) -> list[dict]:
             except Exception as exc:
                 if not prov.optional:
                     raise
-                runnable.remove(prov)
-                why = f"failed at B={B} D={D} C={C}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-                log(f"[{tag}] skipping {prov.name}: {why}")
-                cfg.notes.append(f"skipped {op}/{prov.name} on {device.type}: {why}")
+                drop_failed(cfg, runnable, prov, exc, f"at B={B} D={D} C={C}", op, tag)
                 continue
             first_s = time.perf_counter() - t0
             grad = features.grad.detach().clone()
