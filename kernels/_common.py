@@ -23,6 +23,19 @@ def round_to_bfloat16(x):
     return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
+@triton.jit
+def band_coords(k, bands_per_program, num_bands, tiles_y, INT64: tl.constexpr):
+    """(live, plane, ty) of the program's ``k``-th band of the band kernels: whether the band exists (past the last
+    band, as the grid rounds up, the masks are empty, so nothing is read or written), its plane and its tile row; the
+    indices are int64 where ``INT64``."""
+    idx_t = tl.int64 if INT64 else tl.int32
+    band = tl.program_id(0).to(idx_t) * bands_per_program + k
+    live = band < num_bands
+    plane = band // tiles_y
+    ty = band - plane * tiles_y
+    return live, plane, ty
+
+
 def use_channels_last(images: torch.Tensor) -> bool:
     """The layout rule: kernels keep channels_last inputs channels_last and make everything else contiguous.
 

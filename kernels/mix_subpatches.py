@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    band_coords,
     band_launch_config,
     block_3d,
     memory_format,
@@ -70,7 +71,6 @@ def _mix_subpatches_kernel(
     BLOCK_X: tl.constexpr,
     INT64: tl.constexpr,
 ):
-    idx_t = tl.int64 if INT64 else tl.int32
     # W·K and (W/g)·K, known multiples of IN_ALIGN and OUT_ALIGN (see _common.row_align)
     in_row = in_row_aligned * IN_ALIGN
     out_row = out_row_aligned * OUT_ALIGN
@@ -78,11 +78,7 @@ def _mix_subpatches_kernel(
     tiles = tl.arange(0, BLOCK_T)[None, :, None]
     cols = tl.arange(0, BLOCK_X)[None, None, :]
     for k in range(0, bands_per_program):
-        band = tl.program_id(0).to(idx_t) * bands_per_program + k
-        # Past the last band (the grid rounds up): an empty mask, so nothing is read or written.
-        live = band < num_bands
-        plane = band // tiles_y
-        ty = band - plane * tiles_y
+        live, plane, ty = band_coords(k, bands_per_program, num_bands, tiles_y, INT64)
         in_row0 = plane * height + ty * (GRID * SUB)  # first input row of the band
         out_row0 = plane * (height // GRID) + ty * SUB
         # The g² weights of each (image, patch) of the band; NCHW planes of one image share them.

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    band_coords,
     band_launch_config,
     block_3d,
     memory_format,
@@ -67,11 +68,7 @@ def _shuffle_patches_kernel(
     tiles = tl.arange(0, BLOCK_T)[None, :, None]
     cols = tl.arange(0, BLOCK_X)[None, None, :]
     for k in range(0, bands_per_program):
-        band = tl.program_id(0).to(idx_t) * bands_per_program + k
-        # Past the last band (the grid rounds up): an empty mask, so nothing is read or written.
-        live = band < num_bands
-        plane = band // tiles_y
-        ty = band - plane * tiles_y
+        live, plane, ty = band_coords(k, bands_per_program, num_bands, tiles_y, INT64)
         perm_row = perm + (plane // planes_per_perm) * num_tiles + ty * tiles_x
         row0 = plane * height  # first row of the plane
         for t0 in range(0, tiles_x, BLOCK_T):
