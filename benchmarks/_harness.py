@@ -186,6 +186,15 @@ def runnable_providers(providers: list[Provider], op: str, tag: str, cfg: Config
     return runnable
 
 
+def drop_failed(cfg: Config, runnable: list, prov, exc: Exception, where: str, op: str, tag: str) -> None:
+    """Takes the optional provider ``prov``, which raised ``exc`` ``where`` (e.g. "on float32 B=64"), out of
+    ``runnable``, with a log line and a note that give the first line of the error."""
+    runnable.remove(prov)
+    why = f"failed {where}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    log(f"[{tag}] skipping {prov.name}: {why}")
+    cfg.notes.append(f"skipped {op}/{prov.name} on {cfg.device.type}: {why}")
+
+
 def measure_shape(
     cfg: Config,
     *,
@@ -236,10 +245,7 @@ def measure_shape(
             except Exception as exc:
                 if not prov.optional:
                     raise
-                runnable.remove(prov)
-                why = f"failed on {dname} B={B}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-                log(f"[{tag}] skipping {prov.name}: {why}")
-                cfg.notes.append(f"skipped {op}/{prov.name} on {cfg.device.type}: {why}")
+                drop_failed(cfg, runnable, prov, exc, f"on {dname} B={B}", op, tag)
                 continue
             if not prov.check(got, expected(prov.expects)):
                 msg = (
@@ -404,6 +410,22 @@ class Target:
 
     def met(self, value: float) -> bool:
         return (self.minimum is None or value >= self.minimum) and (self.maximum is None or value <= self.maximum)
+
+
+def gpu_share_targets(metric: str, batches: tuple[int, ...], minimum: float = 0.85) -> list[Target]:
+    """float32 GPU targets "``metric`` >= ``minimum``" for the CUDA kernel (provider ``native``) then the Triton one, at
+    each of ``batches``; labelled "cuda float32 B=64 share of copy" for ``metric`` share_of_copy."""
+    what = metric.replace("_", " ")
+    return [
+        Target(f"{name} float32 B={B} {what}", provider, "float32", B, metric, minimum, ("cuda",))
+        for name, provider in (("cuda", "native"), ("triton", "triton"))
+        for B in batches
+    ]
+
+
+# The columns every op section shows: (header, row key, format, suffix).
+GB_PER_S_COLUMN = ("GB/s", "gb_per_s", ".1f", "")
+IMAGES_PER_S_COLUMN = ("images/s", "images_per_s", ",.0f", "")
 
 
 def check_targets(targets: list[Target], rows: list[dict], device: torch.device) -> list[str]:

@@ -92,14 +92,7 @@ def time_cuda(
     Returns:
         ``{"ms": median, "min_ms": fastest, "reps": timed repetitions}``.
     """
-    device = torch.device(device)
-    if device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    cache = None
-    if flush_l2:
-        cache = _flush_buffer.get(device)
-        if cache is None:
-            cache = _flush_buffer[device] = torch.empty(_L2_FLUSH_BYTES, dtype=torch.int8, device=device)
+    device, cache = _cuda_device_and_flush(device, flush_l2)
     for _ in range(max(1, warmup)):
         fn()
     torch.cuda.synchronize(device)
@@ -363,14 +356,7 @@ def time_events(
     Returns:
         ``{"ms": median per call, "min_ms": fastest per call, "reps": timed repetitions}``.
     """
-    device = torch.device(device)
-    if device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    cache = None
-    if flush_l2:
-        cache = _flush_buffer.get(device)
-        if cache is None:
-            cache = _flush_buffer[device] = torch.empty(_L2_FLUSH_BYTES, dtype=torch.int8, device=device)
+    device, cache = _cuda_device_and_flush(device, flush_l2)
     per_call = _warm_up(fn, warmup, max_s, lambda: torch.cuda.synchronize(device))
     reps = _reps_within(reps, per_call * inner, max_s, min_reps)
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
@@ -408,6 +394,20 @@ def time_wall(
             fn()
         times.append((time.perf_counter() - t0) * 1e3 / inner)
     return {"ms": statistics.median(times), "min_ms": min(times), "reps": reps}
+
+
+def _cuda_device_and_flush(device: torch.device | str, flush_l2: bool) -> tuple[torch.device, torch.Tensor | None]:
+    """The CUDA device with its index (the current one when ``device`` has none), and its L2 flush buffer (made once
+    per device) when ``flush_l2``, else None."""
+    device = torch.device(device)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    cache = None
+    if flush_l2:
+        cache = _flush_buffer.get(device)
+        if cache is None:
+            cache = _flush_buffer[device] = torch.empty(_L2_FLUSH_BYTES, dtype=torch.int8, device=device)
+    return device, cache
 
 
 def _warm_up(fn: Callable[[], object], warmup: int, max_s: float | None, sync: Callable[[], None]) -> float:

@@ -40,6 +40,7 @@ from _harness import (
     Target,
     _libc,
     backend_reason,
+    drop_failed,
     lazily_compiled,
     log,
     peak_extra_mb,
@@ -146,6 +147,42 @@ def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
     return (got - want).abs().max().item() / max(want.abs().max().item(), torch.finfo(torch.float64).tiny)
 
 
+def _row(
+    section: str,
+    provider: str,
+    metric: str,
+    dtype: str,
+    shape: tuple[int, int, int, str],
+    res: dict,
+    peak: float | None,
+    rel_loss: float,
+    rel_grad: float,
+    **extra,
+) -> dict:
+    """One timed row of an anchor section: ``shape`` is (B, D, C, anchors), ``res`` the timer's result, ``extra`` the
+    section's own columns (they follow ``reps``)."""
+    B, D, C, kind = shape
+    return {
+        "section": section,
+        "provider": provider,
+        "metric": metric,
+        "dtype": dtype,
+        "B": B,
+        "D": D,
+        "C": C,
+        "anchors": kind,
+        "scale": ANCHOR_SCALE,
+        "pull": ANCHOR_PULL,
+        "ms": res["ms"],
+        "min_ms": res["min_ms"],
+        "reps": res["reps"],
+        **extra,
+        "peak_extra_mb": peak,
+        "check_rel_loss": rel_loss,
+        "check_rel_grad": rel_grad,
+    }
+
+
 def section_anchor(cfg: Config) -> list[dict]:
     """Anchor losses, ``ppml::anchor_loss``: forward + backward at every (B, D, C) of :data:`ANCHOR_SIZES`, float32."""
     device = cfg.device
@@ -184,10 +221,7 @@ def section_anchor(cfg: Config) -> list[dict]:
             except Exception as exc:
                 if not prov.optional:
                     raise
-                runnable.remove(prov)
-                why = f"failed at B={B} D={D} C={C}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-                log(f"[{tag}] skipping {prov.name}: {why}")
-                cfg.notes.append(f"skipped {op}/{prov.name} on {device.type}: {why}")
+                drop_failed(cfg, runnable, prov, exc, f"at B={B} D={D} C={C}", op, tag)
                 continue
             first_s = time.perf_counter() - t0
             grad = features.grad.detach().clone()
@@ -235,26 +269,9 @@ def section_anchor(cfg: Config) -> list[dict]:
                 + ("" if peak is None else f"  peak +{peak:.1f} MB")
             )
             shape_rows.append(
-                {
-                    "section": op,
-                    "provider": prov.name,
-                    "metric": prov.metric,
-                    "dtype": "float32",
-                    "B": B,
-                    "D": D,
-                    "C": C,
-                    "anchors": kind,
-                    "scale": ANCHOR_SCALE,
-                    "pull": ANCHOR_PULL,
-                    "ms": res["ms"],
-                    "min_ms": res["min_ms"],
-                    "reps": res["reps"],
-                    "other_cpu": busy,
-                    "peak_extra_mb": peak,
-                    "check_rel_loss": rel_loss,
-                    "check_rel_grad": rel_grad,
-                }
-            )
+                _row(op, prov.name, prov.metric, "float32", (B, D, C, kind), res, peak, rel_loss, rel_grad,
+                     other_cpu=busy)
+            )  # fmt: skip
         eager = next((r for r in shape_rows if r["provider"] == "eager"), None)
         for row in shape_rows:
             row["speedup_vs_eager"] = eager["ms"] / row["ms"] if eager else None
@@ -417,27 +434,11 @@ def gpu_rows(
             res = timer(call)
             log(f"[{tag}] {prov.name:<7} {dname:<9} B={B:<5} D={D:<5} C={C:<6} {res['ms']:10.3f} ms  "
                 f"({res['reps']} reps)" + ("" if peak is None else f"  peak +{peak:.1f} MB"))  # fmt: skip
+            timing = "events, L2 flushed" if device.type == "cuda" else "wall clock"
             shape_rows.append(
-                {
-                    "section": "anchor_loss_gpu",
-                    "provider": prov.name,
-                    "metric": "sqeuclidean",
-                    "dtype": dname,
-                    "B": B,
-                    "D": D,
-                    "C": C,
-                    "anchors": kind,
-                    "scale": ANCHOR_SCALE,
-                    "pull": ANCHOR_PULL,
-                    "ms": res["ms"],
-                    "min_ms": res["min_ms"],
-                    "reps": res["reps"],
-                    "timing": "events, L2 flushed" if device.type == "cuda" else "wall clock",
-                    "peak_extra_mb": peak,
-                    "check_rel_loss": rel_loss,
-                    "check_rel_grad": rel_grad,
-                }
-            )
+                _row("anchor_loss_gpu", prov.name, "sqeuclidean", dname, (B, D, C, kind), res, peak, rel_loss, rel_grad,
+                     timing=timing)
+            )  # fmt: skip
         derive_matching(shape_rows)
         rows += shape_rows
         del args32, args16, want_loss, want_grad

@@ -22,12 +22,15 @@ import torch
 
 # Run as a script, so benchmarks/ is on sys.path and the shared helpers import by their module name.
 from _harness import (
+    GB_PER_S_COLUMN,
+    IMAGES_PER_S_COLUMN,
     Config,
     Provider,
     Section,
     Target,
     bit_equal,
     derive,
+    gpu_share_targets,
     lazily_compiled,
     measure_shape,
     random_images,
@@ -80,6 +83,25 @@ def mix_exact(got: torch.Tensor, expected: torch.Tensor) -> bool:
 MIX_EXACT = "bit for bit (one ulp for bfloat16)"
 
 
+def _kernel_provider(backend: str, weighted: bool) -> Provider:
+    """The op on ``backend`` (``native``: ``ppml::mix_subpatches``; ``triton``: ``ppml::mix_subpatches_triton``, GPU
+    only), with the weights (row ``<backend>_weighted``, checked against ``weighted``) or without (the mean)."""
+    op = "mix_subpatches_triton" if backend == "triton" else "mix_subpatches"
+    if weighted:
+        call = lambda x, p, g, w: getattr(torch.ops.ppml, op)(x, p, g, w)  # noqa: E731
+    else:
+        call = lambda x, p, g, w: getattr(torch.ops.ppml, op)(x, p, g, None)  # noqa: E731
+    return Provider(
+        f"{backend}_weighted" if weighted else backend,
+        call,
+        backend=backend,
+        gpu_only=backend == "triton",
+        expects="weighted" if weighted else "mean",
+        check=mix_exact,
+        check_desc=MIX_EXACT,
+    )
+
+
 def _mix_providers() -> list[Provider]:
     compiled = lazily_compiled(reference.mix_subpatches)  # the mean: weights left at None
     return [
@@ -103,31 +125,9 @@ def _mix_providers() -> list[Provider]:
             check=mix_exact,
             check_desc=MIX_EXACT,
         ),
-        Provider(
-            "native",
-            lambda x, p, g, w: torch.ops.ppml.mix_subpatches(x, p, g, None),
-            backend="native",
-            expects="mean",
-            check=mix_exact,
-            check_desc=MIX_EXACT,
-        ),
-        Provider(
-            "native_weighted",
-            lambda x, p, g, w: torch.ops.ppml.mix_subpatches(x, p, g, w),
-            backend="native",
-            expects="weighted",
-            check=mix_exact,
-            check_desc=MIX_EXACT,
-        ),
-        Provider(
-            "triton",
-            lambda x, p, g, w: torch.ops.ppml.mix_subpatches_triton(x, p, g, None),
-            backend="triton",
-            gpu_only=True,
-            expects="mean",
-            check=mix_exact,
-            check_desc=MIX_EXACT,
-        ),
+        _kernel_provider("native", weighted=False),
+        _kernel_provider("native", weighted=True),
+        _kernel_provider("triton", weighted=False),
     ]
 
 
@@ -217,15 +217,14 @@ def _mix_rows(
 
 TARGETS: list[Target] = [
     Target("native float32 B=64 share of bound", "native", "float32", 64, "share_of_bound", 0.9, ("cpu",)),
-    Target("cuda float32 B=64 share of bound", "native", "float32", 64, "share_of_bound", 0.85, ("cuda",)),
-    Target("triton float32 B=64 share of bound", "triton", "float32", 64, "share_of_bound", 0.85, ("cuda",)),
+    *gpu_share_targets("share_of_bound", (64,)),
 ]
 
 COLUMNS = [
-    ("GB/s", "gb_per_s", ".1f", ""),
+    GB_PER_S_COLUMN,
     ("share of bound", "share_of_bound", ".2f", ""),
     ("vs torch", "speedup_vs_torch", ".2f", "×"),
-    ("images/s", "images_per_s", ",.0f", ""),
+    IMAGES_PER_S_COLUMN,
 ]
 
 
@@ -239,17 +238,7 @@ def _gpu_providers() -> list[Provider]:
     """The CPU section's providers but ``compiled``, plus ``triton_weighted``: every batch size in every run, and a
     failure is a note (the GPU check must get every row)."""
     providers = [pv for pv in _mix_providers() if pv.name != "compiled"]
-    providers.append(
-        Provider(
-            "triton_weighted",
-            lambda x, p, g, w: torch.ops.ppml.mix_subpatches_triton(x, p, g, w),
-            backend="triton",
-            gpu_only=True,
-            expects="weighted",
-            check=mix_exact,
-            check_desc=MIX_EXACT,
-        )
-    )
+    providers.append(_kernel_provider("triton", weighted=True))
     return [replace(pv, quick_max_batch=None, optional=True) for pv in providers]
 
 

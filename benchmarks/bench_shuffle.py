@@ -25,12 +25,15 @@ import torch
 
 # Run as a script, so benchmarks/ is on sys.path and the shared helpers import by their module name.
 from _harness import (
+    GB_PER_S_COLUMN,
+    IMAGES_PER_S_COLUMN,
     BenchmarkMismatch,
     Config,
     Provider,
     Section,
     Target,
     derive,
+    gpu_share_targets,
     lazily_compiled,
     measure_shape,
     random_images,
@@ -144,6 +147,26 @@ def _shuffle_providers() -> list[Provider]:
     ]
 
 
+def _measure_batch(
+    cfg: Config, tag: str, runnable: list[Provider], x: torch.Tensor, n: int, p: int, **kwargs
+) -> tuple[list[dict], torch.Tensor]:
+    """:func:`_harness.measure_shape` of ``runnable`` on the batch ``x`` (``n`` patches of p×p an image) under a fresh
+    key from ``cfg.seed + 1``, checked against the reference; ``kwargs`` go to measure_shape (``bound``, ``base_row``,
+    ...). Returns the rows and the key."""
+    perm = ppml.random_permutations(x.shape[0], n, generator=torch.Generator().manual_seed(cfg.seed + 1)).to(cfg.device)
+    expected = reference.shuffle_patches(x, perm, p)
+    rows = measure_shape(
+        cfg,
+        op="shuffle_patches",
+        tag=tag,
+        runnable=runnable,
+        args=(x, perm, p),
+        expected={"default": expected}.__getitem__,
+        **kwargs,
+    )
+    return rows, perm
+
+
 def section_shuffle(cfg: Config) -> list[dict]:
     """RS encryption, ``ppml::shuffle_patches``: [B, 3, 224, 224], p = 16, every provider, dtype and batch size."""
     device = cfg.device
@@ -156,15 +179,8 @@ def section_shuffle(cfg: Config) -> list[dict]:
         dname = str(dtype).replace("torch.", "")
         for B in (1, 64, 256):
             x = random_images((B, C, H, W), dtype, device, seed=cfg.seed + B)
-            perm = ppml.random_permutations(B, n, generator=torch.Generator().manual_seed(cfg.seed + 1)).to(device)
-            expected = reference.shuffle_patches(x, perm, p)
-            shape_rows = measure_shape(
-                cfg,
-                op="shuffle_patches",
-                tag="shuffle",
-                runnable=runnable,
-                args=(x, perm, p),
-                expected={"default": expected}.__getitem__,
+            shape_rows, perm = _measure_batch(
+                cfg, "shuffle", runnable, x, n, p,
                 bound=functools.partial(copy_bound_ms, x, budget_s=cfg.budget_s, warmup=cfg.warmup),
                 base_row={
                     "section": "shuffle_patches",
@@ -180,7 +196,7 @@ def section_shuffle(cfg: Config) -> list[dict]:
                 retime_against_copy(shape_rows, runnable, "native_out", (x, perm, p), cfg)
             derive(shape_rows, nbytes=2 * x.numel() * x.element_size())
             rows += shape_rows
-            del x, perm, expected
+            del x, perm
     return rows
 
 
@@ -228,20 +244,17 @@ TARGETS: list[Target] = [
         "speedup_vs_vectorised",
         3.0,
     ),
-    Target("cuda float32 B=64 share of copy", "native", "float32", 64, "share_of_copy", 0.85, ("cuda",)),
-    Target("cuda float32 B=256 share of copy", "native", "float32", 256, "share_of_copy", 0.85, ("cuda",)),
-    Target("triton float32 B=64 share of copy", "triton", "float32", 64, "share_of_copy", 0.85, ("cuda",)),
-    Target("triton float32 B=256 share of copy", "triton", "float32", 256, "share_of_copy", 0.85, ("cuda",)),
+    *gpu_share_targets("share_of_copy", (64, 256)),
 ]
 
 
 COLUMNS = [
-    ("GB/s", "gb_per_s", ".1f", ""),
+    GB_PER_S_COLUMN,
     ("share of copy", "share_of_copy", ".2f", ""),
     ("vs loop", "speedup_vs_loop", ".1f", "×"),
     ("vs vectorised", "speedup_vs_vectorised", ".2f", "×"),
     ("vs compiled", "speedup_vs_compiled", ".2f", "×"),
-    ("images/s", "images_per_s", ",.0f", ""),
+    IMAGES_PER_S_COLUMN,
 ]
 
 
@@ -313,15 +326,8 @@ def gpu_rows(
             latency = B == latency_batch
             kw = {"inner": LATENCY_INNER, "flush_l2": False} if latency else {}
             x = device_images((B, C, size, size), dtype, device, seed=cfg.seed + B)
-            perm = ppml.random_permutations(B, n, generator=torch.Generator().manual_seed(cfg.seed + 1)).to(device)
-            expected = reference.shuffle_patches(x, perm, p)
-            shape_rows = measure_shape(
-                cfg,
-                op="shuffle_patches",
-                tag="shuffle_gpu",
-                runnable=runnable,
-                args=(x, perm, p),
-                expected={"default": expected}.__getitem__,
+            shape_rows, perm = _measure_batch(
+                cfg, "shuffle_gpu", runnable, x, n, p,
                 bound=functools.partial(timer, copy_call(x), **kw),
                 base_row={
                     "section": "shuffle_patches_gpu",
@@ -338,7 +344,7 @@ def gpu_rows(
             )
             derive_bound(shape_rows, nbytes=2 * x.numel() * x.element_size())
             rows += shape_rows
-            del x, perm, expected
+            del x, perm
     return rows
 
 
@@ -374,7 +380,7 @@ GPU_SECTION = Section(
         ("bound", "bound_provider", "s", ""),
         ("share of bound", "share_of_bound", ".2f", ""),
         ("µs above bound", "us_above_bound", ",.1f", ""),
-        ("GB/s", "gb_per_s", ".1f", ""),
+        GB_PER_S_COLUMN,
         ("reps", "reps", "d", ""),
     ],
     title=_gpu_title,

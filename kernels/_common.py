@@ -23,6 +23,19 @@ def round_to_bfloat16(x):
     return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
+@triton.jit
+def band_coords(k, bands_per_program, num_bands, tiles_y, INT64: tl.constexpr):
+    """(live, plane, ty) of the program's ``k``-th band of the band kernels: whether the band exists (past the last
+    band, as the grid rounds up, the masks are empty, so nothing is read or written), its plane and its tile row; the
+    indices are int64 where ``INT64``."""
+    idx_t = tl.int64 if INT64 else tl.int32
+    band = tl.program_id(0).to(idx_t) * bands_per_program + k
+    live = band < num_bands
+    plane = band // tiles_y
+    ty = band - plane * tiles_y
+    return live, plane, ty
+
+
 def use_channels_last(images: torch.Tensor) -> bool:
     """The layout rule: kernels keep channels_last inputs channels_last and make everything else contiguous.
 
@@ -118,3 +131,30 @@ def num_warps_for(block_elems: int, elem_bytes: int, max_warps: int = 4) -> int:
     while warps * 2 <= max_warps and warps * 2 * 32 <= threads:
         warps *= 2
     return warps
+
+
+def band_launch_config(
+    geo: PlaneGeometry,
+    blocks: tuple[int, int, int],
+    element_size: int,
+    warp_element_size: int,
+    min_program_bytes: int,
+    min_programs: int,
+) -> dict:
+    """Bands per program, grid and warps of a band kernel (one band = ``geo.patch`` rows of a plane), for its
+    (BLOCK_R, BLOCK_T, BLOCK_X) ``blocks``: a program takes bands up to ``min_program_bytes`` of input (``element_size``
+    bytes an element) as long as the grid keeps ``min_programs`` programs; the warps follow the block and
+    ``warp_element_size``."""
+    block_r, block_t, block_x = blocks
+    num_bands = geo.planes * geo.tiles_y
+    band_bytes = geo.patch * geo.row_units * element_size
+    per_program = max(1, min(min_program_bytes // max(band_bytes, 1), num_bands // min_programs))
+    return dict(
+        num_bands=num_bands,
+        bands_per_program=per_program,
+        grid=(triton.cdiv(num_bands, per_program),),
+        BLOCK_R=block_r,
+        BLOCK_T=block_t,
+        BLOCK_X=block_x,
+        num_warps=num_warps_for(block_r * block_t * block_x, warp_element_size),
+    )

@@ -261,6 +261,23 @@ def _wa_dot(w, a, acc, DOT: tl.constexpr, ACC: tl.constexpr):
 
 # B, C and the split counts only bound masks and loops (never an address), so they are not specialised: otherwise B or
 # C equal to 1 or divisible by 16 would each be a separate compile (~1 s), e.g. a training run's last, partial batch.
+@triton.jit
+def _column_slice(
+    partial, f_rows, ay_rows, rows, row_mask, k, B, D, S2,
+    SOFTMAX: tl.constexpr, ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The columns ``k`` of the rows' finish step: their mask, dF̂ summed over the S2 class splits' partials (zero
+    without softmax), the features and the true class's anchor, in ACC."""
+    m2 = row_mask[:, None] & (k < D)[None, :]
+    acc = tl.zeros([BLOCK_B, BLOCK_K], ACC)
+    if SOFTMAX:
+        for s in range(0, S2):
+            acc += tl.load(partial + (s * B + rows)[:, None] * D + k[None, :], mask=m2, other=0)
+    f = tl.load(f_rows[:, None] + k[None, :], mask=m2, other=0).to(ACC)
+    ay = tl.load(ay_rows[:, None] + k[None, :], mask=m2, other=0).to(ACC)
+    return m2, acc, f, ay
+
+
 @triton.jit(do_not_specialize=["B", "C", "S1", "CPS1", "S2", "CPS2"])
 def _anchor_loss_kernel(
     features,
@@ -397,24 +414,14 @@ def _anchor_loss_kernel(
         if METRIC == _COSINE:  # dF̂·f̂ over the whole row first, from dF̂ itself, as the reference
             for k0 in range(0, D, BLOCK_K):
                 k = k0 + offs_k
-                m2 = row_mask[:, None] & (k < D)[None, :]
-                ghat = tl.zeros([BLOCK_B, BLOCK_K], ACC)
-                if SOFTMAX:
-                    for s in range(0, S2):
-                        ghat += tl.load(partial + (s * B + rows)[:, None] * D + k[None, :], mask=m2, other=0)
-                f = tl.load(f_rows[:, None] + k[None, :], mask=m2, other=0).to(ACC)
-                ay = tl.load(ay_rows[:, None] + k[None, :], mask=m2, other=0).to(ACC)
+                m2, ghat, f, ay = _column_slice(
+                    partial, f_rows, ay_rows, rows, row_mask, k, B, D, S2, SOFTMAX, ACC, BLOCK_B, BLOCK_K)
                 ghat -= (rho_w * an_y)[:, None] * ay
                 radial += tl.sum(ghat * _div_rn(f, fden_col), 1)
         for k0 in range(0, D, BLOCK_K):
             k = k0 + offs_k
-            m2 = row_mask[:, None] & (k < D)[None, :]
-            wa = tl.zeros([BLOCK_B, BLOCK_K], ACC)
-            if SOFTMAX:
-                for s in range(0, S2):
-                    wa += tl.load(partial + (s * B + rows)[:, None] * D + k[None, :], mask=m2, other=0)
-            f = tl.load(f_rows[:, None] + k[None, :], mask=m2, other=0).to(ACC)
-            ay = tl.load(ay_rows[:, None] + k[None, :], mask=m2, other=0).to(ACC)
+            m2, wa, f, ay = _column_slice(
+                partial, f_rows, ay_rows, rows, row_mask, k, B, D, S2, SOFTMAX, ACC, BLOCK_B, BLOCK_K)
             if METRIC == _COSINE:
                 ghat = wa - (rho_w * an_y)[:, None] * ay
                 # The reference's divisions, correctly rounded: f̂ = f/‖f‖ is then exactly ±1 where D = 1, and the

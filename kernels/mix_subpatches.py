@@ -22,10 +22,11 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    band_coords,
+    band_launch_config,
     block_3d,
     memory_format,
     needs_int64,
-    num_warps_for,
     plane_geometry,
     plane_view,
     round_to_bfloat16,
@@ -70,7 +71,6 @@ def _mix_subpatches_kernel(
     BLOCK_X: tl.constexpr,
     INT64: tl.constexpr,
 ):
-    idx_t = tl.int64 if INT64 else tl.int32
     # W·K and (W/g)·K, known multiples of IN_ALIGN and OUT_ALIGN (see _common.row_align)
     in_row = in_row_aligned * IN_ALIGN
     out_row = out_row_aligned * OUT_ALIGN
@@ -78,11 +78,7 @@ def _mix_subpatches_kernel(
     tiles = tl.arange(0, BLOCK_T)[None, :, None]
     cols = tl.arange(0, BLOCK_X)[None, None, :]
     for k in range(0, bands_per_program):
-        band = tl.program_id(0).to(idx_t) * bands_per_program + k
-        # Past the last band (the grid rounds up): an empty mask, so nothing is read or written.
-        live = band < num_bands
-        plane = band // tiles_y
-        ty = band - plane * tiles_y
+        live, plane, ty = band_coords(k, bands_per_program, num_bands, tiles_y, INT64)
         in_row0 = plane * height + ty * (GRID * SUB)  # first input row of the band
         out_row0 = plane * (height // GRID) + ty * SUB
         # The g² weights of each (image, patch) of the band; NCHW planes of one image share them.
@@ -133,19 +129,9 @@ def launch_config(geo, sub: int, element_size: int, out_element_size: int) -> di
     """Block sizes, bands per program, grid and warps for a plane geometry (p×p patches), q = ``sub`` and the input and
     output widths (bytes)."""
     run = sub * geo.interleave
-    block_r, block_t, block_x = block_sizes(sub, run, geo.tiles_x)
-    num_bands = geo.planes * geo.tiles_y
-    band_bytes = geo.patch * geo.row_units * element_size
-    per_program = max(1, min(_MIN_PROGRAM_BYTES // max(band_bytes, 1), num_bands // _MIN_PROGRAMS))
-    return dict(
-        num_bands=num_bands,
-        bands_per_program=per_program,
-        grid=(triton.cdiv(num_bands, per_program),),
-        BLOCK_R=block_r,
-        BLOCK_T=block_t,
-        BLOCK_X=block_x,
-        num_warps=num_warps_for(block_r * block_t * block_x, max(element_size, out_element_size)),
-    )
+    blocks = block_sizes(sub, run, geo.tiles_x)
+    warp_size = max(element_size, out_element_size)
+    return band_launch_config(geo, blocks, element_size, warp_size, _MIN_PROGRAM_BYTES, _MIN_PROGRAMS)
 
 
 def mix_subpatches_triton(

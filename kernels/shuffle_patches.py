@@ -20,10 +20,11 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    band_coords,
+    band_launch_config,
     block_3d,
     memory_format,
     needs_int64,
-    num_warps_for,
     plane_geometry,
     plane_view,
     row_align,
@@ -67,11 +68,7 @@ def _shuffle_patches_kernel(
     tiles = tl.arange(0, BLOCK_T)[None, :, None]
     cols = tl.arange(0, BLOCK_X)[None, None, :]
     for k in range(0, bands_per_program):
-        band = tl.program_id(0).to(idx_t) * bands_per_program + k
-        # Past the last band (the grid rounds up): an empty mask, so nothing is read or written.
-        live = band < num_bands
-        plane = band // tiles_y
-        ty = band - plane * tiles_y
+        live, plane, ty = band_coords(k, bands_per_program, num_bands, tiles_y, INT64)
         perm_row = perm + (plane // planes_per_perm) * num_tiles + ty * tiles_x
         row0 = plane * height  # first row of the plane
         for t0 in range(0, tiles_x, BLOCK_T):
@@ -102,19 +99,8 @@ def block_sizes(patch: int, run_units: int, tiles_x: int = 1) -> tuple[int, int,
 
 def launch_config(geo, element_size: int) -> dict:
     """Block sizes, bands per program, grid and warps, for a plane geometry and element width (bytes)."""
-    block_r, block_t, block_x = block_sizes(geo.patch, geo.run_units, geo.tiles_x)
-    num_bands = geo.planes * geo.tiles_y
-    band_bytes = geo.patch * geo.row_units * element_size
-    per_program = max(1, min(_MIN_PROGRAM_BYTES // max(band_bytes, 1), num_bands // _MIN_PROGRAMS))
-    return dict(
-        num_bands=num_bands,
-        bands_per_program=per_program,
-        grid=(triton.cdiv(num_bands, per_program),),
-        BLOCK_R=block_r,
-        BLOCK_T=block_t,
-        BLOCK_X=block_x,
-        num_warps=num_warps_for(block_r * block_t * block_x, element_size),
-    )
+    blocks = block_sizes(geo.patch, geo.run_units, geo.tiles_x)
+    return band_launch_config(geo, blocks, element_size, element_size, _MIN_PROGRAM_BYTES, _MIN_PROGRAMS)
 
 
 def shuffle_patches_triton(images: torch.Tensor, perm: torch.Tensor, patch_size: int) -> torch.Tensor:

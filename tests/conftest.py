@@ -13,6 +13,7 @@ import torch
 
 import ppml
 from ppml import _dispatch
+from ppml.reference import anchor_loss as ref_loss
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
 HAS_CUDA = torch.cuda.is_available()
@@ -134,6 +135,14 @@ def assert_within_ulp(out: torch.Tensor, ref: torch.Tensor, abs_terms: torch.Ten
             f"{int(bad.sum())} of {r.numel()} outside tolerance; worst out={o.flatten()[i].item()!r} "
             f"ref={r.flatten()[i].item()!r} tol={tol.flatten()[i].item()!r}"
         )
+
+
+def anchor_loss_ref64(f, a, y, metric, scale, pull, softmax):
+    """The float64 reference anchor loss per row and its gradient wrt the features ``f`` (both detached)."""
+    x = f.detach().double().requires_grad_(True)
+    loss = ref_loss(x, a.double(), y, metric, scale, pull, softmax)
+    loss.sum().backward()
+    return loss.detach(), x.grad
 
 
 def run_aot_script(code: str) -> None:

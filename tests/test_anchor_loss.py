@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import backends_for
+from conftest import anchor_loss_ref64, backends_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -71,13 +71,6 @@ def _case(B=33, D=16, C=10, dtype=torch.float32, seed=0, radius=3.0):
     return f, a, y
 
 
-def _ref64(f, a, y, metric, scale, pull, softmax):
-    x = f.detach().double().requires_grad_(True)
-    loss = ref_loss(x, a.double(), y, metric, scale, pull, softmax)
-    loss.sum().backward()
-    return loss.detach(), x.grad
-
-
 def assert_loss_tolerance(ours, torch_same, ref64, atol):
     """ARCHITECTURE.md: |ours − ref_fp64| <= 2·|torch_same_dtype − ref_fp64| + atol (elementwise), with atol relative to the
     loss's size (the logits are sums of terms as large as γ·(‖f‖² + r²), rounded in the input's precision)."""
@@ -95,7 +88,7 @@ ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.f
 @pytest.mark.parametrize("pull,softmax", SETTINGS)
 def test_backends_match_float64_reference(dtype, metric, pull, softmax):
     f, a, y = _case(dtype=dtype)
-    ref_l, ref_g = _ref64(f, a, y, metric, 2.0, pull, softmax)
+    ref_l, ref_g = anchor_loss_ref64(f, a, y, metric, 2.0, pull, softmax)
     # the same computation done by plain PyTorch in the input dtype: the yardstick of the tolerance
     x = f.detach().requires_grad_(True)
     same_l = ref_loss(x, a, y, metric, 2.0, pull, softmax)
@@ -117,7 +110,7 @@ def test_op_gradient_matches_plain_formulas_and_autograd():
         for pull, softmax in SETTINGS:
             loss, grad = torch.ops.ppml.anchor_loss(f, a, y, metric, 1.5, pull, softmax)
             l2, g2 = loss_and_grad(f, a, y, metric, 1.5, pull, softmax)
-            ref_l, ref_g = _ref64(f, a, y, metric, 1.5, pull, softmax)
+            ref_l, ref_g = anchor_loss_ref64(f, a, y, metric, 1.5, pull, softmax)
             for l_, g_ in ((loss, grad), (l2, g2)):
                 assert torch.allclose(l_, ref_l, rtol=1e-12, atol=1e-12)
                 assert torch.allclose(g_, ref_g, rtol=1e-10, atol=1e-12)
@@ -306,7 +299,7 @@ def test_fuzz_vs_float64_reference(backend, case):
     x = f.clone().requires_grad_(True)
     loss = ppml.anchor_loss(x, a, y, metric=metric, scale=scale, pull=pull, softmax=softmax, reduction="none", backend=backend)
     loss.sum().backward()
-    ref_l, ref_g = _ref64(f, a, y, metric, scale, pull, softmax)
+    ref_l, ref_g = anchor_loss_ref64(f, a, y, metric, scale, pull, softmax)
     assert torch.allclose(loss, ref_l, rtol=1e-9, atol=1e-9)
     assert torch.allclose(x.grad, ref_g, rtol=1e-7, atol=1e-9)
 

@@ -12,9 +12,9 @@ import sys
 
 import pytest
 import torch
+from conftest import anchor_loss_ref64
 
 import ppml
-from ppml.reference import anchor_loss as ref_loss
 from ppml.reference.anchor_loss import COS_EPS
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -33,13 +33,6 @@ def _case(B, D, C, seed=0):
     a = ppml.make_anchors(C, D, "simplex" if D >= C - 1 else "random", 1.5, generator=g).double()
     y = torch.randint(0, C, (B,), generator=g)
     return f, a, y
-
-
-def _ref64(f, a, y, metric, scale, pull, softmax):
-    x = f.detach().double().requires_grad_(True)
-    loss = ref_loss(x, a.double(), y, metric, scale, pull, softmax)
-    loss.sum().backward()
-    return loss.detach(), x.grad
 
 
 def _bounds(f, a, y, metric, scale, pull, softmax, u):
@@ -83,7 +76,7 @@ def _check(mode, f, a, y, metric, scale, pull, softmax, anchors_dtype=None):
     xin, loss, grad = _run(mode, f, a, y, metric, scale, pull, softmax, anchors_dtype)
     # the reference on the inputs as the op saw them: features (and anchors) rounded to the dtype they were given in
     a_seen = a.to(anchors_dtype or _DTYPES[mode]).double()
-    ref_l, ref_g = _ref64(xin, a_seen, y, metric, scale, pull, softmax)
+    ref_l, ref_g = anchor_loss_ref64(xin, a_seen, y, metric, scale, pull, softmax)
     u = MODES[mode] + f.shape[1] * 2.0**-24
     _, loss_tol, grad_tol = _bounds(xin, a_seen, y, metric, scale, pull, softmax, u)
     out_u = {"bf16": 2.0**-8, "fp16": 2.0**-11}.get(mode, 0.0)  # the gradient is returned in the features' dtype
@@ -111,7 +104,7 @@ def test_half_features_with_fp32_anchors(mode):
     f, a, y = _case(B=20, D=64, C=50, seed=3)
     for metric in METRICS:
         xin, loss, grad = _run(mode, f, a, y, metric, 2.0, 0.2, True, anchors_dtype=torch.float32)
-        ref_l, ref_g = _ref64(xin, a.float().double(), y, metric, 2.0, 0.2, True)
+        ref_l, ref_g = anchor_loss_ref64(xin, a.float().double(), y, metric, 2.0, 0.2, True)
         u = MODES[mode] + 64 * 2.0**-24
         _, loss_tol, grad_tol = _bounds(xin, a, y, metric, 2.0, 0.2, True, u)
         assert ((loss - ref_l).abs() <= loss_tol + 1e-5 * (1 + ref_l.abs())).all(), metric
@@ -152,7 +145,7 @@ def test_tf32_follows_torch_setting():
     f = f * 8
     _, exact, _ = _run("fp32", f, a, y, "sqeuclidean", 8.0, 0.0, True)
     _, tf32, _ = _run("tf32", f, a, y, "sqeuclidean", 8.0, 0.0, True)
-    ref_l, _ = _ref64(f.float().double(), a.float().double(), y, "sqeuclidean", 8.0, 0.0, True)
+    ref_l, _ = anchor_loss_ref64(f.float().double(), a.float().double(), y, "sqeuclidean", 8.0, 0.0, True)
     assert (exact - ref_l).abs().max() < 1e-3 * (1 + ref_l.abs().max())
     if torch.cuda.get_device_capability() >= (8, 0):
         assert (tf32 - ref_l).abs().max() > (exact - ref_l).abs().max()
