@@ -1,5 +1,5 @@
-"""What the Triton kernels share: numerics helpers, the memory-layout rule and the plane geometry (twins of
-ppml/ops/_common.py::output_is_channels_last and of the C++ headers in csrc/common/)."""
+"""What the Triton kernels share: numerics helpers and the plane geometry (twin of the C++ headers in csrc/common/);
+the memory-layout rule itself is ppml._layout.output_is_channels_last, the one every backend follows."""
 
 from __future__ import annotations
 
@@ -34,16 +34,6 @@ def band_coords(k, bands_per_program, num_bands, tiles_y, INT64: tl.constexpr):
     plane = band // tiles_y
     ty = band - plane * tiles_y
     return live, plane, ty
-
-
-def use_channels_last(images: torch.Tensor) -> bool:
-    """The layout rule: kernels keep channels_last inputs channels_last and make everything else contiguous.
-
-    Twin of ppml/ops/_common.py::output_is_channels_last (which the fake kernels use to promise the strides) and of
-    C++ ``shuffle_use_channels_last`` (csrc/common/shuffle_patches.h). A tensor that is both (C = 1, or H = W = 1)
-    counts as contiguous.
-    """
-    return not images.is_contiguous() and images.is_contiguous(memory_format=torch.channels_last)
 
 
 def memory_format(channels_last: bool) -> torch.memory_format:
@@ -81,7 +71,7 @@ class PlaneGeometry(NamedTuple):
 
 def plane_geometry(shape, channels_last: bool, patch: int) -> PlaneGeometry:
     """The geometry of [B, C, H, W] images with p×p patches (p divides H and W, checked by the op) in the layout the
-    kernels work in (``use_channels_last``)."""
+    kernels work in (``ppml._layout.output_is_channels_last``)."""
     B, C, H, W = shape
     k = C if channels_last else 1
     return PlaneGeometry(

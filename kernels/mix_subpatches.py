@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ppml._layout import output_is_channels_last
+
 from ._common import (
     band_coords,
     band_launch_config,
@@ -31,7 +33,6 @@ from ._common import (
     plane_view,
     round_to_bfloat16,
     row_align,
-    use_channels_last,
 )
 
 # Output elements one program holds per step (the [BLOCK_R, BLOCK_T, BLOCK_X] block, padding included). Each of the
@@ -154,7 +155,7 @@ def mix_subpatches_triton(
     q = p // g
     acc_t = torch.float64 if images.dtype == torch.float64 else torch.float32
     out_t = torch.float32 if images.dtype == torch.uint8 else images.dtype
-    channels_last = use_channels_last(images)
+    channels_last = output_is_channels_last(images)
     fmt = memory_format(channels_last)
     src = images.contiguous(memory_format=fmt)
     out = torch.empty((B, C, H // g, W // g), dtype=out_t, device=images.device, memory_format=fmt)

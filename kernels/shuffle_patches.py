@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ppml._layout import output_is_channels_last
+
 from ._common import (
     band_coords,
     band_launch_config,
@@ -28,7 +30,6 @@ from ._common import (
     plane_geometry,
     plane_view,
     row_align,
-    use_channels_last,
 )
 
 # Elements one program holds per step (the [BLOCK_R, BLOCK_T, BLOCK_X] block, padding included): 16 KB of float32,
@@ -105,7 +106,7 @@ def launch_config(geo, element_size: int) -> dict:
 
 def shuffle_patches_triton(images: torch.Tensor, perm: torch.Tensor, patch_size: int) -> torch.Tensor:
     """Launches the kernel; arguments are already checked by ppml.ops.shuffle_patches (this is its kernel)."""
-    channels_last = use_channels_last(images)
+    channels_last = output_is_channels_last(images)
     fmt = memory_format(channels_last)
     src = images.contiguous(memory_format=fmt)
     out = torch.empty_like(src, memory_format=fmt)

@@ -134,11 +134,12 @@ def test_triton_groups_bands_and_int64_offsets(monkeypatch, layout):
     # 64-bit offsets of tensors past 2^31 elements: both paths stay bit-exact. 5 images x 3 channels x 3 bands = 45
     # bands (15 in channels_last), 4 per program.
     import ppml.kernels.shuffle_patches as k
-    from ppml.kernels._common import plane_geometry, use_channels_last
+    from ppml._layout import output_is_channels_last
+    from ppml.kernels._common import plane_geometry
 
     x = make_images((5, 3, 12, 12), torch.float32, DEVICE, layout, seed=5)
     perm = make_perm(5, 9, DEVICE, seed=5)
-    geo = plane_geometry(x.shape, use_channels_last(x), 4)
+    geo = plane_geometry(x.shape, output_is_channels_last(x), 4)
     monkeypatch.setattr(k, "_MIN_PROGRAMS", 2)
     monkeypatch.setattr(k, "_MIN_PROGRAM_BYTES", 4 * geo.patch * geo.row_units * 4)  # 4 bands of float32
     cfg = k.launch_config(geo, 4)

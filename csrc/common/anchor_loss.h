@@ -12,7 +12,7 @@
 #include <string>
 #include <string_view>
 
-#include "common/shuffle_patches.h"  // describe()
+#include "common/checks.h"  // describe, dtype_name
 
 namespace ppml::ops {
 

@@ -9,7 +9,7 @@
 #include <c10/macros/Macros.h>
 #include <cstdint>
 
-#include "common/checks.h"  // dtype_name, describe, check_out (other ops still reach them through this header)
+#include "common/checks.h"  // dtype_name, describe, check_out
 #include "common/plane_geometry.h"
 
 #ifndef __CUDACC_RTC__
@@ -76,9 +76,6 @@ inline void check_shuffle_args(const at::Tensor& images, const at::Tensor& perm,
   TORCH_CHECK_VALUE(perm.device() == images.device(), "ppml.shuffle_patches: perm must be on the images' device ",
               images.device(), ", got ", describe(perm));
 }
-
-// The working-layout rule, under the name the ops used before it moved to common/plane_geometry.h.
-inline bool shuffle_use_channels_last(const at::Tensor& images) { return use_channels_last(images); }
 
 // The functional op's output: same shape and dtype, in the working layout.
 inline at::Tensor empty_shuffle_output(const at::Tensor& images) {

@@ -5,15 +5,10 @@ from __future__ import annotations
 import torch
 
 from .._checks import check_positive_int, describe  # noqa: F401  (re-exported to the op modules)
+from .._layout import output_is_channels_last
 
 # One Library for the namespace: schemas are defined here in Python so the ops exist even without ppml._C.
 lib = torch.library.Library("ppml", "DEF")
-
-
-def output_is_channels_last(images: torch.Tensor) -> bool:
-    """Kernels keep channels_last inputs channels_last and make everything else contiguous (twin of
-    csrc/common/plane_geometry.h::use_channels_last); fake kernels must promise the same strides."""
-    return not images.is_contiguous() and images.is_contiguous(memory_format=torch.channels_last)
 
 
 def empty_output(images: torch.Tensor, shape, dtype=None) -> torch.Tensor:
