@@ -23,15 +23,38 @@ _IMPLS: dict[str, dict[str, Callable]] = {}
 def register(op: str, *, native: Callable, triton: Callable | None, reference: Callable) -> None:
     """Called once by each op module (ppml/ops/<op>.py); ``triton=None`` for an op without a Triton kernel yet."""
     _IMPLS[op] = {"native": native, "triton": triton, "reference": reference}
+    _CHOICES.clear()
 
 
 # (op, backend, device type) -> reason or None. Filled by refresh() once ppml._C has been tried: nothing changes after
 # that, and a plain dict lookup is something torch.compile can trace (the dispatcher queries behind it are not).
 _REASONS: dict[tuple[str, str, str], str | None] = {}
 
+# (op, device, backend=, PPML_BACKEND) -> choose()'s answer. Every input of the rules is in the key or fixed once
+# refresh() has run (the reasons above), so a hit is the answer the rules would give. It saves a call at small sizes
+# (B = 1) the walk through the rules: a few µs of Python, as much as the kernel. Failures are never cached: an explicit
+# request that cannot run raises on every call.
+_CHOICES: dict[tuple, tuple[str, Callable]] = {}
+
+# PPML_BACKEND as os.environ stores it, for the key: os.environ.get() decodes the name and the value on every call
+# (~0.8 µs, more than the rest of choose()); the mapping behind it is what os.environ.get reads and what
+# monkeypatch.setenv / os.environ[...] = ... write, so the key changes whenever the variable does.
+_ENV_DATA = getattr(os.environ, "_data", None)
+try:
+    _ENV_KEY = os.environ.encodekey("PPML_BACKEND")
+except AttributeError:  # not CPython's os._Environ: read the variable the documented way
+    _ENV_DATA = None
+
+
+def _env_backend_key():
+    if _ENV_DATA is not None:
+        return _ENV_DATA.get(_ENV_KEY)
+    return os.environ.get("PPML_BACKEND")
+
 
 def refresh() -> None:
     _REASONS.clear()
+    _CHOICES.clear()
     for op in _IMPLS:
         for backend in BACKENDS:
             for device_type in ("cpu", "cuda"):
@@ -55,7 +78,9 @@ def _compute_reason(op: str, backend: str, device_type: str) -> str | None:
         return _extension.triton_reason(device_type)
     if backend == "reference":
         return None
-    raise ValueError(f"ppml: unknown backend {backend!r}; expected one of None, 'auto', {', '.join(map(repr, BACKENDS))}")
+    raise ValueError(
+        f"ppml: unknown backend {backend!r}; expected one of None, 'auto', {', '.join(map(repr, BACKENDS))}"
+    )
 
 
 def requested_backend(backend: str | None) -> str:
@@ -69,17 +94,31 @@ def requested_backend(backend: str | None) -> str:
 
 def choose(op: str, device: torch.device, backend: str | None = None) -> tuple[str, Callable]:
     """Returns ``(backend name, callable)`` for `op` on `device`."""
+    if torch.compiler.is_compiling() or not (backend is None or type(backend) is str):
+        # traced: the rules themselves (a lookup in a dict that eager calls keep filling would guard the graph on it);
+        # a backend= that is no string: the rules' error
+        return _choose(op, device.type, backend)
+    key = (op, device, backend, _env_backend_key() if backend is None else None)
+    hit = _CHOICES.get(key)
+    if hit is None:
+        hit = _choose(op, device.type, backend)
+        if _REASONS:  # refresh() has run: the reasons are final
+            _CHOICES[key] = hit
+    return hit
+
+
+def _choose(op: str, device_type: str, backend: str | None) -> tuple[str, Callable]:
     impls = _IMPLS[op]
     name = requested_backend(backend)
     if name != "auto":
-        why = unavailable_reason(op, name, device.type)
+        why = unavailable_reason(op, name, device_type)
         if why is not None:
-            raise RuntimeError(f"ppml.{op}: backend {name!r} cannot run on {device.type}: {why}")
+            raise RuntimeError(f"ppml.{op}: backend {name!r} cannot run on {device_type}: {why}")
         return name, impls[name]
     for cand in BACKENDS:
-        if cand == "triton" and device.type != "cuda":
+        if cand == "triton" and device_type != "cuda":
             continue
-        if unavailable_reason(op, cand, device.type) is None:
+        if unavailable_reason(op, cand, device_type) is None:
             return cand, impls[cand]
     raise AssertionError("unreachable: the reference backend always runs")
 
@@ -88,9 +127,7 @@ def backend_info(op: str | None = None) -> dict:
     """Which backends can run each op on CPU and CUDA here, and why not: ``{op: {backend: {device: reason|None}}}``
     plus ``torch``, ``build`` (what ppml._C was built against) and ``native`` (why _C is not loaded, or None)."""
     ops = [op] if op is not None else sorted(_IMPLS)
-    table = {
-        o: {b: {d: unavailable_reason(o, b, d) for d in ("cpu", "cuda")} for b in BACKENDS} for o in ops
-    }
+    table = {o: {b: {d: unavailable_reason(o, b, d) for d in ("cpu", "cuda")} for b in BACKENDS} for o in ops}
     return {
         "torch": torch.__version__,
         "native": _extension.load_reason(),

@@ -318,3 +318,23 @@ def test_cuda_matches_cpu_formulas(dtype, C):
             assert torch.allclose(grad.cpu().double(), g2, rtol=tol * 10, atol=tol), (metric, pull, softmax)
     # A label outside [0, C) is a device-side assert on CUDA (no host sync), which leaves the context unusable: it is
     # checked in a child process by tests/test_anchor_loss_cuda.py and tests/test_cuda_runtime.py.
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_public_training_path_matches_the_registered_op(dtype, reduction):
+    # In eager mode the public function runs the kernel in its own lean autograd node (host cost at small B); its loss
+    # and gradient must be the registered op's, bit for bit, reduction and dtype casts included.
+    gen = torch.Generator().manual_seed(3)
+    f = torch.randn(5, 6, generator=gen).to(dtype)
+    a, y = torch.randn(4, 6, generator=gen), torch.randint(0, 4, (5,), generator=gen)
+    upstream = torch.rand(5 if reduction == "none" else (), generator=gen)
+    for backend in set(backends_for("cpu")) - {"reference"}:  # the reference is plain autograd, not the fused kernel
+        x1, x2 = f.clone().requires_grad_(True), f.clone().requires_grad_(True)
+        ours = ppml.anchor_loss(x1, a, y, metric="euclidean", pull=0.2, reduction=reduction, backend=backend)
+        per = torch.ops.ppml.anchor_loss(x2, a, y, "euclidean", 1.0, 0.2, True)[0]
+        theirs = {"mean": per.mean(), "sum": per.sum(), "none": per}[reduction]
+        (ours * upstream).sum().backward()
+        (theirs * upstream).sum().backward()
+        assert torch.equal(ours.detach(), theirs.detach()), backend
+        assert x1.grad.dtype == dtype and torch.equal(x1.grad, x2.grad), backend

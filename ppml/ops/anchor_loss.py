@@ -199,6 +199,43 @@ def _reference_backend(features, anchors, labels, metric, scale, pull, softmax):
 _dispatch.register("anchor_loss", native=_native_loss, triton=_triton_loss, reference=_reference_backend)
 
 
+class _EagerAnchorLoss(torch.autograd.Function):
+    """The public function's training path in eager mode: the op's kernel and the reduction in one autograd node.
+
+    Same kernel, same formulas as the op's registered autograd (``_backward``), the same roundings (the mean's
+    gradient is ``grad_out / B``, then one product per row, as MeanBackward and ``_backward`` give), but at small sizes
+    the call is bound by the host, and torch.library's generic autograd wrapper costs more than the kernel there
+    (re-reading the schema on every call, a redispatch through Python, a second node for the mean). Here the kernel is
+    called below autograd directly and backward is one product. torch.compile traces the registered op instead.
+    """
+
+    @staticmethod
+    def forward(ctx, features, anchors, labels, metric, scale, pull, softmax, reduction, kernel):
+        with torch._C._AutoDispatchBelowAutograd():
+            loss, grad = kernel(features, anchors, labels, metric, scale, pull, softmax)
+        ctx.save_for_backward(grad)
+        ctx.reduction = reduction
+        if reduction == "mean":
+            return loss.mean()
+        return loss.sum() if reduction == "sum" else loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        if ctx.reduction == "mean":
+            grad_out = grad_out / grad.shape[0]
+        elif ctx.reduction == "none":
+            grad_out = grad_out[:, None]
+        if grad.dtype != grad_out.dtype:  # half features: the product in float32, rounded once
+            acc = accumulation_dtype(grad.dtype)
+            return (grad_out.to(acc) * grad.to(acc)).to(grad.dtype), None, None, None, None, None, None, None, None
+        return grad_out * grad, None, None, None, None, None, None, None, None
+
+
+# Backends whose kernel returns (loss, d loss / d features): the ones _EagerAnchorLoss can call.
+_FUSED_KERNELS = {"native": torch.ops.ppml.anchor_loss.default, "triton": torch.ops.ppml.anchor_loss_triton.default}
+
+
 # ---- public API --------------------------------------------------------------------------------------------------
 
 
@@ -249,7 +286,11 @@ def anchor_loss(
     _check(features, anchors, labels, metric, scale, pull, softmax)
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"{OP}: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    _, fn = _dispatch.choose("anchor_loss", features.device, backend)
+    name, fn = _dispatch.choose("anchor_loss", features.device, backend)
+    if name in _FUSED_KERNELS and features.requires_grad and torch.is_grad_enabled():
+        if not torch.compiler.is_compiling():
+            params = (metric, float(scale), float(pull), bool(softmax), reduction, _FUSED_KERNELS[name])
+            return _EagerAnchorLoss.apply(features, anchors, labels, *params)
     loss = fn(features, anchors, labels, metric, float(scale), float(pull), bool(softmax))
     if reduction == "mean":
         return loss.mean()
