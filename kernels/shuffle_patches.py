@@ -40,6 +40,30 @@ _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 # (uint8 NCHW bands are 3.5 KB at p = 16, W = 224), as long as the grid keeps _MIN_PROGRAMS programs.
 _MIN_PROGRAM_BYTES = 16384
 _MIN_PROGRAMS = 132 * 8  # a few waves of the 132 SMs of an H100/H200, several programs resident per SM
+# Keys of up to this many tiles are checked inside the kernel (a histogram of the row, at most 4,096 int32 counts: 32
+# registers a thread at 4 warps, live only during the check). p = 16 at 224 px is N = 196; p = 4 at 224 px 3,136.
+# Longer keys are checked by the op before the launch (ppml.ops.shuffle_patches._check_perm_values), as the CUDA
+# kernel does past its kMaxFusedTiles.
+MAX_CHECKED_TILES = 4096
+_KEY_CHUNK = 1024  # key entries histogrammed per step
+KEY_MESSAGE = "ppml.shuffle_patches_triton: every row of perm must be a permutation of 0..N-1 (N=(H/p)*(W/p))"
+_KEY_MESSAGE = tl.constexpr(KEY_MESSAGE)  # what a jit function may read of a global
+
+
+@triton.jit
+def _check_key_row(row, num_tiles, BINS: tl.constexpr, CHUNK: tl.constexpr):
+    """Device-side assert that the key row at `row` is a permutation of 0..num_tiles-1 (BINS >= num_tiles): the
+    histogram of its in-range entries must count every value exactly once (N entries, so an out-of-range or repeated
+    entry leaves some value uncounted)."""
+    counts = tl.zeros([BINS], dtype=tl.int32)
+    for c0 in range(0, num_tiles, CHUNK):
+        i = c0 + tl.arange(0, CHUNK)
+        v = tl.load(row + i, mask=i < num_tiles, other=-1)
+        ok = (v >= 0) & (v < num_tiles)
+        counts += tl.histogram(tl.where(ok, v, 0).to(tl.int32), BINS, mask=ok)
+    j = tl.arange(0, BINS)
+    wrong = tl.sum(((counts != 1) & (j < num_tiles)).to(tl.int32), 0)
+    tl.device_assert(wrong == 0, _KEY_MESSAGE)
 
 
 @triton.jit
@@ -62,8 +86,19 @@ def _shuffle_patches_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_X: tl.constexpr,
     INT64: tl.constexpr,
+    CHECK_KEY: tl.constexpr,
+    KEY_BINS: tl.constexpr,
+    KEY_CHUNK: tl.constexpr,
 ):
     idx_t = tl.int64 if INT64 else tl.int32
+    if CHECK_KEY:
+        # One program per image checks its whole key: the one holding its first band. A loop of its own, before the
+        # copy, so that the check's registers are not live beside the copy's. Every program clamps the tiles it
+        # reads, so no key reads or writes out of bounds before the assert stops the stream.
+        for k in range(0, bands_per_program):
+            live, plane, ty = band_coords(k, bands_per_program, num_bands, tiles_y, INT64)
+            if live & (ty == 0) & (plane % planes_per_perm == 0):
+                _check_key_row(perm + (plane // planes_per_perm) * num_tiles, num_tiles, KEY_BINS, KEY_CHUNK)
     row_units = row_units_aligned * ROW_ALIGN  # W·K, a known multiple of ROW_ALIGN (see _common.row_align)
     rows = tl.arange(0, BLOCK_R)[:, None, None]
     tiles = tl.arange(0, BLOCK_T)[None, :, None]
@@ -76,7 +111,7 @@ def _shuffle_patches_kernel(
             t = t0 + tiles
             t_ok = live & (t < tiles_x)
             src_tile = tl.load(perm_row + t, mask=t_ok, other=0).to(idx_t)
-            # perm is validated by the op before launch; the clamp keeps even a corrupted key inside the image.
+            # The clamp keeps even a bad key inside the image (the check above, or the op's, reports it).
             src_tile = tl.minimum(tl.maximum(src_tile, 0), num_tiles - 1)
             sy = src_tile // tiles_x
             sx = src_tile - sy * tiles_x
@@ -104,8 +139,20 @@ def launch_config(geo, element_size: int) -> dict:
     return band_launch_config(geo, blocks, element_size, element_size, _MIN_PROGRAM_BYTES, _MIN_PROGRAMS)
 
 
+def key_check_config(num_tiles: int) -> dict:
+    """The kernel's key-check constexprs: on (with a histogram of ``KEY_BINS`` counts) for keys of at most
+    MAX_CHECKED_TILES tiles."""
+    if num_tiles > MAX_CHECKED_TILES:
+        return dict(CHECK_KEY=False, KEY_BINS=1, KEY_CHUNK=1)
+    bins = triton.next_power_of_2(num_tiles)
+    return dict(CHECK_KEY=True, KEY_BINS=bins, KEY_CHUNK=min(bins, _KEY_CHUNK))
+
+
 def shuffle_patches_triton(images: torch.Tensor, perm: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """Launches the kernel; arguments are already checked by ppml.ops.shuffle_patches (this is its kernel)."""
+    """Launches the kernel (one launch, no host round trip); shapes, dtypes and devices are already checked by
+    ppml.ops.shuffle_patches (this is its kernel). Keys of at most MAX_CHECKED_TILES tiles are checked in the kernel:
+    a row that is not a permutation stops the stream with a device-side assert (KEY_MESSAGE) on a GPU. The
+    interpreter drops device asserts, so on CPU tensors, and for longer keys, the op checks them before the launch."""
     channels_last = output_is_channels_last(images)
     fmt = memory_format(channels_last)
     src = images.contiguous(memory_format=fmt)
@@ -134,6 +181,11 @@ def shuffle_patches_triton(images: torch.Tensor, perm: torch.Tensor, patch_size:
         BLOCK_T=cfg["BLOCK_T"],
         BLOCK_X=cfg["BLOCK_X"],
         INT64=needs_int64(src),
+        **key_check_config(geo.num_tiles),
         num_warps=cfg["num_warps"],
+        # Triton compiles device asserts only with debug on; debug also guards every int32 add, sub and mul with an
+        # overflow assert (sanitize_overflow), which the kernel's index arithmetic does not need (needs_int64): off.
+        debug=True,
+        sanitize_overflow=False,
     )
     return out

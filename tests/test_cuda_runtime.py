@@ -75,6 +75,14 @@ _BAD = {
     "out=torch.empty_like(x))",
     "shuffle triton": "torch.ops.ppml.shuffle_patches_triton(x, torch.zeros(2, 16, dtype=torch.long, device='cuda'), "
     "8)",
+    # the Triton kernel checks each image's key in one of its programs: a bad last image among 300, an out-of-range
+    # entry, and a key too long for the kernel's check (N = 9,216 > MAX_CHECKED_TILES: the op's queued check)
+    "shuffle triton last row": "torch.ops.ppml.shuffle_patches_triton(torch.rand(300, 3, 32, 32, device='cuda'), "
+    "torch.cat([torch.arange(16, device='cuda').repeat(299, 1), torch.tensor([[0] * 15 + [15]], device='cuda')]), 8)",
+    "shuffle triton out-of-range": "torch.ops.ppml.shuffle_patches_triton(x, torch.full((2, 16), 16, device='cuda'), "
+    "8)",
+    "shuffle triton long key": "torch.ops.ppml.shuffle_patches_triton(torch.rand(2, 1, 96, 96, device='cuda'), "
+    "torch.zeros(2, 9216, dtype=torch.long, device='cuda'), 1)",
     "shuffle reference": "ppml.shuffle_patches(x, 8, torch.zeros(2, 16, dtype=torch.long, device='cuda'), "
     "backend='reference')",
     "unshuffle": "ppml.unshuffle_patches(x, torch.zeros(2, 16, dtype=torch.long, device='cuda'), 8)",
@@ -104,9 +112,9 @@ def test_bad_key_stops_the_stream_with_a_named_assert(case):
     assert out.returncode > 0, f"{case}: exit status {out.returncode} (a crash, or no error):\n{text[-3000:]}"
     assert "NO ERROR" not in text
     assert "device-side assert" in text, text[-3000:]
-    if "native" in case:
-        # ppml's CUDA kernels carry the message; the Python paths use torch._assert_async, whose CUDA kernel prints
-        # torch's generic assertion instead (documented in the README).
+    if "native" in case or ("triton" in case and "shuffle" in case and "long key" not in case):
+        # ppml's CUDA kernels and the Triton shuffle kernel carry the message; the Python paths use
+        # torch._assert_async, whose CUDA kernel prints torch's generic assertion instead (documented in the README).
         name = _EXPECTED[case.split()[0]]
         assert name in text, f"the assert does not name {name}:\n{text[-3000:]}"
 
@@ -165,3 +173,39 @@ def test_native_mix_never_synchronises(dtype, layout):
         torch.cuda.set_sync_debug_mode(0)
     assert torch.equal(mean.cpu(), reference.mix_subpatches(x.cpu(), 16, 2))
     assert torch.equal(keyed.cpu(), reference.mix_subpatches(x.cpu(), 16, 2, w.cpu()))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("batch", [1, 64])
+def test_triton_shuffle_and_mix_are_one_launch_without_host_sync(layout, batch):
+    # The Triton shuffle checks its keys inside its kernel (one program per image, a device-side assert) and MI has no
+    # value check: each call is one kernel launch, and the host never waits.
+    for op in ("shuffle_patches", "mix_subpatches"):
+        _available(op, "triton")
+    x = torch.rand(batch, 3, 224, 224, device="cuda")
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    perm = ppml.random_permutations(batch, 196, device="cuda")
+    w = ppml.random_mixing_weights(batch, 196, 2, device="cuda")
+    calls = {
+        "shuffle": lambda: torch.ops.ppml.shuffle_patches_triton(x, perm, 16),
+        "public shuffle": lambda: ppml.shuffle_patches(x, 16, perm, backend="triton")[0],
+        "mix": lambda: torch.ops.ppml.mix_subpatches_triton(x, 16, 2, None),
+        "keyed mix": lambda: torch.ops.ppml.mix_subpatches_triton(x, 16, 2, w),
+    }
+    for call in calls.values():  # compile outside the checks
+        call()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        results = {name: call() for name, call in calls.items()}
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    expected = reference.shuffle_patches(x.cpu(), perm.cpu(), 16)
+    assert torch.equal(results["shuffle"].cpu(), expected) and torch.equal(results["public shuffle"].cpu(), expected)
+    assert torch.equal(results["keyed mix"].cpu(), reference.mix_subpatches(x.cpu(), 16, 2, w.cpu()))
+    if _kernels_launched(lambda: x.add_(0)) is None:
+        pytest.skip("the profiler sees no CUDA kernels here (no CUPTI)")
+    for name, call in calls.items():
+        launched = _kernels_launched(call)
+        assert launched is not None and len(launched) == 1, (name, launched)

@@ -11,7 +11,9 @@ test_triton_matches_reference, whose GPU set runs every dtype there and float32 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import re
 
 import pytest
 import torch
@@ -25,7 +27,7 @@ from conftest import (
     make_perm,
     run_aot_replay,
 )
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ppml
@@ -184,6 +186,118 @@ def test_triton_fuzz(case):
     assert torch.equal(triton_shuffle(x, perm, p), ref_shuffle(x, perm, p))
 
 
+@pytest.fixture
+def interpreter_asserts(monkeypatch):
+    """Device asserts on in the Triton interpreter, which drops them whatever the launch asks (its options are fixed):
+    the kernel's own key check then raises there as it stops the stream on a GPU."""
+    if not INTERPRET:
+        pytest.skip("interpreter only (TRITON_INTERPRET=1): on a GPU the assert ends the context (test_cuda_runtime)")
+    import triton.runtime.interpreter as ti
+
+    opts = dataclasses.replace(ti.interpreter_builder.options, debug=True, sanitize_overflow=False)
+    monkeypatch.setattr(ti.interpreter_builder, "options", opts)
+
+
+def _is_permutation(row: list[int]) -> bool:
+    return sorted(row) == list(range(len(row)))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_kernel_checks_every_images_key_itself(interpreter_asserts, monkeypatch, layout):
+    # The check the kernel runs on a GPU (no host round trip), run by the interpreter: one program per image checks
+    # its whole key. A bad row in any image, the last included, with bands grouped several per program (where the
+    # image's first band is not its program's first) and the key histogrammed in several chunks, stops the launch
+    # with the op's message; good keys pass.
+    import ppml.kernels.shuffle_patches as k
+
+    monkeypatch.setattr(k, "_MIN_PROGRAMS", 2)
+    monkeypatch.setattr(k, "_MIN_PROGRAM_BYTES", 3 * 4 * 12 * 3 * 4)  # 3 bands a program: image starts inside one
+    monkeypatch.setattr(k, "_KEY_CHUNK", 4)  # N = 9: three chunks
+    x = make_images((4, 3, 12, 12), torch.float32, "cpu", layout, seed=1)
+    good = make_perm(4, 9, "cpu", seed=1)
+    assert torch.equal(k.shuffle_patches_triton(x, good, 4), ref_shuffle(x, good, 4))
+    for image, (pos, value) in itertools.product(range(4), [(0, 9), (8, -1), (3, 0), (8, 100)]):
+        bad = good.clone()
+        bad[image, pos] = value if value != 0 else bad[image, pos - 1]  # out of range, negative, repeated
+        with pytest.raises(Exception, match=re.escape(k.KEY_MESSAGE)):
+            k.shuffle_patches_triton(x, bad, 4)
+
+
+@given(st.lists(st.lists(st.integers(-1, 6), min_size=1, max_size=6), min_size=1, max_size=3), st.data())
+# the fixture only switches the interpreter's asserts on: the same for every example
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_kernel_key_check_fuzz(interpreter_asserts, rows, data):
+    # The kernel's verdict (assert or not) is exactly "some row is not a permutation of 0..N-1".
+    import ppml.kernels.shuffle_patches as k
+
+    n = min(map(len, rows))
+    rows = [r[:n] for r in rows]
+    if data.draw(st.booleans()):  # half the draws: real permutations, to exercise the "pass" side
+        rows = [data.draw(st.permutations(range(n))) for _ in rows]
+    perm = torch.tensor(rows, dtype=torch.int64)
+    x = torch.rand(len(rows), 2, 2, 2 * n)
+    if all(_is_permutation(list(r)) for r in rows):
+        assert torch.equal(k.shuffle_patches_triton(x, perm, 2), ref_shuffle(x, perm, 2))
+    else:
+        with pytest.raises(Exception, match=re.escape(k.KEY_MESSAGE)):
+            k.shuffle_patches_triton(x, perm, 2)
+
+
+def test_key_check_config():
+    # Keys up to MAX_CHECKED_TILES are checked in the kernel with a histogram wide enough for N; longer ones by the op.
+    from ppml.kernels.shuffle_patches import MAX_CHECKED_TILES, key_check_config
+
+    for n in (1, 4, 196, 3136, MAX_CHECKED_TILES):
+        cfg = key_check_config(n)
+        assert cfg["CHECK_KEY"] and n <= cfg["KEY_BINS"] < 2 * n + 1 and cfg["KEY_CHUNK"] <= cfg["KEY_BINS"], (n, cfg)
+    assert not key_check_config(MAX_CHECKED_TILES + 1)["CHECK_KEY"]
+
+
+@triton_run
+@pytest.mark.parametrize("op", ["shuffle", "mix"])
+def test_triton_b1_call_is_one_launch(monkeypatch, op):
+    # At B = 1 a call costs what the host does around the kernel: the launchers make exactly one Triton launch and no
+    # other aten compute (allocations and views only), so on a GPU a call is one kernel (the key check is inside it;
+    # on CPU tensors the op still checks keys before the launch, the interpreter having no device asserts).
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import ppml.kernels.mix_subpatches as km
+    import ppml.kernels.shuffle_patches as ks
+
+    mod, name = (ks, "_shuffle_patches_kernel") if op == "shuffle" else (km, "_mix_subpatches_kernel")
+    launches = []
+
+    class Counting:  # records the launch without running it (the interpreter's own host copies are no launcher's)
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(grid)
+
+    class AtenOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func.overloadpacket.__name__))
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(mod, name, Counting())
+    x = make_images((1, 3, 32, 32), torch.float32, DEVICE, seed=2)
+    perm = make_perm(1, 4, DEVICE, seed=2)
+    weights = ppml.random_mixing_weights(1, 4, 2, device=DEVICE)
+    calls = (
+        [lambda: ks.shuffle_patches_triton(x, perm, 16)]
+        if op == "shuffle"
+        else [lambda: km.mix_subpatches_triton(x, 16, 2), lambda: km.mix_subpatches_triton(x, 16, 2, weights)]
+    )
+    allowed = {"empty", "empty_like", "empty_strided", "view", "permute", "detach", "alias"}
+    for call in calls:
+        launches.clear()
+        with AtenOps() as mode:
+            call()
+        assert len(launches) == 1, launches
+        assert set(mode.ops) <= allowed, mode.ops
+
+
 def aot_launches(all_cases=ALL_TRITON_CASES):
     """The launches of the tests above through the launcher, on CPU tensors (test_triton_kernel_aot_compiles_for_sm90
     records and compiles them): the GPU set, what a GPU run compiles (on a GPU the AOT tests run first: the launches
@@ -198,6 +312,10 @@ def aot_launches(all_cases=ALL_TRITON_CASES):
     launch(make_images((1, 2, 4, 4), torch.float64, "cpu"), make_perm(1, 4), 2)  # gradcheck
     for dtype, layout, p in itertools.product(ALL_DTYPES, ["contiguous", "channels_last"], [16, 224]):
         launch(make_images((1, 3, 224, 224), dtype, "cpu", layout), make_perm(1, (224 // p) ** 2), p)
+    # The widest in-kernel key check (p = 4 at 224 x 224: N = 3,136, a 4,096-count histogram in 4 chunks), and a key
+    # too long for it (p = 2: N = 12,544, checked by the op, CHECK_KEY off).
+    launch(make_images((1, 3, 224, 224), torch.uint8, "cpu"), make_perm(1, 56 * 56), 4)
+    launch(make_images((1, 3, 224, 224), torch.uint8, "cpu"), make_perm(1, 112 * 112), 2)
     # Real batches: uint8 NCHW at B = 256 groups bands (bands_per_program > 1), and 64-bit offsets (INT64), which only
     # tensors past 2^31 elements take: compiled here by forcing the flag on a small launch.
     launch(make_images((256, 3, 224, 224), torch.uint8, "cpu"), make_perm(256, 196), 16)
@@ -233,6 +351,20 @@ for (sig, consts), k in ok:
         vector_cases += 1
 # 4 widths (float16 and bfloat16 share int16) x 2 layouts x p = 16, 224, the big patch, grouped bands and INT64
 assert vector_cases >= 19, f"only {vector_cases} real-image specialisations checked for 128-bit vectors"
+# The key check: where on, one device-side assert carrying the op's message, and no other (debug=True compiles every
+# tl.device_assert; sanitize_overflow=False keeps Triton's int32 overflow asserts out of the index arithmetic).
+from ppml.kernels.shuffle_patches import KEY_MESSAGE
+message = ", ".join(str(b) for b in KEY_MESSAGE.encode())  # how the PTX spells the assert's message: its bytes
+checked = 0
+for (sig, consts), k in ok:
+    ptx = k.asm["ptx"]
+    calls = ptx[ptx.index(".entry"):].count("call.uni __assertfail")
+    if consts["CHECK_KEY"]:
+        assert calls == 1 and message in ptx, (calls, sig, consts)
+        checked += 1
+    else:
+        assert calls == 0, (calls, sig, consts)
+assert 0 < checked < len(ok), "both the checked and the op-checked (long key) specialisations must be compiled"
 """
 
 
