@@ -31,11 +31,7 @@ def _check(images: Tensor, patch_size: int, grid: int, weights: Tensor | None, o
     n = (H // patch_size) * (W // patch_size)
     if weights is not None:
         gg = grid * grid
-        if (
-            not isinstance(weights, Tensor)
-            or weights.dtype not in _WEIGHT_DTYPES
-            or tuple(weights.shape) != (B, n, gg)
-        ):
+        if not isinstance(weights, Tensor) or weights.dtype not in _WEIGHT_DTYPES or weights.shape != (B, n, gg):
             raise ValueError(
                 f"{op}: weights must be float [B, N, g*g] with B={B}, N=(H/p)*(W/p)={n}, g*g={gg}, "
                 f"got {describe(weights)}"

@@ -34,7 +34,7 @@ def _check(images: Tensor, perm: Tensor | None, patch_size: int, op: str = OP) -
             not isinstance(perm, Tensor)
             or perm.dtype != torch.int64
             or perm.dim() != 2
-            or tuple(perm.shape) != (B, n)
+            or perm.shape != (B, n)
         ):
             raise ValueError(f"{op}: perm must be int64 [B, N] with B={B} and N=(H/p)*(W/p)={n}, got {describe(perm)}")
         if perm.device != images.device:
