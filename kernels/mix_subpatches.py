@@ -135,6 +135,56 @@ def launch_config(geo, sub: int, element_size: int, out_element_size: int) -> di
     return band_launch_config(geo, blocks, element_size, warp_size, _MIN_PROGRAM_BYTES, _MIN_PROGRAMS)
 
 
+# (shape, layout, p, g, widths, accumulation dtype, keyed, tunables) -> (grid, int arguments, constexprs and options)
+# of a launch, derived once per shape: at B = 1 deriving them (geometry, blocks, grid; triton.cdiv and next_power_of_2
+# are constexpr_function objects on triton 3.8, several µs each) cost more than the kernel. The tunables are in the key
+# so that monkeypatching them (the tests do) takes effect.
+_PLANS: dict = {}
+
+
+def _plan(shape, channels_last, p, g, element_size, out_element_size, acc_t, has_weights):
+    key = (shape, channels_last, p, g, element_size, out_element_size, acc_t, has_weights)
+    key += (_MIN_PROGRAMS, _MIN_PROGRAM_BYTES)
+    plan = _PLANS.get(key)
+    if plan is None:
+        q = p // g
+        geo = plane_geometry(shape, channels_last, p)
+        cfg = launch_config(geo, q, element_size, out_element_size)
+        out_row = (shape[3] // g) * geo.interleave
+        ints = (
+            cfg["num_bands"],
+            cfg["bands_per_program"],
+            geo.tiles_y,
+            geo.planes_per_perm,
+            geo.height,
+            geo.row_units // row_align(geo.row_units),
+            out_row // row_align(out_row),
+            geo.tiles_x,
+            geo.num_tiles,
+        )
+        consts = dict(
+            IN_ALIGN=row_align(geo.row_units),
+            OUT_ALIGN=row_align(out_row),
+            GRID=g,
+            SUB=q,
+            RUN=q * geo.interleave,
+            HAS_WEIGHTS=has_weights,
+            # The reference's expression, in double; the kernel rounds it to the accumulation dtype.
+            SCALE=1.0 if has_weights else 1.0 / (g * g),
+            ACC=tl.float64 if acc_t == torch.float64 else tl.float32,
+            BLOCK_R=cfg["BLOCK_R"],
+            BLOCK_T=cfg["BLOCK_T"],
+            BLOCK_X=cfg["BLOCK_X"],
+            num_warps=cfg["num_warps"],
+            # No FMA contraction: the reference rounds w·x before adding it, and so must we to match it bit for bit.
+            enable_fp_fusion=False,
+        )
+        if len(_PLANS) >= 1024:  # a caller sweeping shapes: start over rather than grow without bound
+            _PLANS.clear()
+        plan = _PLANS[key] = (cfg["grid"], ints, consts)
+    return plan
+
+
 def mix_subpatches_triton(
     images: torch.Tensor, patch_size: int, grid: int, weights: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -152,7 +202,6 @@ def mix_subpatches_triton(
     """
     B, C, H, W = images.shape
     p, g = patch_size, grid
-    q = p // g
     acc_t = torch.float64 if images.dtype == torch.float64 else torch.float32
     out_t = torch.float32 if images.dtype == torch.uint8 else images.dtype
     channels_last = output_is_channels_last(images)
@@ -161,42 +210,14 @@ def mix_subpatches_triton(
     out = torch.empty((B, C, H // g, W // g), dtype=out_t, device=images.device, memory_format=fmt)
     if out.numel() == 0:
         return out
-    geo = plane_geometry(src.shape, channels_last, p)
     if weights is None:
         # Never read (HAS_WEIGHTS=False), but the pointer argument needs a tensor of the accumulation dtype.
         w = torch.empty(1, dtype=acc_t, device=images.device)
     else:
         w = weights.to(device=images.device, dtype=acc_t).contiguous()
-    cfg = launch_config(geo, q, src.element_size(), out.element_size())
-    out_row = (W // g) * geo.interleave
-    _mix_subpatches_kernel[cfg["grid"]](
-        plane_view(src, channels_last),
-        plane_view(out, channels_last),
-        w,
-        cfg["num_bands"],
-        cfg["bands_per_program"],
-        geo.tiles_y,
-        geo.planes_per_perm,
-        geo.height,
-        geo.row_units // row_align(geo.row_units),
-        out_row // row_align(out_row),
-        geo.tiles_x,
-        geo.num_tiles,
-        IN_ALIGN=row_align(geo.row_units),
-        OUT_ALIGN=row_align(out_row),
-        GRID=g,
-        SUB=q,
-        RUN=q * geo.interleave,
-        HAS_WEIGHTS=weights is not None,
-        # The reference's expression, in double; the kernel rounds it to the accumulation dtype.
-        SCALE=1.0 if weights is not None else 1.0 / (g * g),
-        ACC=tl.float64 if acc_t == torch.float64 else tl.float32,
-        BLOCK_R=cfg["BLOCK_R"],
-        BLOCK_T=cfg["BLOCK_T"],
-        BLOCK_X=cfg["BLOCK_X"],
-        INT64=needs_int64(src, out),
-        num_warps=cfg["num_warps"],
-        # No FMA contraction: the reference rounds w·x before adding it, and so must we to match it bit for bit.
-        enable_fp_fusion=False,
+    key = (src.shape, channels_last, p, g, src.element_size(), out.element_size(), acc_t, weights is not None)
+    grid_, ints, consts = _plan(*key)
+    _mix_subpatches_kernel[grid_](
+        plane_view(src, channels_last), plane_view(out, channels_last), w, *ints, INT64=needs_int64(src, out), **consts
     )
     return out

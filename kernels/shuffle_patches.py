@@ -148,6 +148,51 @@ def key_check_config(num_tiles: int) -> dict:
     return dict(CHECK_KEY=True, KEY_BINS=bins, KEY_CHUNK=min(bins, _KEY_CHUNK))
 
 
+# (shape, layout, p, element size, tunables) -> (grid, int arguments, constexprs and options) of a launch: everything
+# the launcher derives from the shape, once per shape. At B = 1 a launch's host cost is the call (the kernel takes a
+# few µs), and deriving it (geometry, blocks, grid; triton.cdiv and next_power_of_2 are constexpr_function objects
+# on triton 3.8, several µs each) cost more than the kernel. The tunables are in the key so that monkeypatching them
+# (the tests do) takes effect.
+_PLANS: dict = {}
+
+
+def _plan(shape, channels_last: bool, patch_size: int, element_size: int):
+    key = (shape, channels_last, patch_size, element_size, _MIN_PROGRAMS, _MIN_PROGRAM_BYTES, _KEY_CHUNK)
+    plan = _PLANS.get(key)
+    if plan is None:
+        geo = plane_geometry(shape, channels_last, patch_size)
+        cfg = launch_config(geo, element_size)
+        align = row_align(geo.row_units)
+        ints = (
+            cfg["num_bands"],
+            cfg["bands_per_program"],
+            geo.tiles_y,
+            geo.planes_per_perm,
+            geo.height,
+            geo.row_units // align,
+            geo.tiles_x,
+            geo.num_tiles,
+        )
+        consts = dict(
+            ROW_ALIGN=align,
+            PATCH=geo.patch,
+            RUN_UNITS=geo.run_units,
+            BLOCK_R=cfg["BLOCK_R"],
+            BLOCK_T=cfg["BLOCK_T"],
+            BLOCK_X=cfg["BLOCK_X"],
+            **key_check_config(geo.num_tiles),
+            num_warps=cfg["num_warps"],
+            # Triton compiles device asserts only with debug on; debug also guards every int32 add, sub and mul with
+            # an overflow assert (sanitize_overflow), which the kernel's index arithmetic does not need (needs_int64).
+            debug=True,
+            sanitize_overflow=False,
+        )
+        if len(_PLANS) >= 1024:  # a caller sweeping shapes: start over rather than grow without bound
+            _PLANS.clear()
+        plan = _PLANS[key] = (cfg["grid"], ints, consts)
+    return plan
+
+
 def shuffle_patches_triton(images: torch.Tensor, perm: torch.Tensor, patch_size: int) -> torch.Tensor:
     """Launches the kernel (one launch, no host round trip); shapes, dtypes and devices are already checked by
     ppml.ops.shuffle_patches (this is its kernel). Keys of at most MAX_CHECKED_TILES tiles are checked in the kernel:
@@ -159,33 +204,14 @@ def shuffle_patches_triton(images: torch.Tensor, perm: torch.Tensor, patch_size:
     out = torch.empty_like(src, memory_format=fmt)
     if out.numel() == 0:
         return out
-    geo = plane_geometry(src.shape, channels_last, patch_size)
     as_int = _INT_OF_SIZE[src.element_size()]
-    cfg = launch_config(geo, src.element_size())
-    _shuffle_patches_kernel[cfg["grid"]](
+    grid, ints, consts = _plan(src.shape, channels_last, patch_size, src.element_size())
+    _shuffle_patches_kernel[grid](
         plane_view(src, channels_last).view(as_int),
         plane_view(out, channels_last).view(as_int),
         perm.contiguous(),
-        cfg["num_bands"],
-        cfg["bands_per_program"],
-        geo.tiles_y,
-        geo.planes_per_perm,
-        geo.height,
-        geo.row_units // row_align(geo.row_units),
-        geo.tiles_x,
-        geo.num_tiles,
-        ROW_ALIGN=row_align(geo.row_units),
-        PATCH=geo.patch,
-        RUN_UNITS=geo.run_units,
-        BLOCK_R=cfg["BLOCK_R"],
-        BLOCK_T=cfg["BLOCK_T"],
-        BLOCK_X=cfg["BLOCK_X"],
+        *ints,
         INT64=needs_int64(src),
-        **key_check_config(geo.num_tiles),
-        num_warps=cfg["num_warps"],
-        # Triton compiles device asserts only with debug on; debug also guards every int32 add, sub and mul with an
-        # overflow assert (sanitize_overflow), which the kernel's index arithmetic does not need (needs_int64): off.
-        debug=True,
-        sanitize_overflow=False,
+        **consts,
     )
     return out
