@@ -40,29 +40,43 @@ _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 # (uint8 NCHW bands are 3.5 KB at p = 16, W = 224), as long as the grid keeps _MIN_PROGRAMS programs.
 _MIN_PROGRAM_BYTES = 16384
 _MIN_PROGRAMS = 132 * 8  # a few waves of the 132 SMs of an H100/H200, several programs resident per SM
-# Keys of up to this many tiles are checked inside the kernel (a histogram of the row, at most 4,096 int32 counts: 32
-# registers a thread at 4 warps, live only during the check). p = 16 at 224 px is N = 196; p = 4 at 224 px 3,136.
+# Keys of up to this many tiles are checked inside the kernel (histograms of the row, _KEY_BINS values a pass: a
+# 4,096-count histogram in one pass took 118 registers on triton 3.8 and spilled on 3.6). p = 16 at 224 px is
+# N = 196, one pass; p = 4 at 224 px 3,136, 13 passes over the 25 KB row (L2-resident), in one program per image.
 # Longer keys are checked by the op before the launch (ppml.ops.shuffle_patches._check_perm_values), as the CUDA
 # kernel does past its kMaxFusedTiles.
 MAX_CHECKED_TILES = 4096
-_KEY_CHUNK = 1024  # key entries histogrammed per step
+_KEY_CHUNK = 256  # key entries histogrammed per step
+_KEY_BINS = 256  # values counted per pass over the key (N = 196 at p = 16, 224 px: one pass)
 KEY_MESSAGE = "ppml.shuffle_patches_triton: every row of perm must be a permutation of 0..N-1 (N=(H/p)*(W/p))"
 _KEY_MESSAGE = tl.constexpr(KEY_MESSAGE)  # what a jit function may read of a global
 
 
 @triton.jit
-def _check_key_row(row, num_tiles, BINS: tl.constexpr, CHUNK: tl.constexpr):
-    """Device-side assert that the key row at `row` is a permutation of 0..num_tiles-1 (BINS >= num_tiles): the
-    histogram of its in-range entries must count every value exactly once (N entries, so an out-of-range or repeated
-    entry leaves some value uncounted)."""
+def _uncounted(row, num_tiles, b0, BINS: tl.constexpr, CHUNK: tl.constexpr):
+    """How many of the values b0 .. b0+BINS-1 (those below num_tiles) the key row at `row` holds other than once."""
     counts = tl.zeros([BINS], dtype=tl.int32)
     for c0 in range(0, num_tiles, CHUNK):
         i = c0 + tl.arange(0, CHUNK)
         v = tl.load(row + i, mask=i < num_tiles, other=-1)
-        ok = (v >= 0) & (v < num_tiles)
-        counts += tl.histogram(tl.where(ok, v, 0).to(tl.int32), BINS, mask=ok)
-    j = tl.arange(0, BINS)
-    wrong = tl.sum(((counts != 1) & (j < num_tiles)).to(tl.int32), 0)
+        ok = (v >= b0) & (v < b0 + BINS) & (v < num_tiles)
+        counts += tl.histogram(tl.where(ok, v - b0, 0).to(tl.int32), BINS, mask=ok)
+    j = b0 + tl.arange(0, BINS)
+    return tl.sum(((counts != 1) & (j < num_tiles)).to(tl.int32), 0)
+
+
+@triton.jit
+def _check_key_row(row, num_tiles, BINS: tl.constexpr, CHUNK: tl.constexpr, PASSES: tl.constexpr):
+    """Device-side assert that the key row at `row` is a permutation of 0..num_tiles-1: a histogram of its entries
+    must count every value exactly once (N entries, so an out-of-range or repeated entry leaves some value uncounted).
+    Values are counted BINS at a time, which bounds the registers the counts take whatever N: one pass when
+    BINS >= N (PASSES = 1, known to the compiler), else one pass over the row per BINS values."""
+    if PASSES == 1:
+        wrong = _uncounted(row, num_tiles, 0, BINS, CHUNK)
+    else:
+        wrong = 0
+        for b0 in range(0, num_tiles, BINS):
+            wrong += _uncounted(row, num_tiles, b0, BINS, CHUNK)
     tl.device_assert(wrong == 0, _KEY_MESSAGE)
 
 
@@ -89,6 +103,7 @@ def _shuffle_patches_kernel(
     CHECK_KEY: tl.constexpr,
     KEY_BINS: tl.constexpr,
     KEY_CHUNK: tl.constexpr,
+    KEY_PASSES: tl.constexpr,
 ):
     idx_t = tl.int64 if INT64 else tl.int32
     if CHECK_KEY:
@@ -98,7 +113,9 @@ def _shuffle_patches_kernel(
         for k in range(0, bands_per_program):
             live, plane, ty = band_coords(k, bands_per_program, num_bands, tiles_y, INT64)
             if live & (ty == 0) & (plane % planes_per_perm == 0):
-                _check_key_row(perm + (plane // planes_per_perm) * num_tiles, num_tiles, KEY_BINS, KEY_CHUNK)
+                _check_key_row(
+                    perm + (plane // planes_per_perm) * num_tiles, num_tiles, KEY_BINS, KEY_CHUNK, KEY_PASSES
+                )
     row_units = row_units_aligned * ROW_ALIGN  # W·K, a known multiple of ROW_ALIGN (see _common.row_align)
     rows = tl.arange(0, BLOCK_R)[:, None, None]
     tiles = tl.arange(0, BLOCK_T)[None, :, None]
@@ -143,9 +160,12 @@ def key_check_config(num_tiles: int) -> dict:
     """The kernel's key-check constexprs: on (with a histogram of ``KEY_BINS`` counts) for keys of at most
     MAX_CHECKED_TILES tiles."""
     if num_tiles > MAX_CHECKED_TILES:
-        return dict(CHECK_KEY=False, KEY_BINS=1, KEY_CHUNK=1)
-    bins = triton.next_power_of_2(num_tiles)
-    return dict(CHECK_KEY=True, KEY_BINS=bins, KEY_CHUNK=min(bins, _KEY_CHUNK))
+        return dict(CHECK_KEY=False, KEY_BINS=1, KEY_CHUNK=1, KEY_PASSES=0)
+    bins = min(triton.next_power_of_2(num_tiles), _KEY_BINS)
+    # PASSES only tells one pass (1) from several (2): the count itself is the loop's, so N stays a runtime value
+    return dict(
+        CHECK_KEY=True, KEY_BINS=bins, KEY_CHUNK=min(bins, _KEY_CHUNK), KEY_PASSES=1 if bins >= num_tiles else 2
+    )
 
 
 # (shape, layout, p, element size, tunables) -> (grid, int arguments, constexprs and options) of a launch: everything
@@ -157,7 +177,7 @@ _PLANS: dict = {}
 
 
 def _plan(shape, channels_last: bool, patch_size: int, element_size: int):
-    key = (shape, channels_last, patch_size, element_size, _MIN_PROGRAMS, _MIN_PROGRAM_BYTES, _KEY_CHUNK)
+    key = (shape, channels_last, patch_size, element_size, _MIN_PROGRAMS, _MIN_PROGRAM_BYTES, _KEY_CHUNK, _KEY_BINS)
     plan = _PLANS.get(key)
     if plan is None:
         geo = plane_geometry(shape, channels_last, patch_size)

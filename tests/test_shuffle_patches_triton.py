@@ -202,17 +202,20 @@ def _is_permutation(row: list[int]) -> bool:
     return sorted(row) == list(range(len(row)))
 
 
+@pytest.mark.parametrize("multipass", [False, True], ids=["one-pass", "multipass"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_kernel_checks_every_images_key_itself(interpreter_asserts, monkeypatch, layout):
+def test_kernel_checks_every_images_key_itself(interpreter_asserts, monkeypatch, layout, multipass):
     # The check the kernel runs on a GPU (no host round trip), run by the interpreter: one program per image checks
     # its whole key. A bad row in any image, the last included, with bands grouped several per program (where the
-    # image's first band is not its program's first) and the key histogrammed in several chunks, stops the launch
-    # with the op's message; good keys pass.
+    # image's first band is not its program's first) and the key histogrammed in several chunks (and passes over
+    # the values), stops the launch with the op's message; good keys pass.
     import ppml.kernels.shuffle_patches as k
 
     monkeypatch.setattr(k, "_MIN_PROGRAMS", 2)
     monkeypatch.setattr(k, "_MIN_PROGRAM_BYTES", 3 * 4 * 12 * 3 * 4)  # 3 bands a program: image starts inside one
     monkeypatch.setattr(k, "_KEY_CHUNK", 4)  # N = 9: three chunks
+    if multipass:
+        monkeypatch.setattr(k, "_KEY_BINS", 4)  # and three passes of 4 values
     x = make_images((4, 3, 12, 12), torch.float32, "cpu", layout, seed=1)
     good = make_perm(4, 9, "cpu", seed=1)
     assert torch.equal(k.shuffle_patches_triton(x, good, 4), ref_shuffle(x, good, 4))
@@ -244,12 +247,15 @@ def test_kernel_key_check_fuzz(interpreter_asserts, rows, data):
 
 
 def test_key_check_config():
-    # Keys up to MAX_CHECKED_TILES are checked in the kernel with a histogram wide enough for N; longer ones by the op.
-    from ppml.kernels.shuffle_patches import MAX_CHECKED_TILES, key_check_config
+    # Keys up to MAX_CHECKED_TILES are checked in the kernel, in one pass where the histogram covers N (p = 16 at
+    # 224 px: N = 196), in several otherwise; longer keys by the op.
+    from ppml.kernels.shuffle_patches import _KEY_BINS, MAX_CHECKED_TILES, key_check_config
 
     for n in (1, 4, 196, 3136, MAX_CHECKED_TILES):
         cfg = key_check_config(n)
-        assert cfg["CHECK_KEY"] and n <= cfg["KEY_BINS"] < 2 * n + 1 and cfg["KEY_CHUNK"] <= cfg["KEY_BINS"], (n, cfg)
+        assert cfg["CHECK_KEY"] and cfg["KEY_CHUNK"] <= cfg["KEY_BINS"] <= _KEY_BINS, (n, cfg)
+        assert (cfg["KEY_PASSES"] == 1) == (n <= cfg["KEY_BINS"]) and cfg["KEY_BINS"] < 2 * n, (n, cfg)
+    assert key_check_config(196)["KEY_PASSES"] == 1
     assert not key_check_config(MAX_CHECKED_TILES + 1)["CHECK_KEY"]
 
 
