@@ -76,8 +76,12 @@ def cases():
         torch.ops.ppml.anchor_loss(f, anchors, labels, "sqeuclidean", 1.0, 0.0, True)[0].mean().backward()
 
     def anchor_eager():
-        # the frozen linear layer a user would write: u_c = γ f·a_c − (γ/2)‖a_c‖², cross-entropy over u
+        # the frozen linear layer a user would write: u_c = γ f·a_c − (γ/2)‖a_c‖², cross-entropy over u (‖a_c‖² kept)
         F.cross_entropy(f @ anchors.T - 0.5 * a_sq, labels).backward()
+
+    def anchor_eager_norms():
+        # the same with ‖a_c‖² computed in the call, as a loss function that takes the anchors would
+        F.cross_entropy(f @ anchors.T - 0.5 * anchors.square().sum(1), labels).backward()
 
     return {
         "shuffle B=1 3x32x32 p=16": {
@@ -99,7 +103,33 @@ def cases():
             "ppml.anchor_loss": anchor_public,
             "torch.ops.ppml.anchor_loss": anchor_op,
             "eager (linear + cross_entropy)": anchor_eager,
+            "eager, ‖a‖² in the call": anchor_eager_norms,
         },
+    }
+
+
+def launcher_cases():
+    """The Triton launchers' own host cost at B = 1 (ppml.kernels, Python only): Triton's launch is replaced by a
+    stub that does nothing, so what remains is what ppml's code does around it (layout, allocation, geometry, grid).
+    Triton's own launch path is not included (it needs a GPU); it does not depend on ppml."""
+    import ppml.kernels.mix_subpatches as km
+    import ppml.kernels.shuffle_patches as ks
+
+    class Stub:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    ks._shuffle_patches_kernel = km._mix_subpatches_kernel = Stub()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 3, 32, 32, generator=gen)
+    perm = ppml.random_permutations(1, 4, generator=gen)
+    weights = ppml.random_mixing_weights(1, 4, 2, generator=gen)
+    return {
+        "Triton launchers B=1 3x32x32 (launch stubbed)": {
+            "shuffle_patches_triton": lambda: ks.shuffle_patches_triton(x, perm, 16),
+            "mix_subpatches_triton": lambda: km.mix_subpatches_triton(x, 16, 2),
+            "mix_subpatches_triton keyed": lambda: km.mix_subpatches_triton(x, 16, 2, weights),
+        }
     }
 
 
@@ -155,9 +185,12 @@ def main() -> None:
     all_cases = cases()
     for case, providers in all_cases.items():
         us = time_case(providers, args.reps, args.calls)
-        _, direct, eager = (us[n][0] for n in providers)
+        _, direct, eager = (us[n][0] for n in list(providers)[:3])
         for name, (best, median) in us.items():
             print(f"| {case} | {name} | {best:.1f} | {median:.1f} | {best / direct:.2f} | {best / eager:.2f} |")
+    for case, providers in launcher_cases().items():
+        for name, (best, median) in time_case(providers, args.reps, args.calls).items():
+            print(f"| {case} | {name} | {best:.1f} | {median:.1f} | | |")
     if args.profile:
         for case, providers in all_cases.items():
             name, fn = next(iter(providers.items()))
