@@ -15,30 +15,19 @@ namespace ppml::ops {
 namespace {
 
 // Every row of perm must be a permutation of 0..N-1: anything else would read outside the image (or duplicate
-// tiles, which the backward pass cannot undo).
-void check_perm_rows(const at::Tensor& perm) {
-  const int64_t B = perm.size(0), N = perm.size(1);
-  const int64_t* data = perm.const_data_ptr<int64_t>();
-  std::atomic<int64_t> bad_row{-1};
-  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-    std::vector<uint8_t> seen(static_cast<size_t>(N));
-    for (int64_t b = begin; b < end && bad_row.load(std::memory_order_relaxed) < 0; ++b) {
-      std::fill(seen.begin(), seen.end(), 0);
-      const int64_t* row = data + b * N;
-      for (int64_t i = 0; i < N; ++i) {
-        const int64_t v = row[i];
-        if (v < 0 || v >= N || seen[v]) {
-          int64_t expected = -1;
-          bad_row.compare_exchange_strong(expected, b);
-          break;
-        }
-        seen[v] = 1;
-      }
+// tiles, which the backward pass cannot undo). Returns the first of rows [b0, b1) that is not, or -1.
+int64_t first_bad_perm_row(const int64_t* perm, int64_t N, int64_t b0, int64_t b1, std::vector<uint8_t>& seen) {
+  seen.resize(static_cast<size_t>(N));
+  for (int64_t b = b0; b < b1; ++b) {
+    std::fill(seen.begin(), seen.end(), 0);
+    const int64_t* row = perm + b * N;
+    for (int64_t i = 0; i < N; ++i) {
+      const int64_t v = row[i];
+      if (v < 0 || v >= N || seen[v]) return b;
+      seen[v] = 1;
     }
-  });
-  const int64_t b = bad_row.load();
-  TORCH_CHECK_VALUE(b < 0, "ppml.shuffle_patches: every row of perm must be a permutation of 0..", N - 1,
-              " (N=(H/p)*(W/p)=", N, "), row ", b, " is not");
+  }
+  return -1;
 }
 
 // Copies one patch row of Bytes bytes; a compile-time size lets memcpy become a few vector moves.
@@ -51,8 +40,14 @@ inline void copy_run(char* dst, const char* src) {
 // tiles, so two software prefetches (the next row of each tile, and the source stream 64 KiB ahead) feed reads no
 // hardware prefetcher predicts; the measurements behind them: benchmarks/RESULTS.md, "CPU shuffle: prefetch
 // experiments (moved from shuffle_patches.cpp)".
+//
+// Each task first checks the key rows its units use (and gathers nothing if one is bad): the check and the gather
+// share one parallel region. A separate one cost a second fork/join per call, which on the shared 2-core VM, with the
+// other processes holding the cores, doubled the time of a 0.4 ms uint8 B=64 call (each region waits for a descheduled
+// thread). Returns a bad row, or -1.
 template <int64_t Bytes>
-void gather_tile_rows(const ShuffleGeometry& g, const int64_t* perm, const char* src, char* dst, int64_t run_bytes) {
+int64_t gather_tile_rows(const ShuffleGeometry& g, const int64_t* perm, const char* src, char* dst,
+                         int64_t run_bytes) {
   constexpr int64_t kAheadBytes = int64_t{64} << 10;
   constexpr int64_t kLine = 64;
   // Runs shorter than this skip the next-row prefetch: a 16-byte run's line holds other tiles' rows already fetched.
@@ -64,7 +59,18 @@ void gather_tile_rows(const ShuffleGeometry& g, const int64_t* perm, const char*
   const int64_t prefetch_per_row = (unit_bytes + g.patch - 1) / g.patch;  // linear-stream bytes per output row
   // ~64 KiB of output per task: large enough to amortise scheduling, small enough to balance the cores.
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, unit_bytes));
+  std::atomic<int64_t> bad_row{-1};
   at::parallel_for(0, units, grain, [&](int64_t begin, int64_t end) {
+    {
+      std::vector<uint8_t> seen;
+      const int64_t per_key = tiles_y * g.planes_per_perm;
+      const int64_t bad = first_bad_perm_row(perm, g.num_tiles, begin / per_key, (end - 1) / per_key + 1, seen);
+      if (bad >= 0) {
+        int64_t expected = -1;
+        bad_row.compare_exchange_strong(expected, bad);
+        return;
+      }
+    }
     // Copies local to this call: captured variables live in the closure, which a char* store may alias, so the
     // copy loop would reload them after every store; these stay in registers.
     const int64_t p = g.patch, tiles_x = g.tiles_x, row = g.row_units, run = run_bytes;
@@ -101,6 +107,7 @@ void gather_tile_rows(const ShuffleGeometry& g, const int64_t* perm, const char*
       }
     }
   });
+  return bad_row.load();
 }
 
 // Works in `out`'s layout (contiguous or channels_last): the images are brought to it first if needed.
@@ -111,7 +118,6 @@ void shuffle_patches_out_cpu(const at::Tensor& images, const at::Tensor& perm, i
   if (out.numel() == 0) return;
   const at::Tensor src = images.contiguous(cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
   const at::Tensor perm_c = perm.contiguous();
-  check_perm_rows(perm_c);
 
   // Units are bytes here: the CPU path copies whole runs with memcpy, so no alignment is needed.
   const ShuffleGeometry g = make_shuffle_geometry(src, cl, patch_size, 1);
@@ -119,14 +125,17 @@ void shuffle_patches_out_cpu(const at::Tensor& images, const at::Tensor& perm, i
   const char* s = static_cast<const char*>(src.const_data_ptr());
   char* d = static_cast<char*>(out.mutable_data_ptr());
   const int64_t* pp = perm_c.const_data_ptr<int64_t>();
+  int64_t bad = -1;
   switch (run_bytes) {
-    case 16: gather_tile_rows<16>(g, pp, s, d, run_bytes); break;
-    case 32: gather_tile_rows<32>(g, pp, s, d, run_bytes); break;
-    case 48: gather_tile_rows<48>(g, pp, s, d, run_bytes); break;
-    case 64: gather_tile_rows<64>(g, pp, s, d, run_bytes); break;
-    case 128: gather_tile_rows<128>(g, pp, s, d, run_bytes); break;
-    default: gather_tile_rows<0>(g, pp, s, d, run_bytes); break;
+    case 16: bad = gather_tile_rows<16>(g, pp, s, d, run_bytes); break;
+    case 32: bad = gather_tile_rows<32>(g, pp, s, d, run_bytes); break;
+    case 48: bad = gather_tile_rows<48>(g, pp, s, d, run_bytes); break;
+    case 64: bad = gather_tile_rows<64>(g, pp, s, d, run_bytes); break;
+    case 128: bad = gather_tile_rows<128>(g, pp, s, d, run_bytes); break;
+    default: bad = gather_tile_rows<0>(g, pp, s, d, run_bytes); break;
   }
+  TORCH_CHECK_VALUE(bad < 0, "ppml.shuffle_patches: every row of perm must be a permutation of 0..", g.num_tiles - 1,
+                    " (N=(H/p)*(W/p)=", g.num_tiles, "), row ", bad, " is not");
 }
 
 at::Tensor shuffle_patches_cpu(const at::Tensor& images, const at::Tensor& perm, int64_t patch_size) {
