@@ -407,7 +407,7 @@ def test_ctrl_c_in_decrypt_is_one_line_and_the_same_command_finishes(tmp_path, m
     ppml.data.decrypt_dataset(dst, ref, dst + ".key", progress=False)
     out = str(tmp_path / "out")
     args = ("decrypt", dst, out, "--keys", dst + ".key", "--no-progress")
-    real, calls = dec._write_atomic, []
+    real, calls = dec.write_atomic, []
 
     def crashing(path, data):
         calls.append(path)
@@ -415,7 +415,7 @@ def test_ctrl_c_in_decrypt_is_one_line_and_the_same_command_finishes(tmp_path, m
             raise KeyboardInterrupt("simulated kill")
         real(path, data)
 
-    monkeypatch.setattr(dec, "_write_atomic", crashing)
+    monkeypatch.setattr(dec, "write_atomic", crashing)
     rc, err = _main(*args)
     monkeypatch.undo()
     assert rc == 130 and len(err) == 1 and "300 of 1797 images are written" in err[0] and "same command" in err[0]

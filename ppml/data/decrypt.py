@@ -19,13 +19,12 @@ from . import legacy_v1, wds_shards
 from .encrypted import (
     INDEX_FORMAT,
     Interrupted,
-    _json_bytes,
-    _write_atomic,
     check_key_file,
     default_index_path,
     read_manifest,
     sample_permutations,
 )
+from .wds_shards import json_bytes, write_atomic
 
 _DEC = "ppml decrypt"
 _DECRYPT_MARK = ".ppml-decrypt.json"  # in OUT while a decryption is unfinished: the same command resumes it
@@ -137,7 +136,7 @@ def decrypt_dataset(dst: str, out: str, keys: str, *, index: str | None = None, 
     for _, ids, rels in plan:
         shard_paths = []
         for sid, rel in zip(ids, rels, strict=True):
-            path = safe_output_path(out, None if not isinstance(rel, str) else rel + ".png", f"{where} item {sid}")
+            path = safe_output_path(out, rel + ".png" if isinstance(rel, str) and rel else rel, f"{where} item {sid}")
             _check_no_links(out, path, where)
             if path in seen:
                 raise ValueError(f"{where} names {rel!r} twice (a tampered file?); nothing was written")
@@ -150,7 +149,7 @@ def decrypt_dataset(dst: str, out: str, keys: str, *, index: str | None = None, 
 
     os.makedirs(out, exist_ok=True)
     if not resuming:
-        _write_atomic(mark_path, _json_bytes(mark))
+        write_atomic(mark_path, json_bytes(mark))
     total = sum(len(ids) for _, ids, _ in plan)
     bar = _progress_bar(total=total, enabled=progress, desc="decrypt", unit="img")
     done = 0
@@ -171,7 +170,7 @@ def decrypt_dataset(dst: str, out: str, keys: str, *, index: str | None = None, 
                         safe_output_path(out, os.path.relpath(path, out).replace(os.sep, "/"), where)
                         os.makedirs(os.path.dirname(path), exist_ok=True)
                         _check_no_links(out, path, where)  # again: a link planted while we ran
-                        _write_atomic(path, png_bytes(plain[j].numpy()))  # whole files: a resumed run keeps them
+                        write_atomic(path, png_bytes(plain[j].numpy()))  # whole files: a resumed run keeps them
                     done += 1
                 bar.update(len(b))
     except KeyboardInterrupt:

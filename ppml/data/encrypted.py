@@ -34,6 +34,7 @@ from . import legacy_v1, wds_shards
 from .masterkey import MasterKey, derive_permutation, derive_permutations, is_key_file, new_master_key, read_key_file
 from .masterkey import write_key_file as _write_key_file
 from .source import IMAGE_EXTENSIONS, SourceItem, decode_items, load_source_image, scan_source
+from .wds_shards import json_bytes, write_atomic
 
 __all__ = [
     "IMAGE_EXTENSIONS", "SourceItem", "decode_items", "load_source_image", "scan_source", "encrypt_dataset",
@@ -45,19 +46,6 @@ FORMAT = wds_shards.FORMAT
 _ENC, _DEC = "ppml encrypt", "ppml decrypt"
 _JOB = "job.json"  # in DST while a run is unfinished (parameters and MACs only: no names)
 INDEX_FORMAT = "ppml-owner-index"
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _json_bytes(obj) -> bytes:
-    return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
 
 
 def auto_shard_size(n: int) -> int:
@@ -205,7 +193,7 @@ def encrypt_dataset(
         if ".tmp" in name and name.startswith(("shard-", _JOB, wds_shards.MANIFEST)):
             os.remove(os.path.join(dst, name))
     if not os.path.exists(keys):
-        _write_atomic(job_path, _json_bytes(job))  # first: a DST with a job.json is ours to resume
+        write_atomic(job_path, json_bytes(job))  # first: a DST with a job.json is ours to resume
         _write_key_file(mk, keys, _ENC)
     ids = [mk.sample_id(i) for i in range(len(items))]
     _write_owner_index(index, mk, src, classes, items, ids, None, dst)
@@ -284,7 +272,7 @@ def encrypt_dataset(
         "key_fingerprint": mk.fingerprint,
     }  # fmt: skip
     _write_owner_index(index, mk, src, classes, items, ids, corrupt, dst)
-    _write_atomic(os.path.join(dst, wds_shards.MANIFEST), _json_bytes(manifest))
+    write_atomic(os.path.join(dst, wds_shards.MANIFEST), json_bytes(manifest))
     os.remove(job_path)
     elapsed = time.perf_counter() - t_start
     timing = {t: sum(r.get(t, 0.0) for r in results.values()) for t in ("decode_s", "encrypt_s", "write_s")}
@@ -320,7 +308,7 @@ def _write_owner_index(path, mk, src, classes, items, ids, corrupt, dst) -> None
         "corrupt": corrupt,  # None until the run is finished
     }  # fmt: skip
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    _write_atomic(path, _json_bytes(doc))
+    write_atomic(path, json_bytes(doc))
 
 
 # ------------------------------------------------------------------------------------------------------------ reading
