@@ -108,8 +108,9 @@ def _encrypt_parser(sub) -> None:
     p.add_argument("--index", default=None, help="owner-side index: id -> source path (default: KEYS.index.json)")
     p.add_argument("--key-seed", type=int, default=None,
                    help="a master key derived from this seed: reproducible, NOT secret (default: OS entropy)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="worker processes (1: this process, with decode threads); Ray CPUs with --engine ray")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes (default: 1, this process with decode threads); with --engine ray the CPUs "
+                   "of the local Ray (default: all)")
     p.add_argument("--engine", choices=("local", "ray"), default="local",
                    help='where shards are made: local processes, or Ray tasks (pip install "ppml[ray]")')
     p.add_argument("--ray-address", default=None, help="with --engine ray: a Ray cluster (default: a local Ray)")

@@ -201,6 +201,7 @@ def encrypt_dataset(
     n_shards = (len(items) + shard_size - 1) // shard_size
     n_tiles = (size // patch_size) ** 2
     threads = min(8, os.cpu_count() or 1)
+    ray_cpus = workers if engine == "ray" and not ray_address else None  # None: a local Ray takes every CPU
     workers = workers or 1
     results: dict[int, dict] = {}
     done_before = 0
@@ -244,7 +245,7 @@ def encrypt_dataset(
 
     try:
         if engine == "ray":
-            engines.run_ray(tasks(), on_done, address=ray_address, workers=workers if not ray_address else None)
+            engines.run_ray(tasks(), on_done, address=ray_address, workers=ray_cpus)
         elif workers > 1:
             engines.run_processes(tasks(), workers, on_done)
         else:

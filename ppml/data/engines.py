@@ -131,9 +131,18 @@ def run_ray(
     """The same :func:`encrypt_shard` as Ray tasks (one CPU each): ``ray.init()`` on this machine unless Ray is already
     initialised or ``address`` names a cluster. At most ``2 * cluster CPUs`` shards in flight."""
     ray = import_ray()
-    if not ray.is_initialized():
+    started = not ray.is_initialized()
+    if started:
         kwargs = {"address": address} if address else ({"num_cpus": workers} if workers else {})
         ray.init(log_to_driver=False, **kwargs)
+    try:
+        _run_ray(ray, tasks, on_done)
+    finally:
+        if started:  # a Ray we started is ours to stop (a caller's own ray.init() is left running)
+            ray.shutdown()
+
+
+def _run_ray(ray, tasks: Iterable[dict], on_done: Callable[[dict], None]) -> None:
     remote = ray.remote(num_cpus=1)(encrypt_shard)
     limit = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
 
