@@ -379,6 +379,11 @@ def test_key_file_refusal_writes_nothing_and_the_fixed_command_runs(tmp_path):
     with pytest.raises(FileExistsError, match="already exists"):
         enc.encrypt_dataset("digits", dst, **SMALL)
     assert os.listdir(dst) == []
+    open(tmp_path / "other.index.json", "w").write("{}")
+    with pytest.raises(FileExistsError, match="owner-side index .* already exists"):
+        enc.encrypt_dataset("digits", dst, keys=str(tmp_path / "k.key"), index=str(tmp_path / "other.index.json"),
+                            **SMALL)  # fmt: skip
+    assert os.listdir(dst) == [] and not os.path.exists(tmp_path / "k.key")
     summary = enc.encrypt_dataset("digits", dst, keys=str(tmp_path / "k.key"), **SMALL)
     assert summary["images"] == 1797 and os.path.exists(tmp_path / "k.key.index.json")
 

@@ -184,6 +184,8 @@ def encrypt_dataset(
             f"{_ENC}: the key file {keys} already exists; refusing to overwrite a key (pass another "
             "--keys, or move it away)"
         )
+    elif os.path.exists(index):
+        raise FileExistsError(f"{_ENC}: the owner-side index {index} already exists; refusing to overwrite it")
 
     if mk is None:
         mk = _seeded_key(key_seed, scheme, params) if key_seed is not None else new_master_key(scheme, params)
@@ -284,6 +286,8 @@ def encrypt_dataset(
         "seconds": round(elapsed, 3), "images_per_s": round(new / elapsed, 1) if elapsed > 0 else None,
         **{k: round(v, 3) for k, v in timing.items()},
         "encrypt_share": round(timing["encrypt_s"] / max(sum(timing.values()), 1e-9), 4),
+        # CPU seconds per new image, summed over the processes that made the shards: the cost in core-seconds
+        "cpu_s_per_image": round(sum(r.get("cpu_s", 0.0) for r in results.values()) / new, 5) if new else None,
         "device": str(dev) if engine == "local" and workers == 1 else "cpu", "engine": engine, "workers": workers,
     }  # fmt: skip
 

@@ -21,7 +21,8 @@ def encrypt_shard(task: dict) -> dict:
     """Decodes, encrypts and writes one shard (``task``: see ``ppml.data.encrypted._shard_tasks``); spawn-safe.
 
     Returns ``{"k", "count", "sha256", "corrupt": [[position in the task, error]], "decode_s", "encrypt_s",
-    "write_s"}``. The shard lands at ``task["dst"]/shard-<k>.tar`` under a temporary name first."""
+    "write_s", "cpu_s"}`` (cpu_s: the CPU time of this process spent on the shard). The shard lands at
+    ``task["dst"]/shard-<k>.tar`` under a temporary name first."""
     import torch
 
     import ppml
@@ -31,6 +32,7 @@ def encrypt_shard(task: dict) -> dict:
 
     if task.get("torch_threads"):
         torch.set_num_threads(task["torch_threads"])
+    cpu0 = time.process_time()  # this process's CPU seconds (all its threads): core-seconds, whatever the load
     scheme, p, g, size = task["scheme"], task["patch_size"], task["grid"], task["size"]
     items = [SourceItem(path, label, None) for path, label in zip(task["paths"], task["labels"], strict=True)]
     dev = torch.device(task.get("device") or "cpu")
@@ -66,6 +68,7 @@ def encrypt_shard(task: dict) -> dict:
     t0 = time.perf_counter()
     digest = write_tar_atomic(os.path.join(task["dst"], shard_name(task["k"])), members)
     timing["write_s"] += time.perf_counter() - t0
+    timing["cpu_s"] = time.process_time() - cpu0
     return {"k": task["k"], "count": len(items) - len(corrupt), "sha256": digest, "corrupt": corrupt, **timing}
 
 
