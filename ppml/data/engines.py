@@ -77,6 +77,11 @@ def _init_worker() -> None:
     import torch
 
     torch.set_num_threads(1)
+    # what the first shard would import anyway, imported once per worker, before any shard's clock starts
+    import PIL.Image  # noqa: F401
+    import torchvision.transforms.functional  # noqa: F401
+
+    import ppml  # noqa: F401
 
 
 def run_local(tasks: Iterable[dict], on_done: Callable[[dict], None]) -> None:
