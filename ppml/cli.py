@@ -109,8 +109,8 @@ def _encrypt_parser(sub) -> None:
     p.add_argument("--key-seed", type=int, default=None,
                    help="a master key derived from this seed: reproducible, NOT secret (default: OS entropy)")
     p.add_argument("--workers", type=int, default=None,
-                   help="worker processes (default: 1, this process with decode threads); with --engine ray the CPUs "
-                   "of the local Ray (default: all)")
+                   help="worker processes (default: 1, this process with decode threads; with --engine ray: every "
+                   "CPU of the local Ray)")
     p.add_argument("--engine", choices=("local", "ray"), default="local",
                    help='where shards are made: local processes, or Ray tasks (pip install "ppml[ray]")')
     p.add_argument("--ray-address", default=None, help="with --engine ray: a Ray cluster (default: a local Ray)")

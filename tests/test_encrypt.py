@@ -406,8 +406,9 @@ def test_default_shard_size():
 
 
 def test_ctrl_c_in_decrypt_is_one_line_and_the_same_command_finishes(tmp_path, monkeypatch):
+    src = _image_folder(tmp_path / "src", n_per_class=20)
     dst = str(tmp_path / "enc")
-    enc.encrypt_dataset("digits", dst, key_seed=0, **SMALL)
+    enc.encrypt_dataset(src, dst, key_seed=0, **SMALL)
     ref = str(tmp_path / "ref")
     ppml.data.decrypt_dataset(dst, ref, dst + ".key", progress=False)
     out = str(tmp_path / "out")
@@ -416,14 +417,14 @@ def test_ctrl_c_in_decrypt_is_one_line_and_the_same_command_finishes(tmp_path, m
 
     def crashing(path, data):
         calls.append(path)
-        if len(calls) == 1 + 300 + 1:  # the marker, 300 images, then the kill
+        if len(calls) == 1 + 30 + 1:  # the marker, 30 images, then the kill
             raise KeyboardInterrupt("simulated kill")
         real(path, data)
 
     monkeypatch.setattr(dec, "write_atomic", crashing)
     rc, err = _main(*args)
     monkeypatch.undo()
-    assert rc == 130 and len(err) == 1 and "300 of 1797 images are written" in err[0] and "same command" in err[0]
+    assert rc == 130 and len(err) == 1 and "30 of 40 images are written" in err[0] and "same command" in err[0]
     rc, err = _main(*args)
     assert rc == 0, err
     _same_tree(out, ref)

@@ -103,6 +103,7 @@ def test_key_file_size_does_not_grow_with_the_dataset(tmp_path):
         Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(small / cls / "x.png")
     enc.encrypt_dataset(str(small), str(tmp_path / "two"), patch_size=4, size=16, progress=False)
     enc.encrypt_dataset("digits", str(tmp_path / "many"), patch_size=4, size=16, progress=False)
+    assert stat.S_IMODE(os.stat(tmp_path / "two.key.index.json").st_mode) == 0o600  # the names: owner-only too
     sizes = {os.path.getsize(tmp_path / f"{n}.key") for n in ("two", "many")}
     assert max(sizes) < 512 and max(sizes) - min(sizes) <= 2  # 2 images or 1,797: the same few hundred bytes
 

@@ -313,7 +313,7 @@ def _write_owner_index(path, mk, src, classes, items, ids, corrupt, dst) -> None
         "corrupt": corrupt,  # None until the run is finished
     }  # fmt: skip
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    write_atomic(path, json_bytes(doc))
+    write_atomic(path, json_bytes(doc), mode=0o600)  # the names are what DST hides: owner-only, like the key
 
 
 # ------------------------------------------------------------------------------------------------------------ reading

@@ -60,13 +60,17 @@ def npy_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_atomic(path: str, data: bytes) -> None:
-    """``data`` at ``path`` via a temporary name + rename: a killed process leaves the old file or the new one."""
+def write_atomic(path: str, data: bytes, mode: int | None = None) -> None:
+    """``data`` at ``path`` via a temporary name + rename: a killed process leaves the old file or the new one.
+    ``mode`` (e.g. 0o600) is set before the rename, so the file never exists with wider permissions."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as fh:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if mode is not None else 0o666)
+    with os.fdopen(fd, "wb") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
+    if mode is not None:
+        os.chmod(tmp, mode)
     os.replace(tmp, path)
 
 
