@@ -9,7 +9,7 @@ MI replaces each p×p patch by the mean of its g×g sub-patches, rounded to uint
     ppml show path/to/photo.jpg --out grid.png
     ppml show path/to/image_folder --count 6 --out grid.png
     ppml show digits --size 64 --out digits.png
-    ppml show enc/ --keys enc.keys.npy --out enc.png   # an encrypted dataset: ciphertext | decrypted
+    ppml show enc/ --keys enc.key --out enc.png        # an encrypted dataset: ciphertext | decrypted
 
 Library use: :func:`load_inputs` (image file, folder, ``digits`` or ``skimage:NAME`` → uint8 ``[B, 3, S, S]``) and
 :func:`make_grid_image` (uint8 images → ``PIL.Image``). PIL is needed; scikit-image only for ``skimage:NAME`` inputs,
