@@ -85,10 +85,11 @@ def _encrypt_parser(sub) -> None:
         "encrypt",
         help="encrypt an image folder (or the built-in digits) into shards, once",
         description=(
-            "Encrypt SRC (an ImageFolder tree, a tree with train/ and val/, or 'digits') into DST: NumPy shards with "
-            "labels, an index and a manifest (SHA-256 per file). RS keys go to a separate file outside DST (default "
-            "DST.keys.npy), never needed for training. Re-run with the same arguments to resume an interrupted run; "
-            "unreadable images are skipped and listed in DST/report.json."
+            "Encrypt SRC (an ImageFolder tree, a tree with train/ and val/, or 'digits') into DST: WebDataset tar "
+            "shards (opaque ids, ciphertext, labels) and a manifest (SHA-256 per shard); no source name reaches DST. "
+            "A 256-bit master key (every image's id and RS permutation derive from it) goes to a file outside DST "
+            "(default DST.key, mode 0600), the id -> source path index and the report of unreadable images next to "
+            "it (KEY.index.json). Re-run with the same arguments to resume an interrupted run."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -103,9 +104,16 @@ def _encrypt_parser(sub) -> None:
                    help="images per shard, also what an interrupted run can lose (default: 1/16 of the images, "
                    "16..4096)")
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda")
-    p.add_argument("--keys", default=None, help="RS key file (default: DST.keys.npy, next to DST)")
-    p.add_argument("--key-seed", type=int, default=None, help="reproducible keys (default: OS entropy)")
-    p.add_argument("--workers", type=int, default=None, help="decode/resize threads (default: min(8, CPUs))")
+    p.add_argument("--keys", default=None, help="master key file (default: DST.key, next to DST)")
+    p.add_argument("--index", default=None, help="owner-side index: id -> source path (default: KEYS.index.json)")
+    p.add_argument("--key-seed", type=int, default=None,
+                   help="a master key derived from this seed: reproducible, NOT secret (default: OS entropy)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes (default: 1, this process with decode threads; with --engine ray: every "
+                   "CPU of the local Ray)")
+    p.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help='where shards are made: local processes, or Ray tasks (pip install "ppml[ray]")')
+    p.add_argument("--ray-address", default=None, help="with --engine ray: a Ray cluster (default: a local Ray)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run_encrypt)
 
@@ -118,7 +126,8 @@ def _run_encrypt(args: argparse.Namespace) -> int:
     summary = encrypt_dataset(
         args.src, args.dst, scheme=args.scheme, patch_size=args.patch_size, grid=args.grid, size=args.size,
         batch_size=args.batch_size, shard_size=args.shard_size, device=args.device, keys=args.keys,
-        key_seed=args.key_seed, workers=args.workers, progress=not args.no_progress,
+        key_seed=args.key_seed, workers=args.workers, progress=not args.no_progress, index=args.index,
+        engine=args.engine, ray_address=args.ray_address,
     )
     work = summary["decode_s"] + summary["encrypt_s"] + summary["write_s"]
     print(
@@ -126,7 +135,7 @@ def _run_encrypt(args: argparse.Namespace) -> int:
         f"earlier run) in {summary['seconds']:.1f} s, {summary['images_per_s']} img/s on {summary['device']}: "
         f"decode+resize {summary['decode_s']:.2f} s ({summary['decode_s'] / max(work, 1e-9):.0%}), encryption "
         f"{summary['encrypt_s']:.2f} s ({summary['encrypt_share']:.0%}), writing {summary['write_s']:.2f} s"
-        + (f"; keys: {summary['keys']}" if summary["keys"] else "")
+        + f"; master key: {summary['keys']}, owner-side index: {summary['index']}"
         + f"; {summary['shards']} shard(s) of {summary['shard_size']} (the resume granularity)",
         file=sys.stderr,
     )
@@ -138,19 +147,21 @@ def _decrypt_parser(sub) -> None:
     p = sub.add_parser(
         "decrypt",
         help="decrypt RS shards back to the exact (resized) images",
-        description="Decrypt the RS dataset DST with its key file into OUT as lossless PNGs (OUT/<source path>.png).",
+        description="Decrypt the RS dataset DST with its key file into OUT as lossless PNGs (OUT/<source path>.png; "
+        "the names come from the owner-side index, each checked to stay inside OUT).",
     )
     p.add_argument("dst", metavar="DST")
     p.add_argument("out", metavar="OUT")
     p.add_argument("--keys", required=True, help="the key file `ppml encrypt` wrote")
+    p.add_argument("--index", default=None, help="the owner-side index (default: KEYS.index.json)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run_decrypt)
 
 
 def _run_decrypt(args: argparse.Namespace) -> int:
-    from .data.encrypted import decrypt_dataset
+    from .data.decrypt import decrypt_dataset
 
-    res = decrypt_dataset(args.dst, args.out, args.keys, progress=not args.no_progress)
+    res = decrypt_dataset(args.dst, args.out, args.keys, index=args.index, progress=not args.no_progress)
     print(f"[ppml decrypt] {res['images']} images written to {res['out']}", file=sys.stderr)
     return 0
 
@@ -201,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+    except (ValueError, FileNotFoundError, FileExistsError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:  # Ctrl-C: one line (what was kept, how to continue), not a traceback

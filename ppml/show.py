@@ -9,7 +9,7 @@ MI replaces each p×p patch by the mean of its g×g sub-patches, rounded to uint
     ppml show path/to/photo.jpg --out grid.png
     ppml show path/to/image_folder --count 6 --out grid.png
     ppml show digits --size 64 --out digits.png
-    ppml show enc/ --keys enc.keys.npy --out enc.png   # an encrypted dataset: ciphertext | decrypted
+    ppml show enc/ --keys enc.key --out enc.png        # an encrypted dataset: ciphertext | decrypted
 
 Library use: :func:`load_inputs` (image file, folder, ``digits`` or ``skimage:NAME`` → uint8 ``[B, 3, S, S]``) and
 :func:`make_grid_image` (uint8 images → ``PIL.Image``). PIL is needed; scikit-image only for ``skimage:NAME`` inputs,
@@ -376,7 +376,7 @@ def encrypted_grid(dst: str, *, count: int = 4, keys: str | None = None, labels:
     as stored (RS: uint8 as is; MI: :func:`mi_display`, ×g nearest) and, with ``keys`` (RS only, DST's key file), the
     decrypted image. Returns ``(PIL.Image, column titles, rows)``."""
     from . import unshuffle_patches
-    from .data.encrypted import check_key_file, load_samples
+    from .data.encrypted import load_samples, sample_permutations
 
     x, idx, _, manifest = load_samples(dst, count)
     p = manifest["patch_size"]
@@ -387,9 +387,7 @@ def encrypted_grid(dst: str, *, count: int = 4, keys: str | None = None, labels:
         cipher, titles, short = mi_display(x, g), [f"MI p={p} g={g}"], [f"MI{p}/{g}"]
     cells = [cipher]
     if keys is not None:
-        check_key_file(dst, keys, manifest, _CMD)
-        perms = np.load(keys, allow_pickle=False)
-        cells.append(unshuffle_patches(x, torch.as_tensor(perms[idx.numpy()].astype(np.int64)), p))
+        cells.append(unshuffle_patches(x, sample_permutations(dst, keys, manifest, idx, _CMD), p))
         titles, short = [*titles, "decrypted"], [*short, "plain"]
     return compose_columns(cells, titles, short, labels=labels), titles, x.shape[0]
 

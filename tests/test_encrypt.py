@@ -1,13 +1,18 @@
-"""`ppml encrypt` / `ppml decrypt`: the shard format, exact decryption, resume after a crash (byte-identical output),
-corrupt images, refusals, and `ppml train --data DST`."""
+"""`ppml encrypt` / `ppml decrypt`: the ppml-wds format (WebDataset tars keyed by opaque ids, a manifest), exact
+decryption from the master key, no source name in DST, resume after a crash (byte-identical output), corrupt images,
+refusals, datasets of the v1 format, and `ppml train --data DST`. Tampering: tests/test_decrypt_safety.py; keys:
+tests/test_masterkey.py; worker processes and Ray: tests/test_engines.py."""
 
 from __future__ import annotations
 
 import filecmp
+import io
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tarfile
 
 import numpy as np
 import pytest
@@ -17,9 +22,13 @@ pytest.importorskip("sklearn")
 pytest.importorskip("PIL")
 
 import ppml  # noqa: E402
+import ppml.data.decrypt as dec  # noqa: E402
 import ppml.data.encrypted as enc  # noqa: E402
+import ppml.data.wds_shards as wds  # noqa: E402
+from ppml.data.masterkey import derive_permutation, read_key_file, sample_id  # noqa: E402
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+LEGACY = os.path.join(TESTS_DIR, "fixtures", "legacy_v1")
 SMALL = dict(patch_size=4, size=16, shard_size=500, batch_size=128, progress=False)
 
 
@@ -27,58 +36,81 @@ def _tree_files(root: str) -> list[str]:
     return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
 
 
-def _image_folder(root, n_per_class=4, corrupt=()):
+def _same_tree(a: str, b: str) -> None:
+    assert _tree_files(a) == _tree_files(b)
+    for f in _tree_files(a):
+        assert filecmp.cmp(os.path.join(a, f), os.path.join(b, f), shallow=False), f
+
+
+def _image_folder(root, n_per_class=4, corrupt=(), classes=("ant", "bee"), stem=""):
     from PIL import Image
 
     gen = torch.Generator().manual_seed(0)
-    for cls in ("ant", "bee"):
+    for cls in classes:
         os.makedirs(root / cls, exist_ok=True)
         for i in range(n_per_class):
-            h, w = 20 + 4 * i, 28
+            h, w = 20 + 4 * (i % 4), 28
             arr = (torch.rand(h, w, 3, generator=gen) * 255).to(torch.uint8).numpy()
-            Image.fromarray(arr).save(root / cls / f"{i}.png")
+            Image.fromarray(arr).save(root / cls / f"{stem}{i}.png")
     for rel in corrupt:
         (root / rel).write_bytes(b"this is not an image")
     return str(root)
 
 
-def _crash_on_write(monkeypatch, n: int) -> None:
-    """Makes the n-th file write of ppml.data.encrypted raise KeyboardInterrupt: a run killed at that point."""
-    real, calls = enc._write_atomic, []
+def _crash_on_shard(monkeypatch, n: int) -> None:
+    """Makes the n-th shard write raise KeyboardInterrupt before it writes anything: a run killed at that point."""
+    real, calls = wds.write_tar_atomic, []
 
-    def crashing(path, data):
+    def crashing(path, members):
         calls.append(path)
         if len(calls) == n:
             raise KeyboardInterrupt("simulated kill")
-        real(path, data)
+        return real(path, members)
 
-    monkeypatch.setattr(enc, "_write_atomic", crashing)
+    monkeypatch.setattr(wds, "write_tar_atomic", crashing)
 
 
-def test_rs_digits_roundtrip_format_and_exact_decrypt(tmp_path):
+def _sorted_items(src):
+    return sorted(enc.scan_source(src)[0], key=lambda it: it.path)
+
+
+def test_rs_digits_format_ids_and_exact_decrypt(tmp_path):
     dst = str(tmp_path / "enc")
-    summary = enc.encrypt_dataset("digits", dst, key_seed=0, **SMALL)
-    assert summary["images"] == 1797 and summary["skipped"] == 0
-    assert 0 < summary["encrypt_share"] < 1 and summary["images_per_s"] > 0
-    keys = dst + ".keys.npy"
-    assert summary["keys"] == keys and not keys.startswith(dst + os.sep)
+    summary = enc.encrypt_dataset("digits", dst, **SMALL)
+    assert summary["images"] == 1797 and summary["skipped"] == 0 and summary["images_per_s"] > 0
+    keys, index = dst + ".key", dst + ".key.index.json"
+    assert summary["keys"] == keys and summary["index"] == index
+    assert sorted(os.listdir(dst)) == ["manifest.json"] + [f"shard-{k:06d}.tar" for k in range(4)]
     manifest = json.load(open(os.path.join(dst, "manifest.json")))
-    assert manifest["format"] == enc.FORMAT and manifest["num_images"] == 1797 and len(manifest["shards"]) == 4
-    assert manifest["dtype"] == "uint8" and manifest["ciphertext_shape"] == [3, 16, 16]
-    # plain NumPy reads it: no ppml kernels needed
-    first = manifest["shards"][0]
-    images = np.load(os.path.join(dst, first["files"]["images"]), allow_pickle=False)
-    assert images.shape == (500, 3, 16, 16) and images.dtype == np.uint8
-    perms = np.load(keys)
-    assert perms.shape == (1797, 16) and perms.dtype == np.int16
-    # the ciphertext really is the shuffle of the resized source image under its key
-    items, _ = enc.scan_source("digits")
-    src0 = enc.load_source_image("digits", items[0], 16)
-    want = ppml.reference.shuffle_patches(src0[None], torch.as_tensor(perms[:1].astype(np.int64)), 4)[0]
-    assert torch.equal(torch.from_numpy(images[0]), want) and not torch.equal(want, src0)
-    # decrypt: every image bit for bit
+    assert manifest["format"] == "ppml-wds" and manifest["version"] == 1 and manifest["scheme"] == "rs"
+    assert (manifest["count"], manifest["num_classes"], manifest["corrupt"]) == (1797, 10, 0)
+    assert (manifest["patch_size"], manifest["image_size"], manifest["channels"]) == (4, 16, 3)
+    assert [s["count"] for s in manifest["shards"]] == [500, 500, 500, 297] and "classes" not in manifest
+    mk = read_key_file(keys)
+    items = _sorted_items("digits")
+    # read back with tarfile + PIL alone: the ids are HMAC(key, index in the sorted list), the label is ASCII
+    with tarfile.open(os.path.join(dst, "shard-000001.tar")) as tf:
+        members = tf.getmembers()
+        assert {(m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) for m in members} == {(0, 0, 0, "", "", 0o644)}
+        for pos in (0, 123, 499):
+            i = 500 + pos
+            sid = sample_id(mk.key, i)
+            assert members[2 * pos].name == f"{sid}.png" and members[2 * pos + 1].name == f"{sid}.cls"
+            assert int(tf.extractfile(members[2 * pos + 1]).read().decode("ascii")) == items[i].label
+            cipher = torch.from_numpy(wds.decode_png(tf.extractfile(members[2 * pos]).read()))
+            plain = enc.load_source_image("digits", items[i], 16)
+            perm = torch.from_numpy(derive_permutation(mk.key, sid, 16))[None]
+            want = ppml.reference.shuffle_patches(plain[None], perm, 4)[0]
+            assert torch.equal(cipher, want) and not torch.equal(want, plain)
+            # one image decrypts with the master key and its id only
+            assert torch.equal(ppml.data.decrypt_one(keys, sid, cipher, 4), plain)
+    # the owner-side index: id -> source path, label; the class names
+    owner = json.load(open(index))
+    assert owner["classes"] == [str(c) for c in range(10)] and owner["corrupt"] == []
+    assert owner["items"][7] == [sample_id(mk.key, 7), items[7].path, items[7].label, None]
+    # decrypt: every image bit for bit, named by the owner-side index
     out = str(tmp_path / "plain")
-    assert enc.decrypt_dataset(dst, out, keys, progress=False)["images"] == 1797
+    assert ppml.data.decrypt_dataset(dst, out, keys, progress=False)["images"] == 1797
     from PIL import Image
 
     for i in range(0, 1797, 97):
@@ -86,63 +118,124 @@ def test_rs_digits_roundtrip_format_and_exact_decrypt(tmp_path):
         assert torch.equal(got, enc.load_source_image("digits", items[i], 16)), items[i].path
 
 
-def test_mi_shards_hold_the_exact_mix(tmp_path):
+def test_webdataset_reads_the_shards(tmp_path):
+    wdslib = pytest.importorskip("webdataset")
+    dst = str(tmp_path / "enc")
+    enc.encrypt_dataset("digits", dst, **{**SMALL, "shard_size": 1000})
+    x, y, ids, _ = enc.load_shards(dst)
+    urls = [os.path.join(dst, s["name"]) for s in enc.read_manifest(dst)["shards"]]
+    got = list(wdslib.WebDataset(urls, shardshuffle=False).decode("rgb8").to_tuple("__key__", "png", "cls"))
+    assert [k for k, _, _ in got] == ids
+    for j in (0, 999, 1796):
+        assert torch.equal(torch.from_numpy(np.array(got[j][1])).permute(2, 0, 1), x[j]) and int(got[j][2]) == int(y[j])
+
+
+def test_mi_shards_hold_the_exact_integer_sums(tmp_path):
     dst = str(tmp_path / "mi")
     enc.encrypt_dataset("digits", dst, scheme="mi", grid=2, **SMALL)
-    assert not os.path.exists(dst + ".keys.npy")  # MI has no key
-    x, y, idx, manifest = enc.load_shards(dst)
-    assert x.dtype == torch.float32 and x.shape == (1797, 3, 8, 8) and manifest["keys_sha256"] is None
-    items, _ = enc.scan_source("digits")
-    for i in (0, 500, 1796):
-        plain = enc.load_source_image("digits", items[int(idx[i])], 16)
-        assert torch.equal(x[i], ppml.reference.mix_subpatches(plain[None], 4, 2)[0])
+    manifest = enc.read_manifest(dst)
+    assert manifest["mix_group"] == 2 and manifest["scheme"] == "mi"
+    ids, sums, labels = wds.read_shard(dst, manifest, 0)
+    assert sums.dtype == np.uint16 and sums.shape == (500, 3, 8, 8)
+    with tarfile.open(os.path.join(dst, "shard-000000.tar")) as tf:
+        raw = np.load(io.BytesIO(tf.extractfile(f"{ids[3]}.npy").read()), allow_pickle=False)
+    assert np.array_equal(raw, sums[3])
+    x, y, _, _ = enc.load_shards(dst)
+    assert x.dtype == torch.float32 and x.shape == (1797, 3, 8, 8)
+    items = _sorted_items("digits")
+    for i in (0, 3, 1796):
+        plain = enc.load_source_image("digits", items[i], 16)
+        # the integer sums, independently: each 2×2 block of q×q sub-patches added up in int64
+        blocks = plain.long().reshape(3, 4, 2, 2, 4, 2, 2).sum(dim=(2, 5)).reshape(3, 8, 8)
+        if i < 500:
+            assert torch.equal(torch.from_numpy(sums[i].astype(np.int64)), blocks)
+        assert torch.equal(x[i], ppml.reference.mix_subpatches(plain[None], 4, 2)[0])  # the op's means, bit for bit
     with pytest.raises(ValueError, match="only RS is invertible"):
-        enc.decrypt_dataset(dst, str(tmp_path / "out"), __file__, progress=False)
+        ppml.data.decrypt_dataset(dst, str(tmp_path / "out"), dst + ".key", progress=False)
 
 
-@pytest.mark.parametrize("crash_after_writes", [3, 6, 11])  # inside the first, second and fourth shard
-def test_killed_and_rerun_is_byte_identical(tmp_path, monkeypatch, crash_after_writes):
+def test_no_source_name_reaches_dst(tmp_path):
+    # distinctive class and file names: not one byte of them may appear anywhere in DST
+    src = _image_folder(tmp_path / "src", n_per_class=3, classes=("zebraclassqx", "walrusclassqx"),
+                        stem="secretfilenameqx", corrupt=("zebraclassqx/brokenfileqx.jpg",))  # fmt: skip
+    dst = str(tmp_path / "DST")
+    enc.encrypt_dataset(src, dst, **{**SMALL, "shard_size": 2})
+    words = [b"zebraclassqx", b"walrusclassqx", b"secretfilenameqx", b"brokenfileqx", str(tmp_path).encode()]
+    for f in _tree_files(dst):
+        data = open(os.path.join(dst, f), "rb").read()
+        for w in words:
+            assert w not in data, (f, w)
+    owner = json.load(open(dst + ".key.index.json"))  # the names live with the owner
+    assert owner["classes"] == ["walrusclassqx", "zebraclassqx"]
+    assert [c["path"] for c in owner["corrupt"]] == ["zebraclassqx/brokenfileqx.jpg"]
+
+
+@pytest.mark.parametrize("crash_at_shard", [1, 2, 4])
+def test_killed_and_rerun_is_byte_identical(tmp_path, monkeypatch, crash_at_shard):
     ref = str(tmp_path / "ref")
     enc.encrypt_dataset("digits", ref, key_seed=7, **SMALL)
     cut = str(tmp_path / "cut")
-    _crash_on_write(monkeypatch, 3 + crash_after_writes)  # job.json, the key file, index.json; then 4 files a shard
+    _crash_on_shard(monkeypatch, crash_at_shard)
     with pytest.raises(KeyboardInterrupt):
         enc.encrypt_dataset("digits", cut, key_seed=7, **SMALL)
     monkeypatch.undo()
     assert not os.path.exists(os.path.join(cut, "manifest.json"))
     summary = enc.encrypt_dataset("digits", cut, key_seed=7, **SMALL)
-    assert summary["resumed_images"] == 500 * (crash_after_writes // 4)
-    assert _tree_files(cut) == _tree_files(ref)
-    for f in _tree_files(ref):
-        if f != "job.json":  # job.json names DST itself
-            assert filecmp.cmp(os.path.join(cut, f), os.path.join(ref, f), shallow=False), f
-    assert filecmp.cmp(cut + ".keys.npy", ref + ".keys.npy", shallow=False)
+    assert summary["resumed_images"] == 500 * (crash_at_shard - 1)
+    _same_tree(cut, ref)
+    assert filecmp.cmp(cut + ".key", ref + ".key", shallow=False)
+    index_ref, index_cut = json.load(open(ref + ".key.index.json")), json.load(open(cut + ".key.index.json"))
+    assert index_ref["items"] == index_cut["items"]
 
 
-def test_resume_without_key_seed_keeps_the_keys_already_drawn(tmp_path, monkeypatch):
+def test_resume_keeps_the_key_already_made(tmp_path, monkeypatch):
     dst = str(tmp_path / "enc")
-    _crash_on_write(monkeypatch, 8)
+    _crash_on_shard(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         enc.encrypt_dataset("digits", dst, **SMALL)
-    keys_before = np.load(dst + ".keys.npy")
+    key_before = open(dst + ".key", "rb").read()
     monkeypatch.undo()
     enc.encrypt_dataset("digits", dst, **SMALL)
-    assert np.array_equal(np.load(dst + ".keys.npy"), keys_before)
-    enc.decrypt_dataset(dst, str(tmp_path / "plain"), dst + ".keys.npy", progress=False)  # the keys still fit
+    assert open(dst + ".key", "rb").read() == key_before
+    ppml.data.decrypt_dataset(dst, str(tmp_path / "plain"), dst + ".key", progress=False)  # the key still fits
 
 
-def test_corrupt_images_are_reported_and_skipped(tmp_path):
-    src = _image_folder(tmp_path / "src", corrupt=("ant/broken.jpg",))
+def test_killed_between_job_and_key_starts_over(tmp_path, monkeypatch):
+    import ppml.data.masterkey as mkmod
+
     dst = str(tmp_path / "enc")
-    summary = enc.encrypt_dataset(src, dst, patch_size=4, size=16, progress=False)
-    assert summary["images"] == 8 and summary["skipped"] == 1
-    report = json.load(open(os.path.join(dst, "report.json")))
-    assert [s["path"] for s in report["skipped"]] == ["ant/broken.jpg"] and report["skipped"][0]["error"]
-    manifest = enc.read_manifest(dst)
-    assert manifest["classes"] == ["ant", "bee"] and manifest["num_skipped"] == 1
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(enc, "_write_key_file", killed)
+    with pytest.raises(KeyboardInterrupt):
+        enc.encrypt_dataset("digits", dst, **SMALL)
+    monkeypatch.undo()
+    assert os.listdir(dst) == ["job.json"] and not os.path.exists(dst + ".key")
+    assert enc.encrypt_dataset("digits", dst, **SMALL)["images"] == 1797
+    assert mkmod.is_key_file(dst + ".key")
+
+
+def test_corrupt_images_are_reported_outside_dst_also_after_a_resume(tmp_path, monkeypatch):
+    src = _image_folder(tmp_path / "src", n_per_class=20, corrupt=("ant/broken.jpg",))
+    ref = str(tmp_path / "ref")
+    summary = enc.encrypt_dataset(src, ref, patch_size=4, size=16, key_seed=1, progress=False)
+    assert summary["images"] == 40 and summary["skipped"] == 1 and summary["shards"] == 3
+    owner = json.load(open(ref + ".key.index.json"))
+    assert [c["path"] for c in owner["corrupt"]] == ["ant/broken.jpg"] and owner["corrupt"][0]["error"]
+    assert enc.read_manifest(ref)["corrupt"] == 1 and enc.read_manifest(ref)["classes"] == ["0", "1"]
+    cut = str(tmp_path / "cut")
+    _crash_on_shard(monkeypatch, 3)  # "ant/broken.jpg" sorts 21st: it lies in the second shard, finished
+    with pytest.raises(KeyboardInterrupt, match="32 of 41 images are kept"):
+        enc.encrypt_dataset(src, cut, patch_size=4, size=16, key_seed=1, progress=False)
+    monkeypatch.undo()
+    enc.encrypt_dataset(src, cut, patch_size=4, size=16, key_seed=1, progress=False)
+    _same_tree(cut, ref)
+    assert json.load(open(cut + ".key.index.json"))["corrupt"] == owner["corrupt"]
     # decrypted images = the source resized (shorter side) and centre-cropped
     out = str(tmp_path / "plain")
-    enc.decrypt_dataset(dst, out, dst + ".keys.npy", progress=False)
+    ppml.data.decrypt_dataset(ref, out, ref + ".key", progress=False)
     from PIL import Image
 
     got = torch.from_numpy(np.array(Image.open(os.path.join(out, "bee", "3.png.png")))).permute(2, 0, 1)
@@ -159,39 +252,50 @@ def test_refusals(tmp_path):
     enc.encrypt_dataset("digits", dst, **SMALL)
     with pytest.raises(FileExistsError, match="already holds a finished"):
         enc.encrypt_dataset("digits", dst, **SMALL)
-    with pytest.raises(ValueError, match="outside DST"):
-        enc.encrypt_dataset("digits", str(tmp_path / "e3"), keys=str(tmp_path / "e3" / "k.npy"), **SMALL)
+    with pytest.raises(ValueError, match="key file .* outside DST"):
+        enc.encrypt_dataset("digits", str(tmp_path / "e3"), keys=str(tmp_path / "e3" / "k.key"), **SMALL)
+    with pytest.raises(ValueError, match="index .* outside DST"):
+        enc.encrypt_dataset("digits", str(tmp_path / "e3"), index=str(tmp_path / "e3" / "i.json"), **SMALL)
     with pytest.raises(ValueError, match="--patch-size must divide --size"):
         enc.encrypt_dataset("digits", str(tmp_path / "e4"), **{**SMALL, "patch_size": 5})
+    with pytest.raises(ValueError, match="--grid must be <= 16"):
+        enc.encrypt_dataset("digits", str(tmp_path / "e4"), scheme="mi", grid=32, **{**SMALL, "size": 32,
+                            "patch_size": 32})  # fmt: skip
     with pytest.raises(FileNotFoundError, match="not a directory"):
         enc.encrypt_dataset(str(tmp_path / "nowhere"), str(tmp_path / "e5"), **SMALL)
+    assert not any(os.path.exists(tmp_path / f"e{i}") for i in (3, 4, 5))
     other = str(tmp_path / "other")
     enc.encrypt_dataset("digits", other, **SMALL)
     with pytest.raises(ValueError, match="is not the key file"):
-        enc.decrypt_dataset(dst, str(tmp_path / "p"), other + ".keys.npy", progress=False)
+        ppml.data.decrypt_dataset(dst, str(tmp_path / "p"), other + ".key", progress=False)
+    with pytest.raises(ValueError, match="not a ppml key file"):
+        ppml.data.decrypt_dataset(dst, str(tmp_path / "p"), os.path.join(LEGACY, "enc.keys.npy"), progress=False)
     os.makedirs(tmp_path / "full")
     open(tmp_path / "full" / "x", "w").close()
     with pytest.raises(FileExistsError, match="not empty"):
-        enc.decrypt_dataset(dst, str(tmp_path / "full"), dst + ".keys.npy", progress=False)
+        ppml.data.decrypt_dataset(dst, str(tmp_path / "full"), dst + ".key", progress=False)
 
 
 def test_unfinished_run_with_other_arguments_is_refused(tmp_path, monkeypatch):
     dst = str(tmp_path / "enc")
-    _crash_on_write(monkeypatch, 5)
+    _crash_on_shard(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         enc.encrypt_dataset("digits", dst, **SMALL)
     monkeypatch.undo()
     with pytest.raises(ValueError, match="other arguments"):
         enc.encrypt_dataset("digits", dst, **{**SMALL, "patch_size": 8})
+    os.rename(dst + ".key", dst + ".moved")
+    with pytest.raises(FileNotFoundError, match="key file .* is gone"):
+        enc.encrypt_dataset("digits", dst, **SMALL)
 
 
 def test_modified_shard_is_detected(tmp_path):
     dst = str(tmp_path / "enc")
     enc.encrypt_dataset("digits", dst, **SMALL)
-    path = os.path.join(dst, "shard-00001-images.npy")
-    arr = np.load(path)
-    arr[0, 0, 0, 0] ^= 1
-    np.save(path, arr)
+    path = os.path.join(dst, "shard-000001.tar")
+    data = bytearray(open(path, "rb").read())
+    data[2000] ^= 1
+    open(path, "wb").write(bytes(data))
     with pytest.raises(ValueError, match="does not match its SHA-256"):
         enc.load_shards(dst)
 
@@ -209,16 +313,46 @@ def test_train_reads_the_shards(tmp_path):
         run(TrainConfig(data=dst, img_size=32, patch_size=8, out=str(tmp_path / "run2"), **tiny))
 
 
+def test_train_val_split_survives_without_names(tmp_path):
+    root = tmp_path / "src"
+    _image_folder(root / "train", n_per_class=5)
+    _image_folder(root / "val", n_per_class=2)
+    dst = str(tmp_path / "enc")
+    enc.encrypt_dataset(str(root), dst, patch_size=4, size=16, progress=False)
+    split, manifest = enc.load_encrypted(dst)
+    assert manifest["val_start"] == 10 and len(split.train_y) == 10 and len(split.val_y) == 4
+    assert split.val_y.tolist() == [0, 0, 1, 1]
+
+
+def test_legacy_v1_dataset_still_loads_and_decrypts(tmp_path):
+    dst = os.path.join(LEGACY, "enc")
+    plain = np.load(os.path.join(LEGACY, "plain.npy"))  # the resized sources, saved when the fixture was made
+    x, y, idx, manifest = enc.load_shards(dst)
+    assert manifest["format"] == "ppml-encrypted-v1" and x.shape == (6, 3, 16, 16) and y.tolist() == [0, 0, 0, 1, 1, 1]
+    split, _ = enc.load_encrypted(dst)
+    assert len(split.train_y) + len(split.val_y) == 6
+    out = str(tmp_path / "out")
+    ppml.data.decrypt_dataset(dst, out, os.path.join(LEGACY, "enc.keys.npy"), progress=False)
+    from PIL import Image
+
+    items = json.load(open(os.path.join(dst, "index.json")))["items"]
+    for i, (path, _, _) in enumerate(items):
+        got = np.array(Image.open(os.path.join(out, path + ".png"))).transpose(2, 0, 1)
+        assert np.array_equal(got, plain[i]), path
+    with pytest.raises(ValueError, match="not the key file"):
+        ppml.data.decrypt_dataset(dst, str(tmp_path / "o2"), os.path.join(TESTS_DIR, "conftest.py"), progress=False)
+
+
 def test_cli(tmp_path):
     def cli(*args):
         return subprocess.run([sys.executable, "-m", "ppml", *args], capture_output=True, text=True, timeout=300,
-                              cwd=TESTS_DIR)
+                              cwd=TESTS_DIR)  # fmt: skip
 
     dst = str(tmp_path / "enc")
     res = cli("encrypt", "digits", dst, "--size", "16", "--patch-size", "4", "--no-progress")
     assert res.returncode == 0, res.stderr
-    assert "img/s" in res.stderr and "encryption" in res.stderr and json.loads(res.stdout)["images"] == 1797
-    res = cli("decrypt", dst, str(tmp_path / "plain"), "--keys", dst + ".keys.npy", "--no-progress")
+    assert "img/s" in res.stderr and "master key" in res.stderr and json.loads(res.stdout)["images"] == 1797
+    res = cli("decrypt", dst, str(tmp_path / "plain"), "--keys", dst + ".key", "--no-progress")
     assert res.returncode == 0, res.stderr
     res = cli("encrypt", "digits", dst, "--size", "16", "--patch-size", "4")
     assert res.returncode == 2 and "already holds a finished" in res.stderr
@@ -226,7 +360,6 @@ def test_cli(tmp_path):
 
 def _main(*argv) -> tuple[int, list[str]]:
     import contextlib
-    import io
 
     from ppml.cli import main
 
@@ -238,7 +371,7 @@ def _main(*argv) -> tuple[int, list[str]]:
 
 def test_key_file_refusal_writes_nothing_and_the_fixed_command_runs(tmp_path):
     dst = str(tmp_path / "enc")
-    open(dst + ".keys.npy", "wb").write(b"keys of another dataset")
+    open(dst + ".key", "wb").write(b"the key of another dataset")
     with pytest.raises(FileExistsError, match="key file .* already exists"):
         enc.encrypt_dataset("digits", dst, **SMALL)
     assert not os.path.exists(dst)  # no job.json that would refuse the corrected command
@@ -246,122 +379,63 @@ def test_key_file_refusal_writes_nothing_and_the_fixed_command_runs(tmp_path):
     with pytest.raises(FileExistsError, match="already exists"):
         enc.encrypt_dataset("digits", dst, **SMALL)
     assert os.listdir(dst) == []
-    summary = enc.encrypt_dataset("digits", dst, keys=str(tmp_path / "k.npy"), **SMALL)
-    assert summary["images"] == 1797
+    open(tmp_path / "other.index.json", "w").write("{}")
+    with pytest.raises(FileExistsError, match="owner-side index .* already exists"):
+        enc.encrypt_dataset("digits", dst, keys=str(tmp_path / "k.key"), index=str(tmp_path / "other.index.json"),
+                            **SMALL)  # fmt: skip
+    assert os.listdir(dst) == [] and not os.path.exists(tmp_path / "k.key")
+    summary = enc.encrypt_dataset("digits", dst, keys=str(tmp_path / "k.key"), **SMALL)
+    assert summary["images"] == 1797 and os.path.exists(tmp_path / "k.key.index.json")
 
 
 def test_ctrl_c_in_encrypt_is_one_line_and_the_same_command_resumes(tmp_path, monkeypatch):
     dst = str(tmp_path / "enc")
     args = ("encrypt", "digits", dst, "--size", "16", "--patch-size", "4", "--key-seed", "0", "--no-progress")
-    _crash_on_write(monkeypatch, 3 + 4 * 5 + 2)  # job, keys, index; 5 whole shards; inside the 6th
+    _crash_on_shard(monkeypatch, 6)  # 5 whole shards of 113, then the kill
     rc, err = _main(*args)
     monkeypatch.undo()
     assert rc == 130 and len(err) == 1, err
     assert "interrupted: 565 of 1797 images are kept" in err[0] and "same command resumes" in err[0]
     rc, err = _main(*args)
     assert rc == 0, err
-    assert json.load(open(os.path.join(dst, "manifest.json")))["num_images"] == 1797
+    assert json.load(open(os.path.join(dst, "manifest.json")))["count"] == 1797
 
 
-def test_default_shards_make_resume_useful_for_small_folders(tmp_path, monkeypatch):
+def test_default_shard_size():
     assert enc.auto_shard_size(1797) == 113 and enc.auto_shard_size(10) == 16 and enc.auto_shard_size(10**7) == 4096
-    src = _image_folder(tmp_path / "src", n_per_class=40)  # 80 images: 5 shards of 16
-    ref = str(tmp_path / "ref")
-    enc.encrypt_dataset(src, ref, patch_size=4, size=16, key_seed=1, progress=False)
-    cut = str(tmp_path / "cut")
-    _crash_on_write(monkeypatch, 3 + 4 * 3 + 1)  # inside the 4th shard
-    with pytest.raises(KeyboardInterrupt, match="48 of 80 images are kept"):
-        enc.encrypt_dataset(src, cut, patch_size=4, size=16, key_seed=1, progress=False)
-    monkeypatch.undo()
-    summary = enc.encrypt_dataset(src, cut, patch_size=4, size=16, key_seed=1, progress=False)
-    assert summary["resumed_images"] == 48 and summary["shards"] == 5 and summary["shard_size"] == 16
-    for f in _tree_files(ref):
-        if f != "job.json":
-            assert filecmp.cmp(os.path.join(cut, f), os.path.join(ref, f), shallow=False), f
 
 
 def test_ctrl_c_in_decrypt_is_one_line_and_the_same_command_finishes(tmp_path, monkeypatch):
+    src = _image_folder(tmp_path / "src", n_per_class=20)
     dst = str(tmp_path / "enc")
-    enc.encrypt_dataset("digits", dst, key_seed=0, **SMALL)
+    enc.encrypt_dataset(src, dst, key_seed=0, **SMALL)
     ref = str(tmp_path / "ref")
-    enc.decrypt_dataset(dst, ref, dst + ".keys.npy", progress=False)
+    ppml.data.decrypt_dataset(dst, ref, dst + ".key", progress=False)
     out = str(tmp_path / "out")
-    args = ("decrypt", dst, out, "--keys", dst + ".keys.npy", "--no-progress")
-    _crash_on_write(monkeypatch, 1 + 300 + 1)  # the marker, 300 images, then the kill
+    args = ("decrypt", dst, out, "--keys", dst + ".key", "--no-progress")
+    real, calls = dec.write_atomic, []
+
+    def crashing(path, data):
+        calls.append(path)
+        if len(calls) == 1 + 30 + 1:  # the marker, 30 images, then the kill
+            raise KeyboardInterrupt("simulated kill")
+        real(path, data)
+
+    monkeypatch.setattr(dec, "write_atomic", crashing)
     rc, err = _main(*args)
     monkeypatch.undo()
-    assert rc == 130 and len(err) == 1 and "300 of 1797 images are written" in err[0] and "same command" in err[0]
+    assert rc == 130 and len(err) == 1 and "30 of 40 images are written" in err[0] and "same command" in err[0]
     rc, err = _main(*args)
     assert rc == 0, err
-    assert _tree_files(out) == _tree_files(ref)
-    for f in _tree_files(ref):
-        assert filecmp.cmp(os.path.join(out, f), os.path.join(ref, f), shallow=False), f
-    # a finished OUT is refused again
-    with pytest.raises(FileExistsError, match="not empty"):
-        enc.decrypt_dataset(dst, out, dst + ".keys.npy", progress=False)
+    _same_tree(out, ref)
+    with pytest.raises(FileExistsError, match="not empty"):  # a finished OUT is refused again
+        ppml.data.decrypt_dataset(dst, out, dst + ".key", progress=False)
 
 
-def _tamper_index(dst: str, k: int, path: str) -> None:
-    index_path = os.path.join(dst, "index.json")
-    index = json.load(open(index_path))
-    index["items"][k][0] = path
-    json.dump(index, open(index_path, "w"))
+def test_show_reads_a_legacy_dataset_with_its_keys(tmp_path):
+    from ppml.show import encrypted_grid
 
-
-@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlinked-file", "symlinked-dir", "resolves-outside"])
-def test_decrypt_refuses_output_paths_outside_out(tmp_path, kind):
     dst = str(tmp_path / "enc")
-    enc.encrypt_dataset("digits", dst, key_seed=0, **SMALL)
-    out, outside = tmp_path / "out", tmp_path / "outside"
-    os.makedirs(outside)
-    if kind == "dotdot":
-        _tamper_index(dst, 7, "../../../name")
-    elif kind == "absolute":
-        _tamper_index(dst, 7, str(outside / "name"))
-    else:
-        # an OUT left by an interrupted decryption of DST (so it is resumed), holding a planted symlink
-        os.makedirs(out)
-        (out / enc._DECRYPT_MARK).write_bytes(
-            enc._json_bytes({"dst": os.path.abspath(dst), "keys_sha256": enc.read_manifest(dst)["keys_sha256"]}))
-        if kind == "symlinked-file":
-            os.symlink(outside / "victim.png", out / "evil.png")
-            _tamper_index(dst, 7, "evil")
-        elif kind == "symlinked-dir":
-            os.symlink(outside, out / "sub")
-            _tamper_index(dst, 7, "sub/name")
-        else:  # a link inside OUT to OUT's parent: "up/outside/name" has no "..", yet lands outside
-            os.symlink(tmp_path, out / "up")
-            _tamper_index(dst, 7, "up/outside/name")
-    before = _tree_files(str(tmp_path))
-    with pytest.raises(ValueError, match="refusing the path"):
-        enc.decrypt_dataset(dst, str(out), dst + ".keys.npy", progress=False)
-    assert _tree_files(str(tmp_path)) == before and os.listdir(outside) == []  # nothing written anywhere
-    if kind in ("dotdot", "absolute"):
-        rc, err = _main("decrypt", dst, str(tmp_path / "out2"), "--keys", dst + ".keys.npy", "--no-progress")
-        assert rc == 2 and "refusing the path" in err[-1] and not os.path.exists(tmp_path / "out2")
-
-
-def test_safe_output_path(tmp_path):
-    from ppml._paths import safe_output_path
-
-    root = tmp_path / "root"
-    os.makedirs(root / "a")
-    assert safe_output_path(str(root), "a/b.png", "t") == str(root / "a" / "b.png")
-    os.symlink(root / "a", root / "inner")  # a link that stays inside is fine
-    assert safe_output_path(str(root), "inner/b.png", "t") == str(root / "inner" / "b.png")
-    for bad in ("", "../x", "a/../../x", "/etc/x", "a//b", "./a", "a\\..\\x", "C:x", "~/x", None, 3):
-        with pytest.raises(ValueError, match="refusing the path"):
-            safe_output_path(str(root), bad, "t")
-    os.symlink(tmp_path, root / "up")
-    with pytest.raises(ValueError, match="symlink"):
-        safe_output_path(str(root), "up/x", "t")
-
-
-def test_tampered_manifest_file_names_stay_inside_dst(tmp_path):
-    dst = str(tmp_path / "enc")
-    enc.encrypt_dataset("digits", dst, **SMALL)
-    manifest = json.load(open(os.path.join(dst, "manifest.json")))
-    manifest["shards"][0]["files"]["images"] = "../enc.keys.npy"
-    json.dump(manifest, open(os.path.join(dst, "manifest.json"), "w"))
-    with pytest.raises(ValueError, match="refusing the path"):
-        enc.load_shards(dst)
+    shutil.copytree(os.path.join(LEGACY, "enc"), dst)
+    _, titles, rows = encrypted_grid(dst, count=2, keys=os.path.join(LEGACY, "enc.keys.npy"))
+    assert rows == 2 and titles[-1] == "decrypted"

@@ -277,7 +277,7 @@ def test_show_an_encrypted_dataset_and_its_decryption(tmp_path, capsys, scheme):
 
     dst = str(tmp_path / "enc")
     enc.encrypt_dataset("digits", dst, scheme=scheme, patch_size=4, size=16, key_seed=0, progress=False)
-    x, idx, _, manifest = enc.load_shards(dst)
+    x, _, ids, manifest = enc.load_shards(dst)
     out = str(tmp_path / "grid.png")
     assert main(["show", dst, "--out", out, "--count", "3"]) == 0
     assert "3 row(s) × 1 columns" in capsys.readouterr().out
@@ -287,20 +287,21 @@ def test_show_an_encrypted_dataset_and_its_decryption(tmp_path, capsys, scheme):
     for r in range(3):
         assert torch.equal(_cell(grid, r, 0, 16), want[r])
     if scheme == "rs":
-        keys = dst + ".keys.npy"
+        keys = dst + ".key"
         out2 = str(tmp_path / "grid2.png")
         assert main(["show", dst, "--keys", keys, "--out", out2, "--count", "2"]) == 0
         grid = _read(out2)
         for r in range(2):
-            plain = enc.load_source_image("digits", enc.SourceItem(f"0/{int(idx[r]):04d}", 0, None), 16)
+            item = sorted(enc.scan_source("digits")[0], key=lambda it: it.path)[r]  # shards follow the sorted list
+            plain = enc.load_source_image("digits", item, 16)
             assert torch.equal(_cell(grid, r, 0, 16), x[r]) and torch.equal(_cell(grid, r, 1, 16), plain)
         other = str(tmp_path / "other")
         enc.encrypt_dataset("digits", other, patch_size=4, size=16, progress=False)
-        assert main(["show", dst, "--keys", other + ".keys.npy", "--out", str(tmp_path / "g3.png")]) == 2
+        assert main(["show", dst, "--keys", other + ".key", "--out", str(tmp_path / "g3.png")]) == 2
         assert "is not the key file" in capsys.readouterr().err
     else:
         assert main(["show", dst, "--keys", __file__, "--out", str(tmp_path / "g3.png")]) == 2
-        assert "no key and no inverse" in capsys.readouterr().err
+        assert "there is no inverse" in capsys.readouterr().err
     assert main(["show", dst, "digits", "--out", str(tmp_path / "g4.png")]) == 2
     assert "must be the only INPUT" in capsys.readouterr().err
 

@@ -285,7 +285,8 @@ def test_truncated_jpeg_is_skipped_listed_and_counted_like_encrypt(tmp_path, cap
     assert len(split.train_y) + len(split.val_y) == 11
     # the same skip list as `ppml encrypt` on the same folder
     enc.encrypt_dataset(data, str(tmp_path / "enc"), patch_size=4, size=16, progress=False)
-    assert json.load(open(tmp_path / "enc" / "report.json"))["skipped"] == split.skipped
+    corrupt = json.load(open(tmp_path / "enc.key.index.json"))["corrupt"]  # the owner-side report, outside DST
+    assert [{"path": c["path"], "error": c["error"]} for c in corrupt] == split.skipped
     out = tmp_path / "run"
     summary = run(TrainConfig(data=data, encryption="rs", epochs=1, key_seed=0, out=str(out), **TINY))
     assert summary["final"] and summary["skipped_images"] == 1

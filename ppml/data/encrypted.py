@@ -1,162 +1,51 @@
-"""The data owner's side: ``ppml encrypt`` (a folder or the digits → encrypted shards), ``ppml decrypt`` (RS shards +
-keys → the exact resized images) and reading encrypted shards for training.
+"""The data owner's side: ``ppml encrypt`` (a folder or the digits → WebDataset shards), ``ppml decrypt`` (RS shards +
+key → the exact resized images) and reading encrypted shards for training.
 
-On-disk format ``ppml-encrypted-v1`` (NumPy ``.npy`` + JSON: readable without ppml or its kernels)::
+What goes where (``ppml-wds`` version 1; the shard format is in :mod:`ppml.data.wds_shards`)::
 
-    DST/manifest.json              scheme, patch size, grid, image size, classes, counts, per-shard files and SHA-256,
-                                   the SHA-256 of the key file; written last (its presence = the dataset is complete)
-    DST/index.json                 the source items (relative paths, labels, split) in encryption order
-    DST/report.json                the unreadable images that were skipped, with the error
-    DST/shard-00000-images.npy     RS: uint8 [n, 3, S, S] ciphertext; MI: float32 [n, 3, S/g, S/g] (0..255, exact)
-    DST/shard-00000-labels.npy     int64 [n]
-    DST/shard-00000-index.npy      int64 [n]: each image's position in index.json (and its row in the key file)
-    DST/shard-00000-skipped.json   the shard's unreadable images
-    DST/job.json                   the arguments; a re-run with the same ones resumes, other ones are refused
-    KEYS (default DST.keys.npy)    RS: int16/int32 [N, (S/p)²] permutations, one row per source item; outside DST,
-                                   never needed for training
+    DST/                 shard-000000.tar ... and manifest.json: ciphertext, labels and opaque ids only — no source
+                         file or class name anywhere; this is what a trainer gets
+    KEY (DST.key)        the 256-bit master key (JSON, mode 0600, a few hundred bytes whatever N): every image's id
+                         and RS permutation derive from it (:mod:`ppml.data.masterkey`); refused inside DST
+    KEY.index.json       the owner-side index: id → source path, label, split; the class names; the corrupt-image
+                         report. Next to the key, never in DST (``--index`` moves it)
 
-Every file is written to a temporary name and renamed, shards one at a time, so a killed run leaves whole shards only;
-keys are drawn once, before the first shard, so a resumed run's output is byte-identical to an uninterrupted one. A
-shard (default :func:`auto_shard_size`: 1/16 of the images, 16..4096) is what an interrupted run can lose. Every
-refusal is decided before the first write. ``ppml decrypt`` checks every output path read from ``index.json`` with
-:func:`ppml._paths.safe_output_path` before writing, and resumes an interrupted OUT (marked by ``.ppml-decrypt.json``).
+The source list is sorted by path; image ``i`` of it gets the id HMAC(key, i). Shards hold consecutive runs of that
+list (``--shard-size``, default :func:`auto_shard_size`), written atomically and byte-reproducibly, so a killed run
+re-run with the same arguments skips its finished shards and ends byte-identical to an uninterrupted run — with one
+process, ``--workers N`` processes or ``--engine ray`` alike (:mod:`ppml.data.engines`). Every refusal is decided
+before the first write. Datasets of the earlier ``ppml-encrypted-v1`` format are still read (:mod:`.legacy_v1`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
+import hmac
 import json
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from .._progress import progress as _progress_bar
+from . import legacy_v1, wds_shards
+from .masterkey import MasterKey, derive_permutation, derive_permutations, is_key_file, new_master_key, read_key_file
+from .masterkey import write_key_file as _write_key_file
+from .source import IMAGE_EXTENSIONS, SourceItem, decode_items, load_source_image, scan_source
+from .wds_shards import json_bytes, write_atomic
 
-FORMAT = "ppml-encrypted-v1"
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+__all__ = [
+    "IMAGE_EXTENSIONS", "SourceItem", "decode_items", "load_source_image", "scan_source", "encrypt_dataset",
+    "decrypt_one", "load_encrypted", "load_shards", "load_samples", "read_manifest",
+    "is_encrypted_dataset", "check_key_file", "sample_permutations", "auto_shard_size", "Interrupted",
+]  # fmt: skip
+
+FORMAT = wds_shards.FORMAT
 _ENC, _DEC = "ppml encrypt", "ppml decrypt"
-
-
-# ------------------------------------------------------------------------------------------------------------ source
-
-
-@dataclass
-class SourceItem:
-    path: str  # relative to SRC ("<label>/<index>" for the built-in digits)
-    label: int
-    split: str | None  # "train" / "val" when SRC has train/ and val/, else None
-
-
-def _scan_tree(
-    root: str, prefix: str, split: str | None, classes: list[str] | None, op: str = _ENC
-) -> tuple[list[SourceItem], list[str]]:
-    found = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    classes = classes if classes is not None else found
-    if found != classes:
-        raise ValueError(f"{op}: the class folders of {root!r} ({found}) differ from {classes}")
-    items = []
-    for label, cls in enumerate(classes):
-        for dirpath, dirnames, filenames in sorted(os.walk(os.path.join(root, cls))):
-            dirnames.sort()
-            for name in sorted(filenames):
-                if name.lower().endswith(IMAGE_EXTENSIONS):
-                    rel = os.path.relpath(os.path.join(dirpath, name), root)
-                    items.append(SourceItem(os.path.join(prefix, rel) if prefix else rel, label, split))
-    return items, classes
-
-
-def scan_source(src: str, op: str = _ENC) -> tuple[list[SourceItem], list[str]]:
-    """The items of SRC in a fixed order: ``digits``, or an ImageFolder tree (``class/…/image``), or a tree with
-    ``train/`` and ``val/`` ImageFolder subtrees (the split is kept). Errors name ``op`` (the command)."""
-    if src == "digits":
-        from sklearn.datasets import load_digits
-
-        target = load_digits().target
-        # "<label>/<index>": decrypted, the digits form an ImageFolder tree
-        return [SourceItem(f"{t}/{i:04d}", int(t), None) for i, t in enumerate(target)], [str(c) for c in range(10)]
-    if not os.path.isdir(src):
-        raise FileNotFoundError(f"{op}: {src!r} must be 'digits' or an image folder (it is not a directory)")
-    tr, va = os.path.join(src, "train"), os.path.join(src, "val")
-    if os.path.isdir(tr) and os.path.isdir(va):
-        a, classes = _scan_tree(tr, "train", "train", None, op)
-        b, _ = _scan_tree(va, "val", "val", classes, op)
-        items = a + b
-    else:
-        items, classes = _scan_tree(src, "", None, None, op)
-    if not items:
-        raise ValueError(f"{op}: no images ({', '.join(IMAGE_EXTENSIONS)}) in class sub-folders of {src!r}")
-    return items, classes
-
-
-def load_source_image(src: str, item: SourceItem, size: int) -> Tensor:
-    """One source image as uint8 [3, size, size]: RGB, shorter side resized to ``size`` (bilinear, antialiased),
-    centre-cropped. The digits: the 8×8 image (0..16) bilinearly upscaled, scaled to 0..255 and rounded."""
-    if src == "digits":
-        x = _digits_images()[int(item.path.split("/")[-1])]
-        x = torch.as_tensor(x, dtype=torch.float32)[None, None] / 16.0
-        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-        return (x[0].clamp(0, 1) * 255).round().to(torch.uint8).expand(3, -1, -1).contiguous()
-    from PIL import Image
-    from torchvision.transforms import InterpolationMode
-    from torchvision.transforms import functional as TF
-
-    with Image.open(os.path.join(src, item.path)) as im:
-        im = im.convert("RGB")
-        im = TF.resize(im, size, interpolation=InterpolationMode.BILINEAR, antialias=True)
-        im = TF.center_crop(im, size)
-        return TF.pil_to_tensor(im).contiguous()
-
-
-_DIGITS = None
-
-
-def _digits_images():
-    global _DIGITS
-    if _DIGITS is None:
-        from sklearn.datasets import load_digits
-
-        _DIGITS = load_digits().images
-    return _DIGITS
-
-
-# ------------------------------------------------------------------------------------------------------------ writing
-
-
-def _npy_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
-    return buf.getvalue()
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _json_bytes(obj) -> bytes:
-    return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+_JOB = "job.json"  # in DST while a run is unfinished (parameters and MACs only: no names)
+INDEX_FORMAT = "ppml-owner-index"
 
 
 def auto_shard_size(n: int) -> int:
@@ -169,8 +58,33 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C in ``ppml encrypt`` / ``ppml decrypt``; ``str()`` says what was kept and how to continue (one line)."""
 
 
-def _key_dtype(n_tiles: int):
-    return np.int16 if n_tiles <= np.iinfo(np.int16).max + 1 else np.int32
+def default_key_path(dst: str) -> str:
+    return os.path.abspath(dst).rstrip(os.sep) + ".key"
+
+
+def default_index_path(keys: str) -> str:
+    return keys + ".index.json"
+
+
+def _inside(path: str, root: str) -> bool:
+    path, root = os.path.realpath(path), os.path.realpath(root)
+    return os.path.commonpath([path, root]) == root
+
+
+def _seeded_key(seed: int, scheme: str, params: dict) -> MasterKey:
+    # --key-seed: reproducible keys for tests and demos; anyone who knows the seed knows the key
+    raw = hashlib.sha256(b"ppml-key-seed" + int(seed).to_bytes(16, "big", signed=True)).digest()
+    return MasterKey(raw, scheme, dict(params), "seeded")
+
+
+def _job(mk: MasterKey, params: dict, shard_size: int, src: str, items: list[SourceItem]) -> dict:
+    listing = json.dumps([src if src == "digits" else os.path.abspath(src)] + [[i.path, i.label] for i in items])
+    return {
+        "format": "ppml-wds-job", **params, "shard_size": shard_size, "num_items": len(items),
+        "key_fingerprint": mk.fingerprint,
+        # the source folder and file list, keyed: a resumed run must see the same ones, DST must not see names
+        "source_mac": hmac.new(mk.key, listing.encode(), hashlib.sha256).hexdigest(),
+    }  # fmt: skip
 
 
 def encrypt_dataset(
@@ -185,210 +99,221 @@ def encrypt_dataset(
     shard_size: int | None = None,
     device: str = "auto",
     keys: str | None = None,
+    index: str | None = None,
     key_seed: int | None = None,
     workers: int | None = None,
+    engine: str = "local",
+    ray_address: str | None = None,
     progress: bool = True,
 ) -> dict:
     """Encrypts SRC into DST (see the module docstring); resumes an interrupted run with the same arguments.
 
-    ``workers`` threads decode and resize (default: min(8, CPUs)); the output does not depend on it.
-    ``shard_size`` (default :func:`auto_shard_size`) is also the resume granularity: a resumed run keeps every
-    finished shard and redoes at most one. Interrupted (Ctrl-C), it raises :class:`Interrupted` saying what was kept.
+    ``workers``: with ``engine="local"``, 1 (default) encrypts in this process (decode threads: min(8, CPUs)) and N > 1
+    in N spawned processes; with ``engine="ray"`` shards are Ray tasks (``ray_address``: a cluster; default a local
+    Ray with ``workers`` CPUs). The output does not depend on either. ``keys`` (default ``DST.key``) and ``index``
+    (default ``KEYS.index.json``) must lie outside DST. Interrupted (Ctrl-C), it raises :class:`Interrupted`.
 
-    Returns a summary: images written, skipped, seconds spent decoding/resizing, encrypting (the ppml op, including
-    the host↔device copies), writing, and images/s.
+    Returns a summary: images written, skipped, seconds spent decoding/resizing, encrypting and writing (summed over
+    workers), images/s, where the key and the owner-side index are.
     """
-    import ppml
+    from . import engines
 
     if scheme not in ("rs", "mi"):
         raise ValueError(f"{_ENC}: --scheme must be 'rs' or 'mi', got {scheme!r}")
     for name, v in (("patch-size", patch_size), ("grid", grid), ("size", size), ("batch-size", batch_size),
-                    ("shard-size", 1 if shard_size is None else shard_size)):
-        if not isinstance(v, int) or v <= 0:
+                    ("shard-size", 1 if shard_size is None else shard_size),
+                    ("workers", 1 if workers is None else workers)):  # fmt: skip
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
             raise ValueError(f"{_ENC}: --{name} must be a positive int, got {v!r}")
     if size % patch_size:
         raise ValueError(f"{_ENC}: --patch-size must divide --size, got patch_size={patch_size}, size={size}")
     if scheme == "mi" and patch_size % grid:
         raise ValueError(f"{_ENC}: --grid must divide --patch-size, got grid={grid}, patch_size={patch_size}")
+    if scheme == "mi" and grid > 16:
+        raise ValueError(f"{_ENC}: --grid must be <= 16 (MI sums of g² uint8 values are stored as uint16), got {grid}")
+    if engine not in engines.ENGINES:
+        raise ValueError(f"{_ENC}: --engine must be one of {engines.ENGINES}, got {engine!r}")
+    if engine == "ray":
+        engines.import_ray()  # the missing extra is reported before anything is written
     dst = os.path.abspath(dst)
-    keys = os.path.abspath(keys) if keys else (dst.rstrip(os.sep) + ".keys.npy" if scheme == "rs" else None)
-    if keys and os.path.commonpath([keys, dst]) == dst:
-        raise ValueError(f"{_ENC}: the key file must live outside DST (trainers get DST), got --keys {keys}")
+    keys = os.path.abspath(keys) if keys else default_key_path(dst)
+    index = os.path.abspath(index) if index else default_index_path(keys)
+    for what, path in (("key file (--keys)", keys), ("owner-side index (--index)", index)):
+        if _inside(path, dst):
+            raise ValueError(f"{_ENC}: the {what} must live outside DST (trainers get DST), got {path}")
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
 
-    items, classes = scan_source(src)
+    found, classes = scan_source(src)
+    items = sorted(found, key=lambda it: it.path)  # ids are indices into the sorted list: names never matter
     shard_size = shard_size if shard_size is not None else auto_shard_size(len(items))
-    job = {
-        "format": FORMAT, "src": src if src == "digits" else os.path.abspath(src), "scheme": scheme,
-        "patch_size": patch_size, "grid": grid if scheme == "mi" else None, "size": size, "shard_size": shard_size,
-        "keys": keys, "num_items": len(items),
-        "items_sha256": _sha256(json.dumps([[i.path, i.label, i.split] for i in items]).encode()),
-    }
-    n_tiles = (size // patch_size) ** 2
-    side = size // grid if scheme == "mi" else size  # the ciphertext's side
+    params = {"scheme": scheme, "patch_size": patch_size, "image_size": size, "channels": 3,
+              "mix_group": grid if scheme == "mi" else None}  # fmt: skip
 
     # Every check comes before the first write: a refused command leaves nothing that would refuse the fixed one.
-    job_path = os.path.join(dst, "job.json")
+    job_path = os.path.join(dst, _JOB)
     if os.path.exists(dst) and not os.path.isdir(dst):
         raise FileExistsError(f"{_ENC}: DST {dst} is a file, not a folder")
-    if os.path.exists(os.path.join(dst, "manifest.json")):
+    if os.path.exists(os.path.join(dst, wds_shards.MANIFEST)):
         raise FileExistsError(f"{_ENC}: {dst} already holds a finished encrypted dataset; choose another DST")
     resuming = bool(os.path.isdir(dst) and os.listdir(dst))
+    mk = None
     if resuming:
         if not os.path.exists(job_path):
-            raise FileExistsError(f"{_ENC}: DST {dst} exists and is not an unfinished `ppml encrypt` output; refusing "
-                                  "to write into it")
+            raise FileExistsError(
+                f"{_ENC}: DST {dst} exists and is not an unfinished `ppml encrypt` output; refusing to write into it"
+            )
         with open(job_path) as fh:
             old = json.load(fh)
-        if old != job:
-            diff = {k: (old.get(k), v) for k, v in job.items() if old.get(k) != v}
-            raise ValueError(f"{_ENC}: DST {dst} holds an unfinished run with other arguments (or other source "
-                             f"files): {diff}; re-run with the same ones to resume, or choose another DST")
-    perms = None
-    if scheme == "rs":
+        has_shards = any(n.startswith("shard-") and n.endswith(".tar") for n in os.listdir(dst))
         if os.path.exists(keys):
-            if not resuming:
-                raise FileExistsError(f"{_ENC}: the key file {keys} already exists; refusing to overwrite keys (pass "
-                                      "another --keys, or move it away)")
-            perms = np.load(keys, allow_pickle=False)
-            if perms.shape != (len(items), n_tiles):
-                raise ValueError(f"{_ENC}: the key file {keys} holds {perms.shape}, expected {(len(items), n_tiles)}")
-        elif resuming and any(n.startswith("shard-") for n in os.listdir(dst)):
+            mk = read_key_file(keys, _ENC)
+        elif has_shards:
             raise FileNotFoundError(f"{_ENC}: resuming {dst} but its key file {keys} is gone")
-        # (resuming with no shard yet, e.g. stopped between job.json and the keys: nothing used them, draw them now)
+        if mk is not None:
+            job = _job(mk, params, shard_size, src, items)
+            if old != job:
+                diff = {k: (old.get(k), v) for k, v in job.items() if old.get(k) != v}
+                raise ValueError(
+                    f"{_ENC}: DST {dst} holds an unfinished run with other arguments (or other source "
+                    f"files, or another key): {diff}; re-run with the same ones to resume, or choose "
+                    "another DST"
+                )
+        # (no key file and no shard: stopped between job.json and the key; nothing used a key, make one now)
+    elif os.path.exists(keys):
+        raise FileExistsError(
+            f"{_ENC}: the key file {keys} already exists; refusing to overwrite a key (pass another "
+            "--keys, or move it away)"
+        )
+    elif os.path.exists(index):
+        raise FileExistsError(f"{_ENC}: the owner-side index {index} already exists; refusing to overwrite it")
 
+    if mk is None:
+        mk = _seeded_key(key_seed, scheme, params) if key_seed is not None else new_master_key(scheme, params)
+    job = _job(mk, params, shard_size, src, items)
     os.makedirs(dst, exist_ok=True)
-    if not resuming:
-        _write_atomic(job_path, _json_bytes(job))
-    key_sha = None
-    if scheme == "rs":
-        if perms is None:
-            gen = torch.Generator().manual_seed(key_seed) if key_seed is not None else None
-            perms = ppml.random_permutations(len(items), n_tiles, generator=gen).numpy().astype(_key_dtype(n_tiles))
-            os.makedirs(os.path.dirname(keys) or ".", exist_ok=True)
-            _write_atomic(keys, _npy_bytes(perms))
-        key_sha = _file_sha256(keys)
+    for name in os.listdir(dst):  # the temporary files of a killed run
+        if ".tmp" in name and name.startswith(("shard-", _JOB, wds_shards.MANIFEST)):
+            os.remove(os.path.join(dst, name))
+    if not os.path.exists(keys):
+        write_atomic(job_path, json_bytes(job))  # first: a DST with a job.json is ours to resume
+        _write_key_file(mk, keys, _ENC)
+    ids = [mk.sample_id(i) for i in range(len(items))]
+    _write_owner_index(index, mk, src, classes, items, ids, None, dst)
 
-    _write_atomic(os.path.join(dst, "index.json"),
-                  _json_bytes({"classes": classes, "items": [[i.path, i.label, i.split] for i in items]}))
     n_shards = (len(items) + shard_size - 1) // shard_size
-    timing = {"decode_s": 0.0, "encrypt_s": 0.0, "write_s": 0.0}
-    skipped, written, done_before = [], 0, 0
+    n_tiles = (size // patch_size) ** 2
+    threads = min(8, os.cpu_count() or 1)
+    ray_cpus = workers if engine == "ray" and not ray_address else None  # None: a local Ray takes every CPU
+    workers = workers or 1
+    results: dict[int, dict] = {}
+    done_before = 0
+    todo = []
+    for k in range(n_shards):
+        lo, hi = k * shard_size, min(len(items), (k + 1) * shard_size)
+        path = os.path.join(dst, wds_shards.shard_name(k))
+        if os.path.exists(path):  # a finished shard of an earlier run: who is missing in it was corrupt
+            present = set(wds_shards.tar_ids(path))
+            missing = [j for j in range(lo, hi) if ids[j] not in present]
+            results[k] = {"k": k, "count": hi - lo - len(missing), "sha256": wds_shards.file_sha256(path),
+                          "corrupt": _recheck_corrupt(src, items, missing, size, lo)}  # fmt: skip
+            done_before += hi - lo
+        else:
+            todo.append((k, lo, hi))
+
+    def tasks():
+        for k, lo, hi in todo:
+            perms = None
+            if scheme == "rs":  # derived here: the workers get permutations, never the master key
+                perms = derive_permutations(mk.key, ids[lo:hi], n_tiles)
+                perms = perms.astype(np.int16 if n_tiles <= 32768 else np.int32)  # 1/4 of the pickled bytes
+            yield {"k": k, "dst": dst, "src": src, "scheme": scheme, "patch_size": patch_size, "grid": grid,
+                   "size": size, "batch_size": batch_size, "paths": [it.path for it in items[lo:hi]],
+                   "labels": [it.label for it in items[lo:hi]], "ids": ids[lo:hi], "perms": perms,
+                   "device": str(dev) if engine == "local" and workers == 1 else "cpu",
+                   "threads": threads if engine == "local" and workers == 1 else 1}  # fmt: skip
+
     bar = _progress_bar(total=len(items), enabled=progress, desc="encrypt", unit="img")
+    bar.update(done_before)
     t_start = time.perf_counter()
-    workers = workers if workers is not None else min(8, os.cpu_count() or 1)
-    covered = 0  # source items in finished shards
+    covered = [done_before]
+
+    def on_done(res: dict) -> None:
+        results[res["k"]] = res
+        n = min(len(items), (res["k"] + 1) * shard_size) - res["k"] * shard_size
+        covered[0] += n
+        bar.update(n)
+        if time.perf_counter() > t_start:
+            bar.set_postfix_str(f"{(covered[0] - done_before) / (time.perf_counter() - t_start):.0f} img/s")
+
     try:
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            for k in range(n_shards):
-                lo, hi = k * shard_size, min(len(items), (k + 1) * shard_size)
-                names = [os.path.join(dst, f"shard-{k:05d}-{part}") for part in
-                         ("images.npy", "labels.npy", "index.npy", "skipped.json")]
-                if all(os.path.exists(p) for p in names):  # a finished shard from an earlier run
-                    done_before += hi - lo
-                    with open(names[3]) as fh:
-                        skipped += json.load(fh)
-                    covered += hi - lo
-                    bar.update(hi - lo)
-                    continue
-                outs, labels, index, shard_skipped = [], [], [], []
-                for b0 in range(lo, hi, batch_size):
-                    t0 = time.perf_counter()
-                    imgs = []
-                    batch = range(b0, min(hi, b0 + batch_size))
-                    for i, img in decode_items(pool, src, items, batch, size, shard_skipped):
-                        imgs.append(img)
-                        labels.append(items[i].label)
-                        index.append(i)
-                    t1 = time.perf_counter()
-                    timing["decode_s"] += t1 - t0
-                    if imgs:
-                        x = torch.stack(imgs).to(dev)
-                        if scheme == "rs":
-                            perm = torch.as_tensor(perms[index[-len(imgs):]].astype(np.int64)).to(dev)
-                            y = ppml.shuffle_patches(x, patch_size, perm)[0]
-                        else:
-                            y = ppml.mix_subpatches(x, patch_size, grid)
-                        outs.append(y.cpu())
-                    timing["encrypt_s"] += time.perf_counter() - t1
-                    bar.update(min(hi, b0 + batch_size) - b0)
-                    _postfix(bar, written + len(index), time.perf_counter() - t_start)
-                t0 = time.perf_counter()
-                skipped += shard_skipped
-                empty = np.zeros((0, 3, side, side), np.uint8 if scheme == "rs" else np.float32)
-                images = torch.cat(outs).numpy() if outs else empty
-                _write_atomic(names[1], _npy_bytes(np.asarray(labels, np.int64)))
-                _write_atomic(names[2], _npy_bytes(np.asarray(index, np.int64)))
-                _write_atomic(names[3], _json_bytes(shard_skipped))
-                # last: a shard is done when all 4 exist
-                _write_atomic(names[0], _npy_bytes(np.ascontiguousarray(images)))
-                written += len(index)
-                covered += hi - lo
-                timing["write_s"] += time.perf_counter() - t0
+        if engine == "ray":
+            engines.run_ray(tasks(), on_done, address=ray_address, workers=ray_cpus)
+        elif workers > 1:
+            engines.run_processes(tasks(), workers, on_done)
+        else:
+            engines.run_local(tasks(), on_done)
     except KeyboardInterrupt:
         bar.close()
         raise Interrupted(
-            f"{_ENC} interrupted: {covered} of {len(items)} images are kept in {dst} (whole shards of {shard_size}); "
-            "the same command resumes from there"
+            f"{_ENC} interrupted: {covered[0]} of {len(items)} images are kept in {dst} (whole shards of "
+            f"{shard_size}); the same command resumes from there"
         ) from None
     bar.close()
 
-    shards, total = [], 0
+    corrupt = []
     for k in range(n_shards):
-        base = f"shard-{k:05d}"
-        files = {part: f"{base}-{part}.npy" for part in ("images", "labels", "index")}
-        count = int(np.load(os.path.join(dst, files["labels"]), allow_pickle=False).shape[0])
-        total += count
-        shards.append({"count": count, "files": files,
-                       "sha256": {p: _file_sha256(os.path.join(dst, f)) for p, f in files.items()}})
+        lo = k * shard_size
+        corrupt += [{"id": ids[lo + j], "path": items[lo + j].path, "error": err} for j, err in results[k]["corrupt"]]
+    bad = {c["id"] for c in corrupt}
+    n_train = sum(1 for it, sid in zip(items, ids, strict=True) if it.split != "val" and sid not in bad)
     manifest = {
-        "format": FORMAT, "scheme": scheme, "patch_size": patch_size, "grid": job["grid"], "size": size,
-        "channels": 3, "dtype": "uint8" if scheme == "rs" else "float32",
-        "ciphertext_shape": [3, side, side],
-        "value_range": [0, 255], "classes": classes, "num_images": total, "num_skipped": len(skipped),
-        "splits": sorted({i.split for i in items if i.split}), "shards": shards, "keys_sha256": key_sha,
-    }
-    _write_atomic(os.path.join(dst, "report.json"), _json_bytes({"skipped": skipped}))
-    _write_atomic(os.path.join(dst, "manifest.json"), _json_bytes(manifest))
+        "format": FORMAT, "version": wds_shards.VERSION, **{k: v for k, v in params.items() if v is not None},
+        "count": sum(results[k]["count"] for k in range(n_shards)), "num_classes": len(classes),
+        "shards": [{"name": wds_shards.shard_name(k), "count": results[k]["count"], "sha256": results[k]["sha256"]}
+                   for k in range(n_shards)],
+        "corrupt": len(corrupt), "val_start": n_train if any(it.split == "val" for it in items) else None,
+        "key_fingerprint": mk.fingerprint,
+    }  # fmt: skip
+    _write_owner_index(index, mk, src, classes, items, ids, corrupt, dst)
+    write_atomic(os.path.join(dst, wds_shards.MANIFEST), json_bytes(manifest))
+    os.remove(job_path)
     elapsed = time.perf_counter() - t_start
+    timing = {t: sum(r.get(t, 0.0) for r in results.values()) for t in ("decode_s", "encrypt_s", "write_s")}
     new = len(items) - done_before
     return {
-        "dst": dst, "keys": keys, "images": total, "skipped": len(skipped), "resumed_images": done_before,
-        "shards": n_shards, "shard_size": shard_size,
+        "dst": dst, "keys": keys, "index": index, "images": manifest["count"], "skipped": len(corrupt),
+        "resumed_images": done_before, "shards": n_shards, "shard_size": shard_size,
         "seconds": round(elapsed, 3), "images_per_s": round(new / elapsed, 1) if elapsed > 0 else None,
         **{k: round(v, 3) for k, v in timing.items()},
         "encrypt_share": round(timing["encrypt_s"] / max(sum(timing.values()), 1e-9), 4),
-        "device": str(dev),
-    }
+        # CPU seconds per new image, summed over the processes that made the shards: the cost in core-seconds
+        "cpu_s_per_image": round(sum(r.get("cpu_s", 0.0) for r in results.values()) / new, 5) if new else None,
+        "device": str(dev) if engine == "local" and workers == 1 else "cpu", "engine": engine, "workers": workers,
+    }  # fmt: skip
 
 
-def decode_items(
-    pool, src: str, items: list[SourceItem], indices, size: int, skipped: list
-) -> list[tuple[int, Tensor]]:
-    """``(i, uint8 [3, size, size])`` for every readable ``items[i]``, i in ``indices``, in order; each unreadable or
-    corrupt one (truncated, not an image, ...) is appended to ``skipped`` as ``{"path", "error"}`` and left out.
-    The one decode-and-skip rule of ``ppml encrypt`` and ``ppml train --data FOLDER``. Decoding and resizing release
-    the GIL (PIL's C code): ``pool``'s threads scale them; map keeps the order."""
-    indices = list(indices)
-    out = []
-    for i, img in zip(indices, pool.map(_try_load, [(src, items[i], size) for i in indices]), strict=True):
-        if isinstance(img, Exception):
-            skipped.append({"path": items[i].path, "error": f"{type(img).__name__}: {img}"})
-        else:
-            out.append((i, img))
-    return out
+def _recheck_corrupt(src: str, items: list[SourceItem], missing: list[int], size: int, lo: int) -> list:
+    """The error of each image a finished shard left out (DST does not say why: that would be a name's business)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not missing:
+        return []
+    skipped: list[dict] = []
+    with ThreadPoolExecutor(1) as pool:
+        decode_items(pool, src, items, missing, size, skipped)
+    errors = {s["path"]: s["error"] for s in skipped}
+    return [[j - lo, errors.get(items[j].path, "unreadable in an earlier run")] for j in missing]
 
 
-def _try_load(args):
-    try:
-        return load_source_image(*args)
-    except Exception as exc:  # noqa: BLE001 - reported by the caller
-        return exc
-
-
-def _postfix(bar, n: int, seconds: float) -> None:
-    if seconds > 0:
-        bar.set_postfix_str(f"{n / seconds:.0f} img/s")
+def _write_owner_index(path, mk, src, classes, items, ids, corrupt, dst) -> None:
+    doc = {
+        "format": INDEX_FORMAT, "version": 1, "dst": dst, "src": src if src == "digits" else os.path.abspath(src),
+        "key_fingerprint": mk.fingerprint, "classes": classes,
+        "items": [[sid, it.path, it.label, it.split] for sid, it in zip(ids, items, strict=True)],
+        "corrupt": corrupt,  # None until the run is finished
+    }  # fmt: skip
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    write_atomic(path, json_bytes(doc), mode=0o600)  # the names are what DST hides: owner-only, like the key
 
 
 # ------------------------------------------------------------------------------------------------------------ reading
@@ -399,165 +324,130 @@ def is_encrypted_dataset(path: str) -> bool:
 
 
 def read_manifest(dst: str) -> dict:
-    path = os.path.join(dst, "manifest.json")
+    """DST's manifest (either format), checked; a ppml-wds manifest also gets the v1 names the trainer reads
+    (``size``, ``grid``, ``classes``: class names are not in DST, so they are "0", "1", ...)."""
+    path = os.path.join(dst, wds_shards.MANIFEST)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"ppml: {dst!r} is not a finished encrypted dataset (no manifest.json)")
-    with open(path) as fh:
-        manifest = json.load(fh)
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"ppml: {dst!r} has format {manifest.get('format')!r}, this ppml reads {FORMAT!r}")
-    return manifest
+    try:
+        with open(path) as fh:
+            manifest = json.load(fh)
+    except ValueError as exc:
+        raise ValueError(f"ppml: {path} is not valid JSON ({exc})") from None
+    fmt = manifest.get("format") if isinstance(manifest, dict) else None
+    if fmt == legacy_v1.FORMAT:
+        return manifest
+    if fmt != FORMAT:
+        raise ValueError(f"ppml: {dst!r} has format {fmt!r}, this ppml reads {FORMAT!r} and {legacy_v1.FORMAT!r}")
+    wds_shards.check_manifest(dst, manifest)
+    return {**manifest, "size": manifest["image_size"], "grid": manifest.get("mix_group"),
+            "classes": [str(c) for c in range(manifest["num_classes"])], "num_images": manifest["count"]}  # fmt: skip
 
 
-def load_shards(dst: str, *, verify: bool = True) -> tuple[Tensor, Tensor, Tensor, dict]:
-    """All shards of DST: (ciphertext as stored, labels int64 [N], source index int64 [N], manifest); with
-    ``verify`` every file's SHA-256 is checked against the manifest."""
+def _as_float_means(x: np.ndarray, manifest: dict) -> Tensor:
+    """MI's stored integer sums → the op's float32 means (bit for bit: the sum times the float 1/g², as the op does)."""
+    g = manifest["mix_group"]
+    return torch.from_numpy(x.astype(np.float32)) * (1.0 / (g * g))
+
+
+def load_shards(dst: str, *, verify: bool = True, count: int | None = None) -> tuple[Tensor, Tensor, list, dict]:
+    """The first ``count`` (all: None) images of DST: (ciphertext — RS uint8 [N, C, S, S]; MI the op's float32 means
+    [N, C, S/g, S/g] —, labels int64 [N], their ids (v1: source indices), manifest); with ``verify`` every shard's
+    SHA-256 is checked."""
     manifest = read_manifest(dst)
-    xs, ys, idx = [], [], []
-    for shard in manifest["shards"]:
-        arrays = _read_shard(dst, shard, ("images", "labels", "index"), verify)
-        xs.append(torch.from_numpy(arrays["images"]))
-        ys.append(torch.from_numpy(arrays["labels"]))
-        idx.append(torch.from_numpy(arrays["index"]))
-    return torch.cat(xs), torch.cat(ys), torch.cat(idx), manifest
-
-
-def _read_shard(dst: str, shard: dict, parts, verify: bool) -> dict:
-    from .._paths import safe_output_path
-
-    arrays = {}
-    for part in parts:
-        name = shard["files"][part]
-        # a manifest's file names stay inside DST (a tampered one could otherwise point the reader anywhere)
-        path = safe_output_path(dst, name, f"ppml: {dst}/manifest.json")
-        if verify and _file_sha256(path) != shard["sha256"][part]:
-            raise ValueError(f"ppml: {path} does not match its SHA-256 in the manifest (corrupt or modified)")
-        arrays[part] = np.load(path, allow_pickle=False)
-    return arrays
+    if manifest["format"] == legacy_v1.FORMAT:
+        x, y, idx = legacy_v1.load_shards(dst, manifest, verify, count)
+        return x, y, idx.tolist(), manifest
+    xs, ys, ids = [], [], []
+    for k, shard in enumerate(manifest["shards"]):
+        if count is not None and len(ids) >= count:
+            break
+        if not shard["count"]:
+            continue
+        sids, x, y = wds_shards.read_shard(dst, manifest, k, verify)
+        take = len(sids) if count is None else min(count - len(ids), len(sids))
+        ids += sids[:take]
+        xs.append(x[:take])
+        ys.append(y[:take])
+    c, s = manifest["channels"], manifest["image_size"] // (manifest.get("mix_group") or 1)
+    x = np.concatenate(xs) if xs else np.zeros((0, c, s, s), np.uint8 if manifest["scheme"] == "rs" else np.uint16)
+    xt = torch.from_numpy(x) if manifest["scheme"] == "rs" else _as_float_means(x, manifest)
+    y = torch.from_numpy(np.concatenate(ys)) if ys else torch.zeros(0, dtype=torch.long)
+    return xt, y, ids, manifest
 
 
 def load_encrypted(dst: str, val_fraction: float = 0.2, split_seed: int = 0):
     """An encrypted dataset as a :class:`ppml.data.TensorSplit` of float32 ciphertext in [0, 1] (RS: uint8 / 255 —
-    scaling commutes with the shuffle; MI: the stored 0..255 means / 255). The split: the source's train/val folders
-    when it had them, else the fixed stratified split of :func:`ppml.data.load_digits`. Also returns the manifest."""
+    scaling commutes with the shuffle; MI: the 0..255 means / 255). The split: the source's train/val folders when it
+    had them, else the fixed stratified split of :func:`ppml.data.load_digits`. Also returns the manifest."""
     from .datasets import TensorSplit, stratified_split
 
-    x, y, idx, manifest = load_shards(dst)
+    x, y, ids, manifest = load_shards(dst)
     x = x.float() / 255.0
-    if manifest["splits"]:
-        splits = [it[2] for it in _index_items(dst)]
-        is_val = torch.tensor([splits[i] == "val" for i in idx.tolist()])
+    if manifest["format"] == legacy_v1.FORMAT:
+        is_val = legacy_v1.val_mask(dst, manifest, torch.as_tensor(ids, dtype=torch.long))
+    elif manifest.get("val_start") is not None:  # sorted sources: train/… before val/…
+        is_val = torch.arange(len(y)) >= int(manifest["val_start"])
+    else:
+        is_val = None
+    if is_val is not None:
         tr, va = torch.nonzero(~is_val).flatten(), torch.nonzero(is_val).flatten()
     else:
         tr, va = stratified_split(y, val_fraction, split_seed)
     return TensorSplit(x[tr], y[tr], x[va], y[va], list(manifest["classes"])), manifest
 
 
+def load_samples(dst: str, count: int) -> tuple[Tensor, list, list, dict]:
+    """The first ``count`` images of DST, reading (and checking) only the shards they lie in: (ciphertext as
+    :func:`load_shards` gives it, their ids (v1: source indices), their labels, manifest)."""
+    x, y, ids, manifest = load_shards(dst, count=count)
+    if not len(ids):
+        raise ValueError(f"ppml: the encrypted dataset {dst!r} holds no images")
+    return x, ids, y.tolist(), manifest
+
+
 # ------------------------------------------------------------------------------------------------------------ decrypt
 
 
-def check_key_file(dst: str, keys: str, manifest: dict, op: str = _DEC) -> None:
-    """Raises unless DST is RS and ``keys`` is the key file `ppml encrypt` wrote for it (its SHA-256)."""
+def check_key_file(dst: str, keys: str, manifest: dict, op: str = _DEC) -> MasterKey | None:
+    """Raises unless DST is RS and ``keys`` is the key file `ppml encrypt` wrote for it; returns the master key
+    (None for a v1 dataset, whose key file is a permutation table)."""
     if manifest["scheme"] != "rs":
-        raise ValueError(f"{op}: only RS is invertible; {dst!r} holds {manifest['scheme']!r} ciphertext (MI mixes "
-                         "g² pixels into one: there is no key and no inverse)")
-    if not os.path.isfile(keys):
-        raise FileNotFoundError(f"{op}: --keys {keys!r} is not a file")
-    if _file_sha256(keys) != manifest["keys_sha256"]:
-        raise ValueError(f"{op}: {keys!r} is not the key file of {dst!r} (its SHA-256 differs from the manifest's)")
+        raise ValueError(
+            f"{op}: only RS is invertible; {dst!r} holds {manifest['scheme']!r} ciphertext (MI mixes "
+            "g² pixels into one: there is no inverse)"
+        )
+    if manifest["format"] == legacy_v1.FORMAT:
+        legacy_v1.check_key_file(dst, keys, manifest, op)
+        return None
+    if os.path.isfile(keys) and not is_key_file(keys):
+        raise ValueError(f"{op}: {keys!r} is not a ppml key file (a v1 .npy permutation table fits only v1 datasets)")
+    mk = read_key_file(keys, op)
+    if mk.fingerprint != manifest.get("key_fingerprint"):
+        raise ValueError(f"{op}: {keys!r} is not the key file of {dst!r} (its fingerprint differs from the manifest's)")
+    return mk
 
 
-def load_samples(dst: str, count: int) -> tuple[Tensor, Tensor, list[str], dict]:
-    """The first ``count`` images of the encrypted dataset DST, reading (and checking) only the shards they lie in:
-    (ciphertext as stored [n, 3, s, s], source index int64 [n], their source paths, manifest)."""
-    manifest = read_manifest(dst)
-    xs, idx, n = [], [], 0
-    for shard in manifest["shards"]:
-        if n >= count:
-            break
-        if not shard["count"]:
-            continue
-        arrays = _read_shard(dst, shard, ("images", "index"), verify=True)
-        take = min(count - n, shard["count"])
-        xs.append(torch.from_numpy(arrays["images"][:take]))
-        idx.append(torch.from_numpy(arrays["index"][:take]))
-        n += take
-    if not n:
-        raise ValueError(f"ppml: the encrypted dataset {dst!r} holds no images")
-    items = _index_items(dst)
-    idx = torch.cat(idx)
-    return torch.cat(xs), idx, [str(items[i][0]) for i in idx.tolist()], manifest
+def sample_permutations(dst: str, keys: str, manifest: dict, ids: list, op: str = _DEC) -> Tensor:
+    """The RS permutations (int64 [n, T]) of the images ``ids`` of DST (as :func:`load_shards` names them)."""
+    mk = check_key_file(dst, keys, manifest, op)
+    if mk is None:
+        return legacy_v1.permutations(keys, torch.as_tensor(ids, dtype=torch.long))
+    n = (manifest["image_size"] // manifest["patch_size"]) ** 2
+    return torch.from_numpy(derive_permutations(mk.key, ids, n))
 
 
-def _index_items(dst: str) -> list:
-    """DST/index.json's items: one ``[source path, label, split]`` per image, in shard order."""
-    with open(os.path.join(dst, "index.json")) as fh:
-        return json.load(fh)["items"]
-
-
-_DECRYPT_MARK = ".ppml-decrypt.json"  # in OUT while a decryption is unfinished: the same command resumes it
-
-
-def decrypt_dataset(dst: str, out: str, keys: str, *, progress: bool = True) -> dict:
-    """RS only: writes every image of DST, decrypted with KEYS, as a lossless PNG to ``OUT/<path of the source
-    item>.png`` — bit for bit the resized source image. Refuses a key file that is not DST's, a non-empty OUT (unless
-    it is this decryption, interrupted: then the images already written are kept and the rest follow) and any output
-    path from ``index.json`` that would land outside OUT (checked for every image before the first write).
-    Interrupted (Ctrl-C), it raises :class:`Interrupted` saying what was kept."""
-    from PIL import Image
-
+def decrypt_one(keys: str | MasterKey, sample_id: str, ciphertext: Tensor, patch_size: int) -> Tensor:
+    """One RS image back from its ciphertext ([C, H, W]) with only the master key (a key file's path, or a loaded
+    :class:`~ppml.data.masterkey.MasterKey`) and the image's id (its ``__key__`` in the shards)."""
     import ppml
 
-    from .._paths import safe_output_path
-
-    manifest = read_manifest(dst)
-    check_key_file(dst, keys, manifest)
-    mark = {"dst": os.path.abspath(dst), "keys_sha256": manifest["keys_sha256"]}
-    mark_path = os.path.join(out, _DECRYPT_MARK)
-    resuming = False
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise FileExistsError(f"{_DEC}: OUT {out!r} is a file, not a folder")
-    if os.path.isdir(out) and os.listdir(out):
-        if os.path.isfile(mark_path):
-            with open(mark_path) as fh:
-                resuming = json.load(fh) == mark
-        if not resuming:
-            raise FileExistsError(f"{_DEC}: OUT {out!r} is not empty; refusing to overwrite")
-    items = _index_items(dst)
-    # every output path is checked before anything is written
-    x, _, idx, _ = load_shards(dst)
-    paths, seen = {}, set()
-    for i in idx.tolist():
-        rel = items[i][0] if isinstance(items[i][0], str) else None
-        path = safe_output_path(out, None if rel is None else rel + ".png", f"{_DEC}: {dst}/index.json item {i}")
-        if path in seen:
-            raise ValueError(f"{_DEC}: {dst}/index.json names {rel!r} twice (a tampered file?); nothing was written")
-        paths[i] = path
-        seen.add(path)
-    perms = np.load(keys, allow_pickle=False)
-    p = manifest["patch_size"]
-    os.makedirs(out, exist_ok=True)
-    if not resuming:
-        _write_atomic(mark_path, _json_bytes(mark))
-    bar = _progress_bar(total=len(idx), enabled=progress, desc="decrypt", unit="img")
-    done = 0
-    try:
-        for b in torch.arange(len(idx)).split(256):
-            perm = torch.as_tensor(perms[idx[b].numpy()].astype(np.int64))
-            plain = ppml.unshuffle_patches(x[b], perm, p)
-            for j, i in enumerate(idx[b].tolist()):
-                path = paths[i]
-                if not (resuming and os.path.exists(path)):
-                    os.makedirs(os.path.dirname(path), exist_ok=True)
-                    buf = io.BytesIO()
-                    Image.fromarray(plain[j].permute(1, 2, 0).numpy()).save(buf, format="PNG")
-                    _write_atomic(path, buf.getvalue())  # whole files only: a resumed run keeps what exists
-                done += 1
-            bar.update(len(b))
-    except KeyboardInterrupt:
-        bar.close()
-        raise Interrupted(f"{_DEC} interrupted: {done} of {len(idx)} images are written to {out}; the same command "
-                          "writes the rest") from None
-    bar.close()
-    os.remove(mark_path)
-    return {"out": out, "images": len(idx)}
+    mk = keys if isinstance(keys, MasterKey) else read_key_file(keys, "ppml.data.decrypt_one")
+    if not isinstance(ciphertext, Tensor) or ciphertext.dim() != 3:
+        got = tuple(ciphertext.shape) if isinstance(ciphertext, Tensor) else type(ciphertext).__name__
+        raise ValueError(f"ppml.data.decrypt_one: ciphertext must be a [C, H, W] tensor, got {got}")
+    h, w = ciphertext.shape[1:]
+    if not isinstance(patch_size, int) or patch_size <= 0 or h % patch_size or w % patch_size:
+        raise ValueError(f"ppml.data.decrypt_one: patch_size must divide H={h} and W={w}, got {patch_size!r}")
+    perm = torch.from_numpy(derive_permutation(mk.key, sample_id, (h // patch_size) * (w // patch_size)))
+    return ppml.unshuffle_patches(ciphertext[None], perm[None], patch_size)[0]
