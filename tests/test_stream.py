@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from ppml.data.stream import (
+    FolderSource,
     ShardSource,
     StreamDataset,
     epoch_plan,
@@ -311,15 +312,14 @@ def _folder(root, n=10):
 @pytest.mark.parametrize(
     "data,extra,cuts",
     [
-        ("dst", {}, (3, 7)),  # 8 steps per epoch: step 3 of epoch 1, then step 2 of epoch 2
-        ("folder", dict(encryption="rs", mode="owner"), (3, 3)),  # 4 steps per epoch
-        ("folder", dict(encryption="mi", mode="owner"), (1, 4)),
+        ("dst", {}, (11,)),  # 8 steps per epoch: step 3 of epoch 2
+        ("folder", dict(encryption="rs", mode="owner"), (5,)),  # 4 steps per epoch: step 1 of epoch 2
     ],
 )
 def test_train_stop_and_resume_equals_straight_run(tmp_path, data, extra, cuts):
-    """`ppml train` on a stream with 2 workers: stopped mid-epoch (and mid epoch 2) then resumed, it ends with the
-    parameters and metrics of the straight run, bit for bit; a folder in owner mode is encrypted by the workers
-    with the same per-image keys after the resume."""
+    """`ppml train` on a stream with 2 workers: stopped mid-epoch then resumed, it ends with the parameters and
+    metrics of the straight run, bit for bit; a folder in owner mode is encrypted by the workers with the same
+    per-image keys after the resume."""
     from ppml.train import TrainConfig, run
 
     if data == "dst":
@@ -327,18 +327,8 @@ def test_train_stop_and_resume_equals_straight_run(tmp_path, data, extra, cuts):
         path = str(tmp_path / "dst")
     else:
         path = _folder(tmp_path / "imgs")
-    common = dict(
-        data=path,
-        epochs=2,
-        batch_size=4,
-        workers=2,
-        shuffle_buffer=5,
-        key_seed=7,
-        drop_path=0.1,
-        cutmix=1.0,
-        **TINY,
-        **extra,
-    )
+    common = dict(data=path, epochs=2, batch_size=4, workers=2, shuffle_buffer=5, key_seed=7, drop_path=0.1,
+                  cutmix=1.0, **TINY, **extra)  # fmt: skip
     ref = run(TrainConfig(out=str(tmp_path / "ref"), **common))
     cfg = TrainConfig(out=str(tmp_path / "cut"), **common)
     for i, k in enumerate(cuts):
@@ -347,6 +337,50 @@ def test_train_stop_and_resume_equals_straight_run(tmp_path, data, extra, cuts):
     resumed = run(cfg, resume=True)
     assert resumed["param_digests"] == ref["param_digests"]
     assert resumed["val_acc"] == ref["val_acc"] and resumed["train_loss"] == ref["train_loss"]
+
+
+def test_ddp_two_ranks_stream_and_resume_exactly(tmp_path):
+    """torchrun, 2 CPU ranks × 2 workers on a DST: stopped at step 3 and resumed, both ranks end with the straight
+    run's parameters."""
+    import subprocess
+    import sys
+
+    write_dst(tmp_path / "dst", [12, 10, 9, 7, 11])
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ppml",
+            "train", "--data", str(tmp_path / "dst"), "--img-size", "16", "--patch-size", "4", "--depth", "1",
+            "--embed-dim", "24", "--num-heads", "2", "--batch-size", "4", "--epochs", "1", "--workers", "2",
+            "--shuffle-buffer", "5", "--drop-path", "0.1"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get("PYTHONPATH")]))}  # fmt: skip
+
+    def last(*extra):
+        res = subprocess.run([*args, *extra], capture_output=True, text=True, env=env, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return json.loads(res.stdout.strip().splitlines()[-1])
+
+    ref = last("--out", str(tmp_path / "ref"))
+    assert last("--out", str(tmp_path / "cut"), "--stop-after", "3")["step"] == 3
+    resumed = last("--out", str(tmp_path / "cut"), "--resume")
+    assert len(set(ref["param_digests"])) == 1 and resumed["param_digests"] == ref["param_digests"]
+
+
+def test_folder_workers_encrypt_like_the_ops(tmp_path):
+    """A folder in owner mode: RS batches are ppml.shuffle_patches of the decoded images under each image's own key
+    (the same whichever batch the image is in), MI batches ppml.mix_subpatches / 255."""
+    import ppml
+    from ppml.data.datasets import folder_index
+    from ppml.data.stream import OwnerEncryption, image_generator
+
+    root = _folder(tmp_path / "imgs", n=3)
+    plain = FolderSource(root, 16, folder_index(root))
+    rs = FolderSource(root, 16, folder_index(root), OwnerEncryption("rs", 4, 2, key_seed=11))
+    mi = FolderSource(root, 16, folder_index(root), OwnerEncryption("mi", 4, 2, key_seed=11))
+    recs = [plain.locate("train", u, 0) for u in (0, 4, 5)]
+    x = plain.decode(recs)["x"]
+    perms = torch.cat([ppml.random_permutations(1, 16, generator=image_generator(11, u)) for u in (0, 4, 5)])
+    assert torch.equal(rs.decode(recs)["x"], ppml.shuffle_patches(x, 4, perms)[0])
+    assert torch.equal(rs.decode(recs[1:])["x"], rs.decode(recs)["x"][1:])
+    assert torch.allclose(mi.decode(recs)["x"], ppml.mix_subpatches(x.float(), 4, 2) / 255)
 
 
 def test_stream_options_are_checked_and_no_stream_holds_a_dst_in_memory(tmp_path):

@@ -60,11 +60,8 @@ class StreamFeed:
         self.val = StreamDataset(source, "val", batch_size, **kw)
         self.workers = workers
         self.num_train, self.num_val = self.train.num_samples, self.val.num_samples
-        if self.num_train < d.world * max(1, workers):
-            raise ValueError(
-                f"ppml train: {self.num_train} training samples cannot feed {d.world} rank(s) × "
-                f"{max(1, workers)} worker(s); pass fewer --workers"
-            )
+        if not self.num_train:
+            raise ValueError("ppml train: the data hold no training samples")
         self.steps_per_epoch = self.train.steps_per_epoch()
         self._skipped: list[dict] = []
 
