@@ -25,7 +25,8 @@ def _train_parser(sub) -> None:
         ),
     )
     g = p.add_argument_group("data and encryption")
-    g.add_argument("--data", default=d.data, help="'digits' (built in: sklearn's 1,797 digits), an ImageFolder path or a DST of `ppml encrypt`")
+    g.add_argument("--data", default=d.data,
+                   help="'digits' (built in: sklearn's 1,797 digits), an ImageFolder path or a DST of `ppml encrypt`")
     g.add_argument("--encryption", choices=ENCRYPTIONS, default=d.encryption)
     g.add_argument(
         "--mode", choices=MODES, default=d.mode,

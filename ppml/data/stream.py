@@ -59,6 +59,7 @@ VERSION = 1
 VAL_EVERY = 5  # without split info, sample i of a shard is validation when i % VAL_EVERY == VAL_EVERY - 1
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "ppm", "bmp", "tif", "tiff")
 _OP = "ppml.data.stream"
+_U64 = (1 << 64) - 1  # NumPy seeds are non-negative: a negative --seed is taken mod 2**64
 
 __all__ = [
     "FORMAT",
@@ -377,7 +378,11 @@ def epoch_plan(
         samples every consumer emits (⌈N/C⌉ with ``pad``, else this consumer's own count).
     """
     counts = np.asarray(counts, dtype=np.int64)
-    order = np.random.default_rng([seed, epoch, 0x5A4D]).permutation(len(counts)) if shuffle else np.arange(len(counts))
+    order = (
+        np.random.default_rng([seed & _U64, epoch, 0x5A4D]).permutation(len(counts))
+        if shuffle
+        else np.arange(len(counts))
+    )
     cum = np.cumsum(counts[order])
     n = int(cum[-1]) if len(cum) else 0
     lo, hi = n * c // consumers, n * (c + 1) // consumers
@@ -489,7 +494,7 @@ class StreamDataset(IterableDataset):
                 yield from src.records(self.part, u, a, b, want_payload)
 
         size = self.shuffle_buffer if train else 0
-        rng = np.random.default_rng([self.seed, self.epoch, c, 0xB0FF])
+        rng = np.random.default_rng([self.seed & _U64, self.epoch, c, 0xB0FF])
         batch = []
         for rec in _shuffled(entries(), size, rng, [src.locate(self.part, u, j) for u, j in pads]):
             emitted += 1

@@ -431,7 +431,8 @@ class _Trainer:
             source = FolderSource(cfg.data, cfg.img_size, folder_index(cfg.data))
             make_run_dir(self.out, d)
             if cfg.encryption != "none" and cfg.mode == "owner":
-                source.owner = OwnerEncryption(cfg.encryption, cfg.patch_size, cfg.grid, self._owner_key_seed(resumed))
+                seed = self._owner_key_seed(resumed) if cfg.encryption == "rs" else 0  # MI is keyless
+                source.owner = OwnerEncryption(cfg.encryption, cfg.patch_size, cfg.grid, seed)
             what = "image files"
         self.skipped = []
         skipped_path = os.path.join(self.out, "skipped.json")
