@@ -13,10 +13,11 @@ written as a folder of JPEGs (quality 90, ``CLASS/NNNNN.jpg``) and, resized and 
 encrypt`` does, RS-encrypted (p = 16, one random key per image) into a ``ppml-wds`` DST (lossless PNG per sample in
 tar shards of 250, written here per the format's spec).
 
-Four runs of ``ppml train`` (pevit_tiny_patch16_224, batch 32, RS owner mode, ``--stop-after`` steps, 2 DataLoader
+Five runs of ``ppml train`` (pevit_tiny_patch16_224, batch 32, RS owner mode, ``--stop-after`` steps, 2 DataLoader
 workers, default shuffle buffer 1000), each in its own process: the folder streamed (the workers decode and encrypt),
 the folder in memory (decoded and encrypted up front, as before streaming), the DST streamed, the DST in memory
-(``--no-stream``). Peak RSS: ``getrusage(RUSAGE_SELF).ru_maxrss`` of the training process, and the largest
+(``--no-stream``), and the DST with its shards listed ``--repeat`` (4) times, streamed: a dataset 4 times as large.
+Peak RSS: ``getrusage(RUSAGE_SELF).ru_maxrss`` of the training process, and the largest
 ``VmHWM`` (/proc/PID/status, polled every 0.1 s) among its DataLoader workers (not RUSAGE_CHILDREN: importing torch
 and timm runs helper processes of 400-700 MB that it would report). The Markdown table goes to stdout.
 """
@@ -126,6 +127,24 @@ def make_dst(folder: str, dst: str, *, size: int = 224, patch: int = 16, shard: 
     return {"png_mean_bytes": png_bytes / len(items)}
 
 
+def repeat_dst(dst: str, out: str, times: int) -> str:
+    """``dst`` with its shards listed ``times`` over (hard links): a dataset ``times`` as large, to show that the
+    streamed run's memory does not grow with it."""
+    with open(os.path.join(dst, "manifest.json")) as fh:
+        m = json.load(fh)
+    os.makedirs(out, exist_ok=True)
+    shards = []
+    for _ in range(times):
+        for s in m["shards"]:
+            name = f"shard-{len(shards):06d}.tar"
+            if not os.path.exists(os.path.join(out, name)):
+                os.link(os.path.join(dst, s["name"]), os.path.join(out, name))
+            shards.append({**s, "name": name})
+    with open(os.path.join(out, "manifest.json"), "w") as fh:
+        json.dump({**m, "shards": shards, "count": m["count"] * times}, fh)
+    return out
+
+
 def _vm_hwm_kib(pid) -> int:
     with open(f"/proc/{pid}/status") as fh:
         return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
@@ -181,6 +200,8 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--shuffle-buffer", type=int, default=1000)
+    ap.add_argument("--repeat", type=int, default=4, help="also stream the DST with its shards listed this many times")
+    ap.add_argument("--only", default=None, help=argparse.SUPPRESS)  # comma-separated run indices, to redo some
     ap.add_argument("--workdir", default=None, help="keep the data here (default: a temporary folder)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -198,16 +219,31 @@ def main() -> int:
             make_folder(folder, args.images)
         facts = make_dst(folder, dst) if not os.path.isdir(dst) else {"png_mean_bytes": float("nan")}
         jpg = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(folder) for f in fs) / args.images
-        print(f"[stream_rss] data made in {time.perf_counter() - t0:.0f} s: {args.images} JPEGs (mean {jpg / 1e3:.0f} "
-              f"kB), DST PNGs mean {facts['png_mean_bytes'] / 1e3:.0f} kB", file=sys.stderr)
+        print(
+            f"[stream_rss] data made in {time.perf_counter() - t0:.0f} s: {args.images} JPEGs (mean {jpg / 1e3:.0f} "
+            f"kB), DST PNGs mean {facts['png_mean_bytes'] / 1e3:.0f} kB",
+            file=sys.stderr,
+        )
         common = dict(encryption="rs", mode="owner", model="pevit_tiny_patch16_224", img_size=224, patch_size=16,
                       batch_size=args.batch_size, epochs=1, workers=args.workers, key_seed=0,
                       shuffle_buffer=args.shuffle_buffer, stop_after=args.steps)  # fmt: skip
-        runs = [("folder (JPEG)", "streamed", folder, True), ("folder (JPEG)", "in memory", folder, False),
-                ("DST (RS PNG shards)", "streamed", dst, True), ("DST (RS PNG shards)", "in memory", dst, False)]
+        runs = [
+            ("folder (JPEG)", "streamed", folder, True),
+            ("folder (JPEG)", "in memory", folder, False),
+            ("DST (RS PNG shards)", "streamed", dst, True),
+            ("DST (RS PNG shards)", "in memory", dst, False),
+        ]
+        if args.repeat > 1:
+            big = repeat_dst(dst, os.path.join(work, f"photos-rs-x{args.repeat}"), args.repeat)
+            runs.append(
+                (f"DST, shards listed {args.repeat}× ({args.repeat * args.images} samples)", "streamed", big, True)
+            )
         rows = []
-        for label, how, data, stream in runs:
-            spec = json.dumps({**common, "data": data, "stream": stream, "out": os.path.join(work, f"run{len(rows)}")})
+        only = {int(i) for i in args.only.split(",")} if args.only else None
+        for k, (label, how, data, stream) in enumerate(runs):
+            if only is not None and k not in only:
+                continue
+            spec = json.dumps({**common, "data": data, "stream": stream, "out": os.path.join(work, f"run{k}")})
             res = subprocess.run([sys.executable, __file__, "--child", spec], capture_output=True, text=True)
             if res.returncode:
                 sys.stderr.write(res.stderr[-3000:])
@@ -215,10 +251,12 @@ def main() -> int:
             row = json.loads(res.stdout.strip().splitlines()[-1])
             print(f"[stream_rss] {label} {how}: {row}", file=sys.stderr)
             rows.append((label, how, row))
-    print(f"\n`ppml train`, {args.images} images at 224 px, RS owner mode, pevit_tiny_patch16_224, batch "
-          f"{args.batch_size}, {args.steps} steps, {args.workers} DataLoader workers, shuffle buffer "
-          f"{args.shuffle_buffer}: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
-          f"{torch.__version__}, ppml {ppml.__version__}\n")
+    print(
+        f"\n`ppml train`, {args.images} images at 224 px, RS owner mode, pevit_tiny_patch16_224, batch "
+        f"{args.batch_size}, {args.steps} steps, {args.workers} DataLoader workers, shuffle buffer "
+        f"{args.shuffle_buffer}: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
+        f"{torch.__version__}, ppml {ppml.__version__}\n"
+    )
     print("| data | read | peak RSS, training process | peak RSS, largest worker | wall s |")
     print("|---|---|---:|---:|---:|")
     for label, how, r in rows:

@@ -29,7 +29,8 @@ Settings (``TrainConfig``):
   sample with the same batches.
 - DDP: launched by torchrun (``WORLD_SIZE`` > 1) it uses gloo on CPU; on CUDA, nccl (gloo for the few CPU
   tensors it all-reduces) and one GPU per process, cuda:LOCAL_RANK; torch's DistributedSampler (seeded,
-  per epoch), and checks at every checkpoint that all ranks hold identical parameters. Only rank 0 writes.
+  per epoch; a stream splits its shards by rank and worker instead), and checks at every checkpoint that all ranks
+  hold identical parameters. Only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -282,7 +283,6 @@ class _Trainer:
     def _setup(self, resume: bool):
         import ppml
         import ppml.augment as aug
-        import ppml.data
 
         cfg, d = self.cfg, self.d
         ckpt = open_checkpoint(self.ckpt_path, self.out, resume, _OP)
@@ -362,7 +362,6 @@ class _Trainer:
                       f"step {self.start_step}")
         elif d.main:
             open(self.metrics_path, "w").close()
-
 
     def _streams(self) -> bool:
         """Whether --data is streamed: ``stream`` None streams image folders and ppml-wds DSTs."""
