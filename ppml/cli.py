@@ -25,7 +25,8 @@ def _train_parser(sub) -> None:
         ),
     )
     g = p.add_argument_group("data and encryption")
-    g.add_argument("--data", default=d.data, help="'digits' (built in: sklearn's 1,797 digits) or an ImageFolder path")
+    g.add_argument("--data", default=d.data,
+                   help="'digits' (built in: sklearn's 1,797 digits), an ImageFolder path or a DST of `ppml encrypt`")
     g.add_argument("--encryption", choices=ENCRYPTIONS, default=d.encryption)
     g.add_argument(
         "--mode", choices=MODES, default=d.mode,
@@ -36,6 +37,14 @@ def _train_parser(sub) -> None:
     g.add_argument("--patch-size", type=int, default=d.patch_size, help="RS / MI patch size = the model's patch size")
     g.add_argument("--grid", type=int, default=d.grid, help="MI: g×g sub-patches per patch")
     g.add_argument("--key-seed", type=int, default=None, help="seed the owner's RS keys (default: OS entropy)")
+    g.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help="read --data through DataLoader workers in bounded memory (default: on for an image folder "
+                   "and a ppml-wds DST; the digits and old-format DSTs are held in memory)")
+    g.add_argument("--shuffle-buffer", type=int, default=d.shuffle_buffer,
+                   help="streaming: samples each worker holds to shuffle (0: read order)")
+    g.add_argument("--workers", type=int, default=d.workers,
+                   help="streaming: DataLoader worker processes per rank (0: the main process reads); the batch order "
+                   "depends on it, so --resume needs the same")
     g = p.add_argument_group("model and loss")
     g.add_argument("--model", default=None, help=f"timm / ppml model name (default per encryption: {DEFAULT_MODELS})")
     g.add_argument("--depth", type=int, default=None, help="override the model's depth (default: the model's own)")

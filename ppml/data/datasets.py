@@ -1,8 +1,6 @@
-"""In-memory train/validation splits as float tensors in [0, 1].
-
-Encryption happens on whole tensors (the data owner encrypts once), so the datasets here are tensors, not lazy
-loaders: ``load_digits`` (scikit-learn's 1,797 digits, nothing downloaded) and ``load_image_folder`` (an ImageFolder
-tree, decoded once with a progress bar).
+"""Train/validation splits: in memory as float tensors in [0, 1] — ``load_digits`` (scikit-learn's 1,797 digits,
+nothing downloaded) and ``load_image_folder`` (an ImageFolder tree, decoded once with a progress bar) — or, for
+streaming (:mod:`ppml.data.stream`), ``folder_index``: a folder's files, labels and split, without decoding them.
 """
 
 from __future__ import annotations
@@ -135,6 +133,32 @@ def load_image_folder(path: str, img_size: int = 224, val_fraction: float = 0.2,
     else:
         tr, va = stratified_split(y, val_fraction, split_seed)
     return TensorSplit(x[tr], y[tr], x[va], y[va], classes, skipped)
+
+
+def folder_index(path: str, val_fraction: float = 0.2, split_seed: int = 0):
+    """An ImageFolder tree's files for streaming, in :func:`load_image_folder`'s order and split rule (train/ and
+    val/ subfolders, else the fixed stratified split — over all files, since none is decoded here).
+
+    Returns:
+        ``(paths, labels, is_val, classes)``: paths relative to ``path`` as a NumPy bytes array (compact: about the
+        paths' length per image), int64 labels, a bool mask of the validation files, the class names.
+    """
+    import numpy as np
+
+    from .encrypted import scan_source
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{_OP}.folder_index: {path!r} is not a directory")
+    items, classes = scan_source(path, f"{_OP}.folder_index")
+    paths = np.array([it.path.encode() for it in items])
+    labels = np.array([it.label for it in items], dtype=np.int64)
+    if any(it.split is not None for it in items):
+        is_val = np.array([it.split == "val" for it in items])
+    else:
+        _, va = stratified_split(torch.from_numpy(labels), val_fraction, split_seed)
+        is_val = np.zeros(len(items), dtype=bool)
+        is_val[va.numpy()] = True
+    return paths, labels, is_val, classes
 
 
 def load_dataset(data: str, img_size: int) -> TensorSplit:

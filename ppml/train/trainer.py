@@ -18,9 +18,19 @@ Settings (``TrainConfig``):
   a run compiled or not resumes, evaluates and loads the same way.
 - The loop's plumbing (torchrun, checkpoints, stop requests, the schedule, the DDP check) is the training runtime,
   :mod:`ppml.train.runtime`, which ``ppml detect train`` and the learned attacks share.
+- Data: ``--data digits`` and old-format (``ppml-encrypted-v1``) DSTs are held in memory. An image folder and a
+  ``ppml-wds`` DST are streamed (:mod:`ppml.data.stream`, :mod:`ppml.train.feed`): ``workers`` DataLoader processes
+  each read a disjoint share of the epoch (split by rank and worker), shuffle it through a buffer of
+  ``shuffle_buffer`` samples, decode it (and, for a folder in owner mode, encrypt it: RS keys per image from a hash
+  of (key seed, image index), the seed kept in ``DIR/owner_keys.pt`` and read back on ``--resume``). Peak memory per
+  process is bounded independently of the dataset's size: a worker holds about ``shuffle_buffer`` × the encoded
+  sample's bytes + one batch being decoded; the main process ``2 × workers`` decoded batches in flight + the model
+  and optimizer. ``stream`` False holds a folder or DST in memory instead; a stopped stream resumes at the same
+  sample with the same batches.
 - DDP: launched by torchrun (``WORLD_SIZE`` > 1) it uses gloo on CPU; on CUDA, nccl (gloo for the few CPU
   tensors it all-reduces) and one GPU per process, cuda:LOCAL_RANK; torch's DistributedSampler (seeded,
-  per epoch), and checks at every checkpoint that all ranks hold identical parameters. Only rank 0 writes.
+  per epoch; a stream splits its shards by rank and worker instead), and checks at every checkpoint that all ranks
+  hold identical parameters. Only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -39,13 +49,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._progress import progress
+from .feed import MemoryFeed
 from .runtime import (
     Dist,
     StopRequest,
     any_rank,
     atomic_save,
     autocast_forward,
-    epoch_order,
     gather_in_sync,
     init_distributed,
     keep_completed_epochs,
@@ -105,6 +115,9 @@ class TrainConfig:
     patch_drop: float = 0.0
     seed: int = 0
     key_seed: int | None = None
+    stream: bool | None = None  # None: stream image folders and ppml-wds DSTs, hold digits and old DSTs in memory
+    shuffle_buffer: int = 1000
+    workers: int = 2
     device: str = "auto"
     amp: bool | None = None
     compile: str | None = None  # a torch.compile backend ("inductor", "eager", "aot_eager", ...); None: eager PyTorch
@@ -135,6 +148,13 @@ class TrainConfig:
             # would see plain images
             raise ValueError(f"{_OP}: --mode in-model with --encryption {self.encryption} needs a {family}_* model "
                              f"(it encrypts its own input), got --model {self.model_name}")
+        for name in ("shuffle_buffer", "workers"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{_OP}: --{name.replace('_', '-')} must be an int >= 0, got {v!r}")
+        if self.stream and self.data == "digits":
+            raise ValueError(f"{_OP}: --stream needs --data FOLDER or a ppml-wds DST; the built-in digits are held "
+                             "in memory")
         if self.compile_mode is not None and self.compile is None:
             raise ValueError(f"{_OP}: --compile-mode {self.compile_mode} needs --compile")
         if self.compile is not None:
@@ -211,6 +231,8 @@ def _encrypt_owner(cfg: TrainConfig, data, out_dir: str, d: Dist):
 
 def _check_encrypted(cfg: TrainConfig, manifest: dict) -> None:
     """--data DST from `ppml encrypt`: the run's settings must describe that ciphertext."""
+    if "image_size" in manifest:  # ppml-wds: the same facts under its names
+        manifest = {**manifest, "size": manifest["image_size"], "grid": manifest.get("mix_group")}
     want = {"encryption": manifest["scheme"], "patch_size": manifest["patch_size"], "img_size": manifest["size"],
             "mode": "owner"}
     if manifest["scheme"] == "mi":
@@ -261,7 +283,6 @@ class _Trainer:
     def _setup(self, resume: bool):
         import ppml
         import ppml.augment as aug
-        import ppml.data
 
         cfg, d = self.cfg, self.d
         ckpt = open_checkpoint(self.ckpt_path, self.out, resume, _OP)
@@ -275,40 +296,14 @@ class _Trainer:
                 raise ValueError(f"{_OP}: --resume with settings that differ from the checkpoint's: {diff}")
 
         t0 = time.perf_counter()
-        encrypted = ppml.data.is_encrypted_dataset(cfg.data)
-        if encrypted:  # `ppml encrypt` output: the owner already encrypted it; the trainer reads ciphertext only
-            data, manifest = ppml.data.load_encrypted(cfg.data)
-            _check_encrypted(cfg, manifest)
+        if self._streams():
+            self._setup_stream(ckpt is not None)
         else:
-            data = ppml.data.load_dataset(cfg.data, cfg.img_size)
-        # the run folder is made once the data are in hand: a refused or failed load leaves nothing behind
-        make_run_dir(self.out, d)
-        self.skipped = list(getattr(data, "skipped", []))
-        if self.skipped:  # as `ppml encrypt` does: unreadable images are left out, listed and counted
-            shown = "; ".join(f"{s['path']} ({s['error']})" for s in self.skipped[:10])
-            more = f"; ... ({len(self.skipped) - 10} more in {self.out}/skipped.json)" if len(self.skipped) > 10 else ""
-            self._log(f"[ppml train] skipped {len(self.skipped)} unreadable image(s) of {cfg.data}: {shown}{more}")
-            if d.main:
-                with open(os.path.join(self.out, "skipped.json"), "w") as fh:
-                    json.dump({"skipped": self.skipped}, fh, indent=1)
-        self.classes = data.classes
-        self.num_classes = data.num_classes
-        if encrypted:
-            train_x, val_x = data.train_x, data.val_x
-        elif cfg.encryption != "none" and cfg.mode == "owner":
-            if d.world > 1 and not d.main:
-                dist.barrier()  # rank 0 encrypts and writes the cache first, the others read it
-            train_x, val_x = _encrypt_owner(cfg, data, self.out, d)
-            if d.world > 1 and d.main:
-                dist.barrier()
-        else:
-            train_x, val_x = data.train_x, data.val_x
-        self.train_x, self.train_y = train_x, data.train_y
-        self.val_x, self.val_y = val_x, data.val_y
+            self._setup_memory()
+        feed = self.feed
         self._log(
-            f"[ppml train] {cfg.data}: {len(self.train_y)} train / {len(self.val_y)} val images, {self.num_classes} "
-            f"classes, input {list(self.train_x.shape[1:])} ({cfg.encryption}, {cfg.mode}) in "
-            f"{time.perf_counter() - t0:.1f} s"
+            f"[ppml train] {cfg.data}: {feed.num_train} train / {feed.num_val} val images, {self.num_classes} "
+            f"classes, {self.input_desc} ({cfg.encryption}, {cfg.mode}) in {time.perf_counter() - t0:.1f} s"
         )
 
         torch.manual_seed(cfg.seed)
@@ -335,7 +330,7 @@ class _Trainer:
         self.opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr
         )
-        self.steps_per_epoch = len(epoch_order(len(self.train_y), cfg.batch_size, cfg.seed, 0, d))
+        self.steps_per_epoch = self.feed.steps_per_epoch
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_cosine(
             cfg.epochs, self.steps_per_epoch, lr=cfg.lr, min_lr=cfg.min_lr, warmup_epochs=cfg.warmup_epochs))
 
@@ -368,6 +363,124 @@ class _Trainer:
         elif d.main:
             open(self.metrics_path, "w").close()
 
+    def _streams(self) -> bool:
+        """Whether --data is streamed: ``stream`` None streams image folders and ppml-wds DSTs."""
+        import ppml.data
+        from ppml.data.stream import is_stream_dataset
+
+        cfg = self.cfg
+        can = cfg.data != "digits" and os.path.isdir(cfg.data) and (
+            is_stream_dataset(cfg.data) or not ppml.data.is_encrypted_dataset(cfg.data))
+        if cfg.stream and not can:
+            raise ValueError(f"{_OP}: --stream needs --data FOLDER or a ppml-wds DST, got {cfg.data!r} (an old-format "
+                             "DST or not a folder: pass --no-stream)")
+        return can if cfg.stream is None else cfg.stream
+
+    def _setup_memory(self) -> None:
+        import ppml.data
+        from ppml.data.stream import ShardSource, is_stream_dataset, load_stream_split
+
+        cfg, d = self.cfg, self.d
+        encrypted = ppml.data.is_encrypted_dataset(cfg.data)
+        if encrypted and is_stream_dataset(cfg.data):  # a ppml-wds DST held in memory (--no-stream)
+            source = ShardSource(cfg.data)
+            _check_encrypted(cfg, source.manifest)
+            source.verify(show=d.main)
+            data, encrypted = load_stream_split(source), True
+        elif encrypted:  # `ppml encrypt` output: the owner already encrypted it; the trainer reads ciphertext only
+            data, manifest = ppml.data.load_encrypted(cfg.data)
+            _check_encrypted(cfg, manifest)
+        else:
+            data = ppml.data.load_dataset(cfg.data, cfg.img_size)
+        # the run folder is made once the data are in hand: a refused or failed load leaves nothing behind
+        make_run_dir(self.out, d)
+        self.skipped = list(getattr(data, "skipped", []))
+        if self.skipped:  # as `ppml encrypt` does: unreadable images are left out, listed and counted
+            self._report_skipped(self.skipped)
+        self.classes = data.classes
+        self.num_classes = data.num_classes
+        if encrypted:
+            train_x, val_x = data.train_x, data.val_x
+        elif cfg.encryption != "none" and cfg.mode == "owner":
+            if d.world > 1 and not d.main:
+                dist.barrier()  # rank 0 encrypts and writes the cache first, the others read it
+            train_x, val_x = _encrypt_owner(cfg, data, self.out, d)
+            if d.world > 1 and d.main:
+                dist.barrier()
+        else:
+            train_x, val_x = data.train_x, data.val_x
+        self.feed = MemoryFeed(train_x, data.train_y, val_x, data.val_y, cfg.batch_size, cfg.seed, d)
+        self.input_desc = f"input {self.feed.input_shape}"
+
+    def _setup_stream(self, resumed: bool) -> None:
+        from ppml.data.datasets import folder_index
+        from ppml.data.stream import FolderSource, OwnerEncryption, ShardSource, is_stream_dataset
+
+        from .feed import StreamFeed
+
+        cfg, d = self.cfg, self.d
+        if is_stream_dataset(cfg.data):
+            source = ShardSource(cfg.data)
+            _check_encrypted(cfg, source.manifest)
+            if d.main:
+                source.verify()
+            make_run_dir(self.out, d)
+            what = f"{len(source.names)} shard(s)"
+        else:
+            source = FolderSource(cfg.data, cfg.img_size, folder_index(cfg.data))
+            make_run_dir(self.out, d)
+            if cfg.encryption != "none" and cfg.mode == "owner":
+                seed = self._owner_key_seed(resumed) if cfg.encryption == "rs" else 0  # MI is keyless
+                source.owner = OwnerEncryption(cfg.encryption, cfg.patch_size, cfg.grid, seed)
+            what = "image files"
+        self.skipped = []
+        skipped_path = os.path.join(self.out, "skipped.json")
+        if resumed and os.path.exists(skipped_path):
+            with open(skipped_path) as fh:
+                self.skipped = json.load(fh)["skipped"]
+        self.classes = list(source.classes)
+        self.num_classes = len(self.classes)
+        self.feed = StreamFeed(source, cfg.batch_size, cfg.seed, cfg.shuffle_buffer, cfg.workers, d)
+        self.input_desc = (f"streamed from {what} by {max(1, cfg.workers)} worker(s) per rank, shuffle buffer "
+                           f"{cfg.shuffle_buffer}")
+
+    def _owner_key_seed(self, resumed: bool) -> int:
+        """Streaming a folder in owner mode, the trainer is the owner: the seed of every image's key is drawn once
+        (OS entropy unless --key-seed), kept in DIR/owner_keys.pt and read back by --resume."""
+        import secrets
+
+        path = os.path.join(self.out, "owner_keys.pt")
+        if resumed:
+            return int(torch.load(path, weights_only=True)["stream_key_seed"])
+        box = [self.cfg.key_seed if self.cfg.key_seed is not None else secrets.randbits(62)]
+        if self.d.world > 1:
+            dist.broadcast_object_list(box, src=0)
+        if self.d.main:
+            atomic_save({"stream_key_seed": box[0]}, path)
+        return int(box[0])
+
+    def _note_skipped(self) -> None:
+        """Streaming: the unreadable images the workers met (all ranks), logged and kept in DIR/skipped.json."""
+        new = self.feed.take_skipped()
+        if self.d.world > 1:
+            every = [None] * self.d.world
+            dist.all_gather_object(every, new)
+            new = [s for part in every for s in part]
+        known = {s["path"] for s in self.skipped}
+        new = [s for s in new if s["path"] not in known and not known.add(s["path"])]
+        if new:
+            self.skipped += new
+            self._report_skipped(new)
+
+    def _report_skipped(self, new: list[dict]) -> None:
+        cfg = self.cfg
+        shown = "; ".join(f"{s['path']} ({s['error']})" for s in new[:10])
+        more = f"; ... ({len(new) - 10} more in {self.out}/skipped.json)" if len(new) > 10 else ""
+        self._log(f"[ppml train] skipped {len(new)} unreadable image(s) of {cfg.data}: {shown}{more}")
+        if self.d.main:
+            with open(os.path.join(self.out, "skipped.json"), "w") as fh:
+                json.dump({"skipped": self.skipped}, fh, indent=1)
+
     def _loss(self, out: Tensor, ya: Tensor, yb: Tensor, lam: Tensor) -> Tensor:
         if self.criterion is None:
             ls = self.cfg.label_smoothing
@@ -390,14 +503,12 @@ class _Trainer:
         cfg, d = self.cfg, self.d
         self.model.eval()
         correct = torch.zeros(2, dtype=torch.float64)
-        idx = torch.arange(len(self.val_y))[d.rank :: d.world]
         # In-model RS: the model shuffles the validation images too, with keys fixed for the run (same seed every
         # epoch); the training generator is handed back afterwards.
         train_gen = self._keys(torch.Generator().manual_seed(cfg.seed + 1))
-        for b in idx.split(256):
-            x = self.val_x[b].to(self.device)
-            pred = self._predict(autocast_forward(self.model, x, self.amp)).cpu()
-            correct += torch.tensor([(pred == self.val_y[b]).sum().item(), len(b)], dtype=torch.float64)
+        for x, y in self.feed.val_batches():
+            pred = self._predict(autocast_forward(self.model, x.to(self.device), self.amp)).cpu()
+            correct += torch.tensor([(pred == y).sum().item(), len(y)], dtype=torch.float64)
         self._keys(train_gen)
         if d.world > 1:
             dist.all_reduce(correct)
@@ -456,7 +567,7 @@ class _Trainer:
         self.epoch_loss = [0.0, 0]
         with StopRequest() as stop:
             for epoch in range(self.start_epoch, cfg.epochs):
-                batches = epoch_order(len(self.train_y), cfg.batch_size, cfg.seed, epoch, d)
+                steps = self.steps_per_epoch
                 gen = _rank_generator(cfg, epoch, d)
                 first = 0
                 if epoch == self.start_epoch and self.rank_state is not None:
@@ -471,12 +582,12 @@ class _Trainer:
                 self._keys(gen)
                 self.model.train()
                 t0 = time.perf_counter()
-                bar = progress(range(first, len(batches)), desc=f"epoch {epoch + 1}/{cfg.epochs}", enabled=d.main,
+                bar = progress(range(first, steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", enabled=d.main,
                                leave=False)
-                for step in bar:
-                    b = batches[step]
-                    x, ya, yb, lam = self._prepare(self.train_x[b].to(self.device), self.train_y[b].to(self.device),
-                                                   gen)
+                done = first
+                for step, (xb, yb_) in zip(bar, self.feed.train_batches(epoch, first), strict=False):
+                    done += 1
+                    x, ya, yb, lam = self._prepare(xb.to(self.device), yb_.to(self.device), gen)
                     out = autocast_forward(self.ddp, x, self.amp)
                     loss = self._loss(out, ya, yb, lam)
                     if not torch.isfinite(loss):
@@ -485,12 +596,13 @@ class _Trainer:
                     loss.backward()
                     self.opt.step()
                     self.sched.step()
-                    self.epoch_loss[0] += loss.item() * len(b)
-                    self.epoch_loss[1] += len(b)
+                    self.epoch_loss[0] += loss.item() * len(yb_)
+                    self.epoch_loss[1] += len(yb_)
                     steps_run += 1
                     bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{self.sched.get_last_lr()[0]:.2e}")
                     halt = stop_after is not None and steps_run >= stop_after
-                    if any_rank(halt or stop.signum is not None, d, self.device) and step + 1 < len(batches):
+                    if any_rank(halt or stop.signum is not None, d, self.device) and step + 1 < steps:
+                        self._note_skipped()
                         self._save(epoch, step + 1, gen)
                         why = f"signal {stop.signum}" if stop.signum is not None else f"--stop-after {stop_after}"
                         self._log(f"[ppml train] stopped ({why}) at epoch {epoch + 1} step {step + 1}; "
@@ -499,10 +611,13 @@ class _Trainer:
                             raise SystemExit(130)
                         return self._stopped(epoch, step + 1)
                 train_s = time.perf_counter() - t0
+                if done != steps:
+                    raise RuntimeError(f"{_OP}: the data ended after step {done} of {steps} in epoch {epoch + 1}")
                 tl = torch.tensor(self.epoch_loss, dtype=torch.float64)
                 if d.world > 1:
                     dist.all_reduce(tl)
                 acc = self.evaluate()
+                self._note_skipped()
                 row = {
                     "epoch": epoch + 1,
                     "train_loss": float(tl[0] / max(tl[1], 1)),
