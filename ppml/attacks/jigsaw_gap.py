@@ -1,0 +1,98 @@
+"""Global refinement of a jigsaw arrangement: the local search :func:`ppml.attacks.solve_jigsaw` runs after its
+greedy placement (by default when the pieces were cut with a gap).
+
+Why: the greedy placement commits to every piece for good, so one wrong early choice (likely when the compatibility
+is weak, as across a gap, where the true neighbour is the best candidate for well under half the pieces) strands the
+pieces that should have gone there. A local search over the finished arrangement moves them back:
+
+- the move: swap two pieces (any two, not only neighbours);
+- the objective: the summed cost of all adjacent pairs, cost = −confidence (Paikin & Tal's, clamped to [−1, 1]: the
+  same quantity the solver's restarts compare);
+- each step applies the swap that lowers the objective most, until none does or ``max_steps`` is reached.
+
+Every non-adjacent swap's change is read off one [N, N] matrix, ``place[x, cell]`` = the cost of the pairs piece x
+would form with the current neighbours of ``cell``: swapping a and b changes the total by
+``place[a, cell(b)] + place[b, cell(a)] − place[a, cell(a)] − place[b, cell(b)]``. The (at most 2N) swaps of
+adjacent pieces, which that formula gets wrong, are scored exactly in one batched gather. A step is thus a few [N, N]
+tensor ops, no loop over pairs: ~1 ms at N = 144 on two shared Intel Xeon cores.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["arrangement_cost", "refine_swaps"]
+
+
+def _layout(cells: Tensor, rows: int, cols: int) -> Tensor:
+    """``at[r, c]``: the piece in each cell, from ``cells`` (Tensor[N], the cell of each piece). Tensor[rows, cols]."""
+    return torch.empty_like(cells).scatter_(0, cells, torch.arange(cells.numel())).reshape(rows, cols)
+
+
+def arrangement_cost(at: Tensor, cost_r: Tensor, cost_b: Tensor) -> Tensor:
+    """Total cost of the adjacent pairs of one layout ``at`` (Tensor[rows, cols] piece ids) or of a batch of them
+    (Tensor[K, rows, cols]): ``Σ cost_r[left, right] + Σ cost_b[top, bottom]``. Tensor[] or Tensor[K]."""
+    lay = at if at.dim() == 3 else at[None]
+    tot = cost_r[lay[:, :, :-1], lay[:, :, 1:]].flatten(1).sum(1) + cost_b[lay[:, :-1], lay[:, 1:]].flatten(1).sum(1)
+    return tot if at.dim() == 3 else tot[0]
+
+
+def _place_cost(at: Tensor, cost_r: Tensor, cost_b: Tensor) -> Tensor:
+    """``place[x, cell]``: the cost of the pairs piece x would form with the current neighbours of ``cell``.
+    Tensor[N, rows·cols]."""
+    rows, cols = at.shape
+    n = rows * cols
+    pc = torch.zeros(n, rows, cols, dtype=cost_r.dtype)
+    pc[:, :, 1:] += cost_r[at[:, :-1]].permute(2, 0, 1)  # with the left neighbour L: cost_r[L, x]
+    pc[:, :, :-1] += cost_r[:, at[:, 1:]]  # with the right neighbour R: cost_r[x, R]
+    pc[:, 1:, :] += cost_b[at[:-1, :]].permute(2, 0, 1)
+    pc[:, :-1, :] += cost_b[:, at[1:, :]]
+    return pc.reshape(n, n)
+
+
+def _best_swap(at: Tensor, cost_r: Tensor, cost_b: Tensor) -> tuple[float, int, int]:
+    """The swap that lowers the total cost most: ``(change, cell a, cell b)`` (change >= 0: none helps)."""
+    rows, cols = at.shape
+    n = rows * cols
+    flat = at.reshape(-1)
+    moved = _place_cost(at, cost_r, cost_b)[flat]  # moved[u, v]: the piece now in cell u, placed in cell v
+    own = moved.diagonal()
+    delta = moved + moved.T - own[:, None] - own[None, :]
+    r, c = torch.arange(n) // cols, torch.arange(n) % cols
+    adjacent = ((r[:, None] - r[None, :]).abs() + (c[:, None] - c[None, :]).abs()) == 1
+    delta.masked_fill_(adjacent, float("inf")).fill_diagonal_(float("inf"))
+    arg = int(delta.argmin())
+    best, (u, v) = float(delta.view(-1)[arg]), divmod(arg, n)
+    # Swaps of adjacent cells, scored exactly: every such layout at once.
+    pairs = torch.nonzero(torch.triu(adjacent, 1))  # [M, 2] cells
+    layouts = flat.expand(pairs.shape[0], n).clone()
+    ar = torch.arange(pairs.shape[0])
+    layouts[ar, pairs[:, 0]], layouts[ar, pairs[:, 1]] = flat[pairs[:, 1]], flat[pairs[:, 0]]
+    change = arrangement_cost(layouts.reshape(-1, rows, cols), cost_r, cost_b) - arrangement_cost(at, cost_r, cost_b)
+    k = int(change.argmin())
+    if float(change[k]) < best:
+        best, u, v = float(change[k]), int(pairs[k, 0]), int(pairs[k, 1])
+    return best, u, v
+
+
+def refine_swaps(cells: Tensor, cost_r: Tensor, cost_b: Tensor, rows: int, cols: int, max_steps: int = 2000) -> Tensor:
+    """Local search on an arrangement: applies the best pair swap while one lowers the total cost of adjacent pairs.
+
+    Args:
+        cells (Tensor[N] int64): the grid cell (row-major) of each piece; N = rows·cols >= 2.
+        cost_r, cost_b (Tensor[N, N] float64, finite): cost of "j right of i" / "j below i".
+        rows, cols: the grid.
+        max_steps: at most this many swaps (each lowers the total, so the search always ends; this bounds its time).
+
+    Returns:
+        Tensor[N] int64: the refined cells (the input's values when no swap helps).
+    """
+    at = _layout(cells, rows, cols)
+    flat = at.view(-1)
+    for _ in range(max_steps):
+        change, u, v = _best_swap(at, cost_r, cost_b)
+        if not change < -1e-9:
+            break
+        flat[u], flat[v] = int(flat[v]), int(flat[u])
+    return torch.empty_like(flat).scatter_(0, flat, torch.arange(flat.numel()))
