@@ -25,7 +25,15 @@ from .learned import (
     solve_with_attacker,
     train_position_attacker,
 )
-from .metrics import direct_comparison, neighbor_comparison, perfect_reconstruction, psnr, ssim
+from .metrics import (
+    direct_comparison,
+    largest_correct_component,
+    neighbor_comparison,
+    perfect_reconstruction,
+    psnr,
+    shifted_direct_comparison,
+    ssim,
+)
 from .mi_inversion import (
     UnmixDecoder,
     load_unmix_decoder,
@@ -45,6 +53,7 @@ __all__ = [
     "assign_positions",
     "cache_dir",
     "direct_comparison",
+    "largest_correct_component",
     "load_photo",
     "load_position_attacker",
     "load_unmix_decoder",
@@ -55,6 +64,7 @@ __all__ = [
     "psnr",
     "public_images",
     "sample_crops",
+    "shifted_direct_comparison",
     "solve_jigsaw",
     "solve_with_attacker",
     "ssim",
