@@ -44,6 +44,7 @@ from .mi_inversion import (
     unmix_thumbnail,
     unmix_with_decoder,
 )
+from .semantic import load_semantic_classifier, semantic_inference, train_semantic_classifier
 
 __all__ = [
     "HELD_OUT",
@@ -56,6 +57,7 @@ __all__ = [
     "largest_correct_component",
     "load_photo",
     "load_position_attacker",
+    "load_semantic_classifier",
     "load_unmix_decoder",
     "neighbor_comparison",
     "perfect_reconstruction",
@@ -64,11 +66,13 @@ __all__ = [
     "psnr",
     "public_images",
     "sample_crops",
+    "semantic_inference",
     "shifted_direct_comparison",
     "solve_jigsaw",
     "solve_with_attacker",
     "ssim",
     "train_position_attacker",
+    "train_semantic_classifier",
     "train_unmix_decoder",
     "unmix",
     "unmix_least_norm",

@@ -76,23 +76,65 @@ def _best_swap(at: Tensor, cost_r: Tensor, cost_b: Tensor) -> tuple[float, int, 
     return best, u, v
 
 
+def _band_rolls(at: Tensor) -> Tensor:
+    """Layouts in which a band of whole rows, one that starts at the top or ends at the bottom, is rolled
+    (cyclically) sideways by 1 … cols − 1 cells. Tensor[K, rows, cols]."""
+    rows, cols = at.shape
+    r, c = torch.arange(rows), torch.arange(cols)
+    starts = torch.cat([torch.zeros(rows, dtype=torch.int64), torch.arange(1, rows)])  # prefixes, then suffixes
+    ends = torch.cat([torch.arange(rows), torch.full((rows - 1,), rows - 1)])
+    shifts = torch.arange(1, cols)
+    lo = starts.repeat_interleave(cols - 1).reshape(-1, 1, 1)
+    hi = ends.repeat_interleave(cols - 1).reshape(-1, 1, 1)
+    sh = shifts.repeat(starts.numel()).reshape(-1, 1, 1)
+    inside = (r[None, :, None] >= lo) & (r[None, :, None] <= hi)
+    cc = torch.where(inside, (c[None, None, :] - sh) % cols, c[None, None, :])
+    return at[r[None, :, None].expand_as(cc), cc]
+
+
+def _rolled_layouts(at: Tensor) -> Tensor:
+    """Every layout one roll away: the whole layout rolled by (dr, dc), and a band of rows (or columns) that
+    touches the border rolled along it. Tensor[K, rows, cols]."""
+    rows, cols = at.shape
+    r, c = torch.arange(rows), torch.arange(cols)
+    dr, dc = torch.meshgrid(r, c, indexing="ij")
+    whole = at[(r[None, :, None] - dr.reshape(-1, 1, 1)) % rows, (c[None, None, :] - dc.reshape(-1, 1, 1)) % cols]
+    out = [whole[1:]]
+    if cols > 1:
+        out.append(_band_rolls(at))
+    if rows > 1:
+        out.append(_band_rolls(at.T).transpose(1, 2))
+    return torch.cat(out)
+
+
 def refine_swaps(cells: Tensor, cost_r: Tensor, cost_b: Tensor, rows: int, cols: int, max_steps: int = 2000) -> Tensor:
-    """Local search on an arrangement: applies the best pair swap while one lowers the total cost of adjacent pairs.
+    """Local search on an arrangement: applies the best move while one lowers the total cost of adjacent pairs.
+
+    Moves: swapping any two pieces; rolling (cyclically) the whole layout, or a band of rows (columns) that touches
+    the top or bottom (left or right) border sideways (up or down). The greedy placement often builds the picture
+    right but shifted, with the pieces that did not fit wrapped to the far side, which no single swap improves.
 
     Args:
         cells (Tensor[N] int64): the grid cell (row-major) of each piece; N = rows·cols >= 2.
         cost_r, cost_b (Tensor[N, N] float64, finite): cost of "j right of i" / "j below i".
         rows, cols: the grid.
-        max_steps: at most this many swaps (each lowers the total, so the search always ends; this bounds its time).
+        max_steps: at most this many moves (each lowers the total, so the search always ends; this bounds its time).
 
     Returns:
-        Tensor[N] int64: the refined cells (the input's values when no swap helps).
+        Tensor[N] int64: the refined cells (the input's values when no move helps).
     """
     at = _layout(cells, rows, cols)
-    flat = at.view(-1)
     for _ in range(max_steps):
         change, u, v = _best_swap(at, cost_r, cost_b)
+        rolled = _rolled_layouts(at)
+        roll_change = arrangement_cost(rolled, cost_r, cost_b) - arrangement_cost(at, cost_r, cost_b)
+        k = int(roll_change.argmin())
+        if float(roll_change[k]) < min(change, -1e-9):
+            at = rolled[k].clone()
+            continue
         if not change < -1e-9:
             break
+        flat = at.view(-1)
         flat[u], flat[v] = int(flat[v]), int(flat[u])
+    flat = at.reshape(-1)
     return torch.empty_like(flat).scatter_(0, flat, torch.arange(flat.numel()))
