@@ -126,15 +126,16 @@ def refine_swaps(cells: Tensor, cost_r: Tensor, cost_b: Tensor, rows: int, cols:
     at = _layout(cells, rows, cols)
     for _ in range(max_steps):
         change, u, v = _best_swap(at, cost_r, cost_b)
+        if change < -1e-9:
+            flat = at.view(-1)
+            flat[u], flat[v] = int(flat[v]), int(flat[u])
+            continue
+        # Rolls only once no swap helps: there are ~2·rows·cols of them, each a whole layout to score.
         rolled = _rolled_layouts(at)
         roll_change = arrangement_cost(rolled, cost_r, cost_b) - arrangement_cost(at, cost_r, cost_b)
         k = int(roll_change.argmin())
-        if float(roll_change[k]) < min(change, -1e-9):
-            at = rolled[k].clone()
-            continue
-        if not change < -1e-9:
+        if not float(roll_change[k]) < -1e-9:
             break
-        flat = at.view(-1)
-        flat[u], flat[v] = int(flat[v]), int(flat[u])
+        at = rolled[k].clone()
     flat = at.reshape(-1)
     return torch.empty_like(flat).scatter_(0, flat, torch.arange(flat.numel()))
