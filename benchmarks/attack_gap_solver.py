@@ -11,7 +11,8 @@ the same ciphertext:
 
 - ``border``: ``solve_jigsaw(encrypted, p, missing=...)``, the solver of the attack table (MGC reading the borders
   as if the pieces touched, greedy placement, no refinement);
-- ``gap-aware``: ``solve_jigsaw(..., gap=g)``: MGC measured across the gap plus the pair-swap refinement;
+- ``gap MGC only``: ``solve_jigsaw(..., gap=g, refine=False)``: MGC measured across the gap, greedy placement only;
+- ``gap-aware``: ``solve_jigsaw(..., gap=g)``: MGC measured across the gap plus the refinement (swaps and rolls);
 - ``gap-aware ×4``: the same with ``restarts=4`` (four seeds, the best-scoring arrangement kept).
 
 Scores (means over the images, on the present tiles): direct comparison, direct comparison up to one translation
@@ -31,6 +32,7 @@ import torch
 
 SOLVERS = {
     "border": {},
+    "gap MGC only": {"gap": None, "refine": False},
     "gap-aware": {"gap": None},
     "gap-aware ×4": {"gap": None, "restarts": 4},
 }
