@@ -97,6 +97,16 @@ def main() -> int:
             mi_table.append(f"| {p} | {g} | {attacker} | {fmt(m['psnr'], 1)} | {fmt(m['ssim'])} | {m['seconds']:.2f} |")
         record["mi"].append({"patch_size": p, "grid": g, "rows": rows})
         print(mi_table[-1], file=sys.stderr, flush=True)
+    # jig21: the gap-aware jigsaw on the gap settings' ciphertext, and semantic inference (trained models cached).
+    from attack_gap_solver import gap_solver_row, gap_solver_rows
+    from attack_semantic import SEMANTIC_HEADER, semantic_row, semantic_rows
+
+    gap_settings = [s for s in RS_SETTINGS if s[2]]
+    record["gap_aware"] = gap_solver_rows(args.images, size=args.size, seed=args.seed, settings=gap_settings,
+                                          solvers=("gap-aware",))  # fmt: skip
+    rs_table += [gap_solver_row(r) for r in record["gap_aware"]]
+    record["semantic"] = [] if args.quick else semantic_rows()
+    sem_table = [*SEMANTIC_HEADER, *(semantic_row(r) for r in record["semantic"])] if record["semantic"] else []
     total = time.perf_counter() - t0
 
     env = environment("cpu")
@@ -104,6 +114,8 @@ def main() -> int:
     print(f"Attacks on {', '.join(args.images)} at {args.size}×{args.size} (means over the images; PSNR: median), "
           f"{machine}; whole run {total:.0f} s\n")
     print("\n".join(rs_table) + "\n\n" + "\n".join(mi_table))
+    if sem_table:
+        print("\nSemantic inference (benchmarks/attack_semantic.py: digits at 32 px, p = 8):\n" + "\n".join(sem_table))
     RESULTS_DIR.mkdir(exist_ok=True)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     record |= {"images": args.images, "size": args.size, "seed": args.seed, "seconds": total, "environment": env}

@@ -25,7 +25,15 @@ from .learned import (
     solve_with_attacker,
     train_position_attacker,
 )
-from .metrics import direct_comparison, neighbor_comparison, perfect_reconstruction, psnr, ssim
+from .metrics import (
+    direct_comparison,
+    largest_correct_component,
+    neighbor_comparison,
+    perfect_reconstruction,
+    psnr,
+    shifted_direct_comparison,
+    ssim,
+)
 from .mi_inversion import (
     UnmixDecoder,
     load_unmix_decoder,
@@ -36,6 +44,7 @@ from .mi_inversion import (
     unmix_thumbnail,
     unmix_with_decoder,
 )
+from .semantic import load_semantic_classifier, semantic_inference, train_semantic_classifier
 
 __all__ = [
     "HELD_OUT",
@@ -45,8 +54,10 @@ __all__ = [
     "assign_positions",
     "cache_dir",
     "direct_comparison",
+    "largest_correct_component",
     "load_photo",
     "load_position_attacker",
+    "load_semantic_classifier",
     "load_unmix_decoder",
     "neighbor_comparison",
     "perfect_reconstruction",
@@ -55,10 +66,13 @@ __all__ = [
     "psnr",
     "public_images",
     "sample_crops",
+    "semantic_inference",
+    "shifted_direct_comparison",
     "solve_jigsaw",
     "solve_with_attacker",
     "ssim",
     "train_position_attacker",
+    "train_semantic_classifier",
     "train_unmix_decoder",
     "unmix",
     "unmix_least_norm",

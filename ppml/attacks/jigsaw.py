@@ -22,6 +22,16 @@ Algorithm (Gallagher 2012 for the dissimilarity, Paikin & Tal 2015 for the confi
    greedy rule on a board that is exactly R×C, so the answer is always a permutation of the known grid.
 5. Optionally (``restarts``) the same from the next-best seeds, keeping the arrangement whose adjacent pairs have the
    highest summed confidence.
+6. With ``refine`` (default when ``gap > 0``), each arrangement is improved by a local search before the comparison:
+   the best pair swap, or cyclic roll of the layout or of a band of rows/columns, while one raises the summed
+   confidence (:mod:`ppml.attacks.jigsaw_gap`).
+
+Against the gap defence (``gap = g``: g pixel columns and rows discarded between neighbouring patches), step 1
+measures the step across the hole instead of assuming the pieces touch: the mean and colour covariance of MGC (and
+the extrapolation of ``"ssd"``) come from differences of columns g + 1 apart inside each piece, so the predicted
+neighbour column is ``edge + μ_(g+1)``. Measured on the attack table's held-out photos at p = 16, gap 2 (shared
+Intel Xeon, 2 cores): neighbour comparison 0.36 for the border-reading solver, 0.50 with the gap-aware MGC alone,
+0.64 with the refinement, 0.68 with 4 restarts.
 
 Cost for N pieces: O(N²·p·C) for the matrices and O(N²) for a placement (each cell caches its best candidate; a
 step updates O(1) rows of N scores). Measured on two shared CPU cores: ~0.2 s for 196 pieces (224², p = 16), ~1 s
@@ -34,6 +44,7 @@ import torch
 from torch import Tensor
 
 from .._checks import check_int, describe
+from .jigsaw_gap import refine_swaps
 
 _OP = "ppml.attacks.solve_jigsaw"
 _COMPATIBILITIES = ("mgc", "ssd")
@@ -52,23 +63,24 @@ def _dummy_gradients(channels: int, dtype: torch.dtype) -> Tensor:
     return torch.cat([torch.zeros(1, channels, dtype=dtype), ones, -ones, eye, -eye], 0)
 
 
-def _mahalanobis_side(edge: Tensor, inner: Tensor, other: Tensor) -> Tensor:
+def _mahalanobis_side(edge: Tensor, grads: Tensor, other: Tensor) -> Tensor:
     """One direction of MGC: how well ``other[j]`` continues the gradient profile at ``edge[i]``.
 
     Args:
         edge (Tensor[N, p, C]): the boundary column of each piece i (p samples along the edge, C channels).
-        inner (Tensor[N, p, C]): the column just inside it.
+        grads (Tensor[N, m, C]): samples of the step the boundary spans, taken inside each piece (see
+            :func:`_edge_steps`): without a gap, the edge minus the column just inside it (m = p).
         other (Tensor[N, p, C]): the boundary column of each candidate neighour j facing piece i.
 
     Returns:
         Tensor[N, N]: ``D[i, j] = Σ_r (other[j, r] − edge[i, r] − μ_i)ᵀ S_i⁻¹ (other[j, r] − edge[i, r] − μ_i)`` with
-        μ_i, S_i the mean and covariance (plus dummy gradients) of ``edge[i] − inner[i]``. Computed in expanded form
+        μ_i, S_i the mean and covariance (plus dummy gradients) of ``grads[i]``. Computed in expanded form
         (three matrix products, no [N, N, p, C] intermediate).
     """
     n, p, c = edge.shape
-    g = edge - inner  # [N, p, C]
+    g = grads
     mu = g.mean(1)  # [N, C]
-    aug = torch.cat([g, _dummy_gradients(c, g.dtype).expand(n, -1, -1)], 1)  # [N, p + 2C + 3, C]
+    aug = torch.cat([g, _dummy_gradients(c, g.dtype).expand(n, -1, -1)], 1)  # [N, m + 2C + 3, C]
     centred = aug - aug.mean(1, keepdim=True)
     cov = centred.transpose(1, 2) @ centred / (aug.shape[1] - 1)  # [N, C, C]
     m = torch.linalg.inv(cov)  # symmetric positive definite thanks to the dummies
@@ -81,33 +93,58 @@ def _mahalanobis_side(edge: Tensor, inner: Tensor, other: Tensor) -> Tensor:
     return (t1 - 2 * t2 + t3[:, None]).clamp_min(0)
 
 
-def _prediction_ssd_side(edge: Tensor, inner: Tensor, other: Tensor) -> Tensor:
-    """One direction of the prediction SSD: ``D[i, j] = ‖other[j] − (2·edge[i] − inner[i])‖²``.
+def _prediction_ssd_side(edge: Tensor, grads: Tensor, other: Tensor) -> Tensor:
+    """One direction of the prediction SSD: ``D[i, j] = ‖other[j] − (edge[i] + step[i])‖²``, the step being the
+    per-row linear extrapolation across the boundary (the first p rows of ``grads``, see :func:`_edge_steps`).
 
     Args and shapes as in :func:`_mahalanobis_side`; returns Tensor[N, N]."""
-    n = edge.shape[0]
-    pred = (2 * edge - inner).reshape(n, -1)
+    n, p, _ = edge.shape
+    pred = (edge + grads[:, :p]).reshape(n, -1)
     oth = other.reshape(n, -1)
     d = (pred * pred).sum(1)[:, None] + (oth * oth).sum(1)[None, :] - 2 * pred @ oth.T
     return d.clamp_min(0)
 
 
-def _right_dissimilarity(pieces: Tensor, compatibility: str) -> Tensor:
-    """``D[i, j]``: how bad it is to put piece j immediately right of piece i.
+def _edge_steps(cols: Tensor, gap: int) -> Tensor:
+    """Samples of the step a boundary spans (``gap + 1`` columns), from inside the piece whose edge is
+    ``cols[:, -1]``.
 
     Args:
-        pieces (Tensor[N, C, p, p]) float64.
+        cols (Tensor[N, w, p, C]): the piece's columns, the edge last; w >= gap + 2.
+        gap: columns missing between neighbours.
+
+    Returns:
+        Tensor[N, m, C]: the differences of columns ``gap + 1`` apart ending at the edge and (where the piece is wide
+        enough, w >= gap + 3) at the column before it, m = p or 2p. Without a gap this is Gallagher's edge minus
+        the column just inside (m = p). Two positions rather than one or more: measured on 9 public photos at
+        p = 16, gap 2, the true neighbour is the best candidate for 41.0 % of the pieces with two, 41.1 % with
+        one, 39.5 % with four, and 39.7 % for MGC reading the borders as if they touched.
+    """
+    s = gap + 1
+    w = cols.shape[1]
+    if gap == 0:
+        return cols[:, -1] - cols[:, -2]
+    return torch.cat([cols[:, k] - cols[:, k - s] for k in range(w - 1, max(s - 1, w - 3), -1)], 1)
+
+
+def _right_dissimilarity(pieces: Tensor, compatibility: str, gap: int = 0) -> Tensor:
+    """``D[i, j]``: how bad it is to put piece j right of piece i, ``gap`` pixel columns apart.
+
+    Args:
+        pieces (Tensor[N, C, p, p]) float64, p >= gap + 2.
         compatibility: ``"mgc"`` or ``"ssd"``.
+        gap: columns the defence discarded between neighbours (0: the pieces touch).
 
     Returns:
         Tensor[N, N] float64, symmetric in the sense that both pieces' views are summed (i's right edge predicting
         j, and j's left edge predicting i). Pass pieces with the last two dims swapped to get "j below i".
     """
     cols = pieces.permute(0, 3, 2, 1)  # [N, w, h, C]: column w as p samples of C channels
-    right, right2 = cols[:, -1], cols[:, -2]
-    left, left2 = cols[:, 0], cols[:, 1]
+    flipped = cols.flip(1)  # the left edge last
     side = _mahalanobis_side if compatibility == "mgc" else _prediction_ssd_side
-    return side(right, right2, left) + side(left, left2, right).T
+    right = side(cols[:, -1], _edge_steps(cols, gap), cols[:, 0])
+    left = side(flipped[:, -1], _edge_steps(flipped, gap), flipped[:, 0])
+    return right + left.T
 
 
 def _confidence(d: Tensor) -> tuple[Tensor, Tensor]:
@@ -321,6 +358,8 @@ def solve_jigsaw(
     restarts: int = 1,
     slack: int = 2,
     missing: Tensor | None = None,
+    gap: int = 0,
+    refine: bool | None = None,
 ) -> Tensor:
     """Attacks RS encryption: reassembles each shuffled image on its known (H/p)×(W/p) grid.
 
@@ -341,6 +380,15 @@ def solve_jigsaw(
             fill the cells left over, so the answer is still a permutation. Score it on the present tiles
             (``present=~missing`` in :func:`~ppml.attacks.direct_comparison` and
             :func:`~ppml.attacks.neighbor_comparison`).
+        gap: pixel columns (and rows) the owner discarded between neighbouring patches (the gap defence of
+            :func:`~ppml.attacks.defences.encrypt_rs_defended`; the attacker knows it, like p). The compatibility
+            then predicts across the hole: the step from a piece's edge to its neighbour's is modelled on the steps
+            between columns ``gap + 1`` apart inside the piece (MGC's mean and colour covariance, or the SSD's
+            linear extrapolation, over that distance). p must be >= gap + 2. Default 0: the pieces touch.
+        refine: after the greedy placement, run the pair-swap local search of :mod:`ppml.attacks.jigsaw_gap`
+            (every swap that lowers the summed −confidence of adjacent pairs, best first, until none does). Default
+            (None): on when ``gap > 0``, where the greedy placement alone strands many pieces; off otherwise, which
+            keeps the gap-free answers of earlier versions.
 
     Returns:
         Tensor[B, N] int64 (Tensor[N] for a single image), in the key's convention: ``perm_hat[b, i]`` is the grid
@@ -358,6 +406,15 @@ def solve_jigsaw(
         raise ValueError(f"{_OP}: compatibility must be one of {_COMPATIBILITIES}, got {compatibility!r}")
     check_int(restarts, _OP, "restarts", 1)
     check_int(slack, _OP, "slack", 0)
+    check_int(gap, _OP, "gap", 0)
+    if refine is not None and not isinstance(refine, bool):
+        raise ValueError(f"{_OP}: refine must be True, False or None (on when gap > 0), got {refine!r}")
+    if patch_size < gap + 2:
+        raise ValueError(
+            f"{_OP}: patch_size must be >= gap + 2 (the step across the gap is measured inside a piece), "
+            f"got patch_size {patch_size} and gap {gap}"
+        )
+    refine = gap > 0 if refine is None else refine
     single = encrypted.dim() == 3
     x = encrypted.unsqueeze(0) if single else encrypted
     b, c, h, w = x.shape
@@ -378,7 +435,8 @@ def solve_jigsaw(
     out = torch.empty(b, n, dtype=torch.int64)
     for k in range(b):
         gone = None if missing is None else missing[k]
-        out[k] = _solve_one(x[k].detach().to("cpu", torch.float64), p, rows, cols, compatibility, restarts, slack, gone)
+        img = x[k].detach().to("cpu", torch.float64)
+        out[k] = _solve_one(img, p, rows, cols, compatibility, restarts, slack, gone, gap, refine)
     out = out.to(encrypted.device)
     return out[0] if single else out
 
@@ -401,7 +459,16 @@ def _confidence_of_present(d: Tensor, present: Tensor | None) -> tuple[Tensor, T
 
 
 def _solve_one(
-    img: Tensor, p: int, rows: int, cols: int, compatibility: str, restarts: int, slack: int, missing: Tensor | None
+    img: Tensor,
+    p: int,
+    rows: int,
+    cols: int,
+    compatibility: str,
+    restarts: int,
+    slack: int,
+    missing: Tensor | None,
+    gap: int = 0,
+    refine: bool = False,
 ) -> Tensor:
     """One image ``Tensor[C, H, W]`` float64 -> ``Tensor[N]`` int64 cell of each tile."""
     n = rows * cols
@@ -412,13 +479,18 @@ def _solve_one(
     img = (img - lo) * (255.0 / (hi - lo)) if hi > lo else img - lo
     c = img.shape[0]
     pieces = img.reshape(c, rows, p, cols, p).permute(1, 3, 0, 2, 4).reshape(n, c, p, p)  # tile i, row-major
-    d_r = _right_dissimilarity(pieces, compatibility)
-    d_b = _right_dissimilarity(pieces.transpose(2, 3), compatibility)
+    d_r = _right_dissimilarity(pieces, compatibility, gap)
+    d_b = _right_dissimilarity(pieces.transpose(2, 3), compatibility, gap)
     conf_r, bud_r = _confidence_of_present(d_r, present)
     conf_b, bud_b = _confidence_of_present(d_b, present)
+    if refine:
+        # The search minimises −Σ confidence, i.e. maximises the score the restarts compare below.
+        cost_r, cost_b = (-conf.clamp(-1, 1) for conf in (conf_r, conf_b))
     best, best_score = None, float("-inf")
     for seed in _seed_order(conf_r, conf_b, bud_r, bud_b, rows, cols)[:restarts].tolist():
         cells = _place(conf_r, conf_b, bud_r, bud_b, rows, cols, seed, slack)
+        if refine:
+            cells = refine_swaps(cells, cost_r, cost_b, rows, cols)
         score = _arrangement_score(cells, conf_r, conf_b, rows, cols)
         if score > best_score:
             best, best_score = cells, score

@@ -86,9 +86,7 @@ def perfect_reconstruction(perm_hat: Tensor, perm: Tensor, present: Tensor | Non
     return ((ph == pk) | (False if mask is None else ~mask)).all(1)
 
 
-def neighbor_comparison(
-    perm_hat: Tensor, perm: Tensor, grid: tuple[int, int], present: Tensor | None = None
-) -> Tensor:
+def neighbor_comparison(perm_hat: Tensor, perm: Tensor, grid: tuple[int, int], present: Tensor | None = None) -> Tensor:
     """Fraction of true neighbour pairs that the reconstruction keeps as neighbours in the same relation.
 
     With ``pos[a] = perm_hat[perm⁻¹[a]]`` the cell to which the reconstruction moves the piece whose true cell is
@@ -129,6 +127,95 @@ def neighbor_comparison(
         pairs = pair_r.flatten(1).sum(1) + pair_b.flatten(1).sum(1)
     kept = right.flatten(1).sum(1) + below.flatten(1).sum(1)
     return torch.where(pairs > 0, kept.float() / pairs.clamp_min(1), 1.0)
+
+
+def _grid_positions(ph: Tensor, pk: Tensor, grid, op: str) -> tuple[int, int, Tensor, Tensor]:
+    """``(rows, cols, pos, inv)``: ``pos[b, r, c]`` is the cell to which the estimate moves the piece whose true cell
+    is (r, c), ``inv[b, a]`` the ciphertext tile whose true cell is a."""
+    try:
+        rows, cols = (int(v) for v in grid)
+    except (TypeError, ValueError):
+        raise ValueError(f"{op}: grid must be (rows, cols), got {grid!r}") from None
+    n = ph.shape[1]
+    if rows < 1 or cols < 1 or rows * cols != n:
+        raise ValueError(f"{op}: grid must be (rows, cols) with rows·cols = N = {n}, got {grid!r}")
+    inv = torch.empty_like(pk).scatter_(1, pk, torch.arange(n, device=pk.device).expand_as(pk))
+    return rows, cols, torch.gather(ph, 1, inv).reshape(-1, rows, cols), inv
+
+
+def shifted_direct_comparison(
+    perm_hat: Tensor, perm: Tensor, grid: tuple[int, int], present: Tensor | None = None
+) -> Tensor:
+    """Direct comparison up to one translation: the largest fraction of pieces that all sit at the same offset
+    (Δrow, Δcol) from their true cell.
+
+    With patch drop the solver cannot know where the holes were, so a reconstruction that is right but shifted by a
+    cell scores near 0 in :func:`direct_comparison`; this score counts it as right. Offsets do not wrap around.
+
+    Args:
+        perm_hat, perm, present: as in :func:`direct_comparison` (only present pieces count).
+        grid: ``(rows, cols)`` with rows·cols = N.
+
+    Returns:
+        Tensor[B] float32 in [0, 1], >= :func:`direct_comparison` (the zero offset is one of those tried).
+    """
+    op = "ppml.attacks.shifted_direct_comparison"
+    ph, pk = _perm_pair(perm_hat, perm, op)
+    mask = _present_mask(present, pk, op)
+    rows, cols, pos, inv = _grid_positions(ph, pk, grid, op)
+    n = rows * cols
+    true = torch.arange(n, device=pk.device)
+    dr = pos.reshape(-1, n) // cols - true // cols + rows - 1  # in [0, 2·rows − 2]
+    dc = pos.reshape(-1, n) % cols - true % cols + cols - 1
+    offset = dr * (2 * cols - 1) + dc
+    weight = torch.ones_like(offset, dtype=torch.float32) if mask is None else torch.gather(mask, 1, inv).float()
+    counts = torch.zeros(offset.shape[0], (2 * rows - 1) * (2 * cols - 1), device=pk.device)
+    counts.scatter_add_(1, offset, weight)
+    return counts.amax(1) / weight.sum(1).clamp_min(1)
+
+
+def largest_correct_component(
+    perm_hat: Tensor, perm: Tensor, grid: tuple[int, int], present: Tensor | None = None
+) -> Tensor:
+    """Share of the pieces in the largest correctly assembled block: the largest set of pieces connected through
+    true neighbour pairs that the reconstruction keeps (the pairs :func:`neighbor_comparison` counts).
+
+    Every piece of such a block sits at the same offset from its true cell, so the block is a correct piece of the
+    picture, wherever it was put. A single piece is a block of one.
+
+    Args:
+        perm_hat, perm, present: as in :func:`direct_comparison` (only present pieces count, and only pairs of two
+            present pieces connect).
+        grid: ``(rows, cols)`` with rows·cols = N.
+
+    Returns:
+        Tensor[B] float32 in [0, 1] (1: perfect up to a translation).
+    """
+    op = "ppml.attacks.largest_correct_component"
+    ph, pk = _perm_pair(perm_hat, perm, op)
+    mask = _present_mask(present, pk, op)
+    rows, cols, pos, inv = _grid_positions(ph, pk, grid, op)
+    right = (pos[:, :, 1:] == pos[:, :, :-1] + 1) & (pos[:, :, :-1] % cols != cols - 1)
+    below = pos[:, 1:, :] == pos[:, :-1, :] + cols
+    here = torch.ones_like(pos, dtype=torch.bool) if mask is None else torch.gather(mask, 1, inv).reshape(pos.shape)
+    right &= here[:, :, 1:] & here[:, :, :-1]
+    below &= here[:, 1:, :] & here[:, :-1, :]
+    # Connected components by label propagation: every piece takes the smallest label across its kept pairs until
+    # nothing changes (at most one sweep per piece on a path; a few on real reconstructions).
+    big = rows * cols
+    lab = torch.arange(big, device=pos.device).expand_as(pos.reshape(-1, big)).reshape(pos.shape).clone()
+    while True:
+        old = lab
+        lab = lab.clone()
+        lab[:, :, 1:] = torch.where(right, torch.minimum(lab[:, :, 1:], lab[:, :, :-1]), lab[:, :, 1:])
+        lab[:, :, :-1] = torch.where(right, torch.minimum(lab[:, :, 1:], lab[:, :, :-1]), lab[:, :, :-1])
+        lab[:, 1:, :] = torch.where(below, torch.minimum(lab[:, 1:, :], lab[:, :-1, :]), lab[:, 1:, :])
+        lab[:, :-1, :] = torch.where(below, torch.minimum(lab[:, 1:, :], lab[:, :-1, :]), lab[:, :-1, :])
+        if torch.equal(lab, old):
+            break
+    weight = here.reshape(-1, big).float()
+    sizes = torch.zeros(lab.shape[0], big, device=pos.device).scatter_add_(1, lab.reshape(-1, big), weight)
+    return sizes.amax(1) / weight.sum(1).clamp_min(1)
 
 
 # ---- pixel metrics -------------------------------------------------------------------------------------------------
@@ -214,4 +301,12 @@ def ssim(x: Tensor, y: Tensor, data_range: float = 255.0) -> Tensor:
     return s.flatten(2).mean(2).mean(1)
 
 
-__all__ = ["direct_comparison", "neighbor_comparison", "perfect_reconstruction", "psnr", "ssim"]
+__all__ = [
+    "direct_comparison",
+    "largest_correct_component",
+    "neighbor_comparison",
+    "perfect_reconstruction",
+    "psnr",
+    "shifted_direct_comparison",
+    "ssim",
+]
