@@ -397,3 +397,31 @@ def test_stream_options_are_checked_and_no_stream_holds_a_dst_in_memory(tmp_path
         TrainConfig(data=str(tmp_path / "dst"), stream=False, epochs=1, batch_size=8, out=str(tmp_path / "m"), **TINY)
     )
     assert out["final"]
+
+
+def test_stream_reads_what_ppml_encrypt_writes_with_its_train_val_split(tmp_path):
+    """End to end with the real writer: a source with train/ and val/ folders encrypted by ppml.data.encrypt_dataset
+    streams back the same train and validation samples as the in-memory loader (load_encrypted) holds."""
+    from PIL import Image
+
+    from ppml.data.encrypted import encrypt_dataset, load_encrypted
+
+    rng = np.random.default_rng(0)
+    for part, n in (("train", 5), ("val", 3)):
+        for cls in ("a", "b"):
+            d = tmp_path / "src" / part / cls
+            d.mkdir(parents=True)
+            for k in range(n):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(d / f"{k}.png")
+    dst = tmp_path / "dst"
+    encrypt_dataset(str(tmp_path / "src"), str(dst), scheme="rs", patch_size=8, size=32, shard_size=4,
+                    keys=str(tmp_path / "k.key"), device="cpu", progress=False)
+    held, _ = load_encrypted(str(dst))
+    src = ShardSource(str(dst))
+    assert int(src.counts("train").sum()) == 10 and int(src.counts("val").sum()) == 6
+    streamed = load_stream_split(src)
+    for part in ("train", "val"):
+        a = sorted(_fingerprint((x * 255).round().to(torch.uint8)) for x in getattr(streamed, f"{part}_x"))
+        b = sorted(_fingerprint((x * 255).round().to(torch.uint8)) for x in getattr(held, f"{part}_x"))
+        assert a == b, part
+        assert sorted(getattr(streamed, f"{part}_y").tolist()) == sorted(getattr(held, f"{part}_y").tolist())

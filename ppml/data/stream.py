@@ -12,7 +12,9 @@ owner mode, encrypted) in the workers, resumable at any step.
 
 Tars are read with the standard :mod:`tarfile` (no extra dependency): its headers give every member's offset, which
 is what lets a resumed stream skip the samples already trained on without reading them. A shard entry may carry
-``"split": "train"|"val"``; without one, every 5th sample of each shard (position ``i % 5 == 4``) is held out for
+``"split": "train"|"val"``; a manifest with ``"val_start"`` (what ``ppml encrypt`` writes when the source had
+train/ and val/ folders: the sorted samples from that global position on are validation) splits there, as the
+in-memory loader does; without either, every 5th sample of each shard (position ``i % 5 == 4``) is held out for
 validation (20 %, fixed, independent of the seed).
 
 **An epoch** (:func:`epoch_plan`): the units (shards; single files for a folder, which reads at random anyway) are
@@ -162,9 +164,16 @@ class ShardSource:
         self.group = g
         n = np.array([s["count"] for s in m["shards"]], dtype=np.int64)
         self.by_shard = any("split" in s for s in m["shards"])
+        # val_start: the writer's global split point (sorted train/ sources before val/); per shard, the position
+        # from which its samples are validation.
+        self._val_from = None
         if self.by_shard:
             is_val = np.array([s.get("split") == "val" for s in m["shards"]])
             self._counts = {"train": np.where(is_val, 0, n), "val": np.where(is_val, n, 0)}
+        elif m.get("val_start") is not None:
+            first = np.concatenate([[0], np.cumsum(n)[:-1]]).astype(np.int64)
+            self._val_from = np.clip(int(m["val_start"]) - first, 0, n)
+            self._counts = {"train": self._val_from, "val": n - self._val_from}
         else:
             self._counts = {"train": n - n // VAL_EVERY, "val": n // VAL_EVERY}
 
@@ -179,9 +188,11 @@ class ShardSource:
             if "sha256" in s and _file_sha256(path) != s["sha256"]:
                 raise ValueError(f"{_OP}: {path} does not match its SHA-256 in the manifest (corrupt or modified)")
 
-    def _in_part(self, part: str, i: int) -> bool:
+    def _in_part(self, part: str, u: int, i: int) -> bool:
         if self.by_shard:
             return True  # the unit's count for the other part is 0: it is never opened for it
+        if self._val_from is not None:
+            return (i >= self._val_from[u]) == (part == "val")
         return (i % VAL_EVERY == VAL_EVERY - 1) == (part == "val")
 
     def records(self, part: str, u: int, a: int, b: int, want_payload):
@@ -193,7 +204,7 @@ class ShardSource:
             for key, members in _tar_samples(tf, path):
                 if j >= b:
                     return
-                if self._in_part(part, i):
+                if self._in_part(part, u, i):
                     if j >= a:
                         rec = self._rec(u, j, key, members, path)
                         if want_payload():
