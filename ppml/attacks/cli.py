@@ -7,7 +7,7 @@
 The images (files, folders, ``digits`` or ``skimage:NAME``, as for ``ppml show``) are encrypted with a fresh key from
 ``--seed`` (default OS entropy), then each attacker of the scheme runs on the ciphertext alone:
 
-- RS: ``jigsaw`` (:func:`ppml.attacks.solve_jigsaw`, MGC compatibility) and ``vit`` (the learned position attacker,
+- RS: ``jigsaw`` (:func:`ppml.attacks.solve_jigsaw`, MGC compatibility, gap-aware with ``--gap``) and ``vit`` (the learned position attacker,
   :mod:`ppml.attacks.learned`, trained on public images: loaded from its cache, trained there first if missing — a
   line on stderr says so before training, with the cache file and a rough duration).
   Scores: direct / neighbour comparison and perfect reconstruction on the present tiles, and PSNR / SSIM of the
@@ -83,7 +83,7 @@ def _rs_attack(name: str, encrypted: Tensor, missing: Tensor, p: int, args: argp
     if name == "jigsaw":
         from .jigsaw import solve_jigsaw
 
-        perm_hat, secs = _timed(lambda: solve_jigsaw(encrypted, p, missing=missing, restarts=args.restarts))
+        perm_hat, secs = _timed(lambda: solve_jigsaw(encrypted, p, missing=missing, restarts=args.restarts, gap=args.gap))
     else:
         from .learned import assign_positions, attacker_settings, predict_position_logits, train_position_attacker
 
