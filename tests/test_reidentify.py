@@ -89,6 +89,12 @@ def test_rs_batched_gallery_of_hundreds():
     found = reidentify(cipher, index, scheme="rs", patch_size=8)
     assert torch.equal(found.index, targets)
     assert torch.equal(found.exact, torch.ones(len(targets)))
+    # A smaller gallery cut from the index ranks as one indexed from scratch.
+    near = targets[targets < 150]
+    small = reidentify(cipher[: len(near)], index.head(150), scheme="rs", patch_size=8)
+    fresh = reidentify(cipher[: len(near)], gallery[:150], scheme="rs", patch_size=8)
+    assert torch.equal(small.candidates, fresh.candidates) and torch.equal(small.index, near)
+    assert torch.allclose(small.scores, fresh.scores)
 
 
 @pytest.mark.parametrize("g", [2, 4])

@@ -43,6 +43,7 @@ keyed: O(M·G·H·W·C) multiply-adds, chunked over the gallery.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -114,6 +115,20 @@ class GalleryIndex:
     pair_image: Tensor | None = None
     pair_count: Tensor | None = None
     images: Tensor | None = None
+
+    def head(self, n: int) -> GalleryIndex:
+        """The index of the first ``n`` gallery images (a smaller gallery without indexing it again)."""
+        check_int(n, "ppml.attacks.GalleryIndex.head", "n", 1)
+        n = min(n, self.size)
+        cut = {}
+        if self.pair_image is not None:
+            keep = self.pair_image < n  # the pairs stay sorted by hash; hashes left without a pair just match nothing
+            cut = {"pair_key": self.pair_key[keep], "pair_image": self.pair_image[keep],
+                   "pair_count": self.pair_count[keep]}  # fmt: skip
+        for name in ("tiles", "signature", "images"):
+            if getattr(self, name) is not None:
+                cut[name] = getattr(self, name)[:n]
+        return dataclasses.replace(self, size=n, **cut)
 
 
 # ---- argument checks ------------------------------------------------------------------------------------------------
