@@ -283,7 +283,7 @@ def _chamfer(query: Tensor, cands: Tensor) -> Tensor:
     return ((forward + reverse) / 2).reshape(b, s)
 
 
-def _chamfer_all(desc: Tensor, present: Tensor, tiles: Tensor, cand: Tensor) -> Tensor:
+def _chamfer_all(desc: Tensor, present: Tensor, tiles: Tensor, cand: Tensor, max_tiles: int) -> Tensor:
     """``[M, s]`` chamfer distances, batched over the ciphertexts with the same number of present tiles, in blocks
     of at most ~2^24 tile-pair distances."""
     m, s = cand.shape
@@ -291,9 +291,11 @@ def _chamfer_all(desc: Tensor, present: Tensor, tiles: Tensor, cand: Tensor) -> 
     counts = present.sum(1)
     for n in counts.unique().tolist():
         rows = (counts == n).nonzero()[:, 0]
-        per = max(1, (1 << 24) // (s * n * tiles.shape[1]))
+        # Past max_tiles, an evenly spaced subset of the present tiles stands for them (the cost is n·N per pair).
+        pick = torch.linspace(0, n - 1, min(n, max_tiles)).round().long()
+        per = max(1, (1 << 24) // (s * len(pick) * tiles.shape[1]))
         for blk in rows.split(per):
-            q = desc[blk][present[blk]].reshape(len(blk), n, -1)
+            q = desc[blk][present[blk]].reshape(len(blk), n, -1)[:, pick]
             out[blk] = _chamfer(q, tiles[cand[blk]])
     return out
 
@@ -424,6 +426,7 @@ def reidentify(
     align: bool = True,
     top_k: int = 5,
     shortlist: int = 32,
+    max_tiles: int = 256,
     chunk: int = 256,
 ) -> Reidentification:
     """For each ciphertext, the gallery image it was made from (see the module doc for the method).
@@ -447,6 +450,8 @@ def reidentify(
         top_k: candidates returned per ciphertext.
         shortlist: RS, gallery images per ciphertext re-ranked by the tile matching (by signature, plus the
             images holding the most exact tiles).
+        max_tiles: RS, the re-ranking compares at most this many of a ciphertext's present tiles (evenly spaced in
+            its tile order) with every tile of a candidate; its cost grows with their product.
         chunk: gallery images processed at a time (MI keyed and the dense distances).
 
     Returns:
@@ -460,6 +465,7 @@ def reidentify(
     _check_settings(op, scheme, patch_size, grid, gap, keyed)
     check_int(top_k, op, "top_k", 1)
     check_int(shortlist, op, "shortlist", 1)
+    check_int(max_tiles, op, "max_tiles", 1)
     check_int(chunk, op, "chunk", 1)
     c, h, w = ciphertexts.shape[1:]
     if isinstance(gallery, GalleryIndex):
@@ -495,7 +501,7 @@ def reidentify(
             present = _tiles(ciphertexts, patch_size).reshape(ciphertexts.shape[0], n, -1).ne(0).any(2)
 
         def run(x: Tensor, rows: Tensor | None) -> Reidentification:
-            return _reidentify_rs(x, index, present if rows is None else present[rows], k, s, op)
+            return _reidentify_rs(x, index, present if rows is None else present[rows], k, s, max_tiles, op)
     elif present is not None:
         raise ValueError(f"{op}: present is an RS setting (dropped tiles); scheme 'mi' takes present=None")
     else:
@@ -536,7 +542,7 @@ def _ranked(dist: Tensor, k: int, scale: Tensor, cand: Tensor | None = None) -> 
     return Reidentification(cand[:, 0], cand, scores, exact)
 
 
-def _reidentify_rs(x: Tensor, index: GalleryIndex, present: Tensor | None, k: int, s: int, op: str):
+def _reidentify_rs(x: Tensor, index: GalleryIndex, present: Tensor, k: int, s: int, max_tiles: int, op: str):
     p = index.patch_size
     m, n = x.shape[0], index.tiles.shape[1]
     if not isinstance(present, Tensor) or present.dtype != torch.bool or tuple(present.shape) != (m, n):
@@ -550,15 +556,23 @@ def _reidentify_rs(x: Tensor, index: GalleryIndex, present: Tensor | None, k: in
     sig = torch.cdist(_signatures(desc, present), index.signature)  # [M, G]
     # Shortlist: the closest signatures, with the images holding many exact tiles moved ahead (a full match first).
     key = sig / sig.amax(1, keepdim=True).clamp_min(1e-12) - 2 * exact
-    cand = key.topk(s, dim=1, largest=False).indices  # [M, s]
-    scores = _chamfer_all(desc, present, index.tiles, cand)
-    hit = torch.gather(exact, 1, cand)
-    scores = torch.where(hit >= 1, torch.zeros((), dtype=scores.dtype), scores)  # an exact match is distance 0
-    # Order by distance, ties (exact matches) by the share of exact tiles.
-    order = torch.argsort(-hit, dim=1, stable=True)
-    order = torch.gather(order, 1, torch.argsort(torch.gather(scores, 1, order), dim=1, stable=True))[:, :k]
-    cand, scores = torch.gather(cand, 1, order), torch.gather(scores, 1, order)
-    return Reidentification(cand[:, 0], cand, scores, torch.gather(exact, 1, cand[:, :1])[:, 0])
+    cand_out = torch.empty(m, k, dtype=torch.int64)
+    score_out = torch.empty(m, k)
+    # A ciphertext with an exact hit needs only its top k re-scored; the others their whole shortlist.
+    solved = exact.amax(1) >= 1
+    for rows, width in ((solved.nonzero()[:, 0], k), ((~solved).nonzero()[:, 0], s)):
+        if rows.numel() == 0:
+            continue
+        cand = key[rows].topk(width, dim=1, largest=False).indices  # [r, width]
+        scores = _chamfer_all(desc[rows], present[rows], index.tiles, cand, max_tiles)
+        hit = torch.gather(exact[rows], 1, cand)
+        scores = torch.where(hit >= 1, torch.zeros((), dtype=scores.dtype), scores)  # an exact match is distance 0
+        # Order by distance, ties (exact matches) by the share of exact tiles.
+        order = torch.argsort(-hit, dim=1, stable=True)
+        order = torch.gather(order, 1, torch.argsort(torch.gather(scores, 1, order), dim=1, stable=True))[:, :k]
+        cand_out[rows], score_out[rows] = torch.gather(cand, 1, order), torch.gather(scores, 1, order)
+    best = torch.gather(exact, 1, cand_out[:, :1])[:, 0]
+    return Reidentification(cand_out[:, 0], cand_out, score_out, best)
 
 
 def _reidentify_mi_keyed(y: Tensor, index: GalleryIndex, k: int, chunk: int) -> Reidentification:
