@@ -60,6 +60,10 @@ class Context:
     names: list[str]  # one per image, in the order ppml attack reports them
     args: argparse.Namespace
 
+    def attackers(self, names: list[str]) -> list[str]:
+        """``names`` less those that ``--attackers`` leaves out."""
+        return [a for a in names if self.args.attackers is None or a in self.args.attackers.split(",")]
+
     def attack(self, *argv: str) -> list[dict]:
         """Runs ``ppml attack ARGV IMAGES`` (size, seed, threads, count filled in); returns its per-image rows."""
         full = ["attack", *argv, "--size", str(self.args.size), "--seed", str(self.args.seed), "--threads", "1",
@@ -121,11 +125,12 @@ def rs_section(ctx: Context) -> Section:
                    "s / image"])  # fmt: skip
     for p, drop, gap in RS_SETTINGS:
         argv = ["--scheme", "rs", "--patch-size", str(p), "--drop", str(drop), "--gap", str(gap)]
-        if ctx.args.quick or gap:
-            # A gap changes the image size (224 -> 192 at p = 16), i.e. another learned attacker to train; it is near
-            # chance without a gap already, so the gap rows are the jigsaw's.
-            argv += ["--attackers", "jigsaw"]
-        rows = ctx.attack(*argv)
+        # A gap changes the image size (224 -> 192 at p = 16), i.e. another learned attacker to train; it is near
+        # chance without a gap already, so the gap rows are the jigsaw's.
+        attackers = ctx.attackers(["jigsaw"] if ctx.args.quick or gap else ["jigsaw", "vit"])
+        if not attackers:
+            continue
+        rows = ctx.attack(*argv, "--attackers", ",".join(attackers))
         for attacker, m in summarise(rows, RS_KEYS).items():
             sec.rows.append([str(p), f"{drop:.0%}", str(gap), attacker, cell(m["direct"]), cell(m["neighbour"]),
                              cell(m["perfect"], 2), cell(m["psnr"], 1), cell(m["ssim"]),
@@ -141,9 +146,10 @@ def mi_section(ctx: Context) -> Section:
                   ["p", "g", "attacker", "PSNR (dB)", "SSIM", "s / image"])  # fmt: skip
     for p, g in MI_SETTINGS:
         argv = ["--scheme", "mi", "--patch-size", str(p), "--grid", str(g)]
-        if ctx.args.quick:
-            argv += ["--attackers", "thumbnail,least-norm"]
-        rows = ctx.attack(*argv)
+        attackers = ctx.attackers(["thumbnail", "least-norm", "smooth"] + ([] if ctx.args.quick else ["decoder"]))
+        if not attackers:
+            continue
+        rows = ctx.attack(*argv, "--attackers", ",".join(attackers))
         for attacker, m in summarise(rows, ["psnr", "ssim"]).items():
             sec.rows.append([str(p), str(g), attacker, cell(m["psnr"], 1), cell(m["ssim"]), f"{m['seconds'][0]:.2f}"])
             print("| " + " | ".join(sec.rows[-1]) + " |", file=sys.stderr, flush=True)
@@ -173,6 +179,8 @@ def main() -> int:
     ap.add_argument("--images", nargs="+", default=None, help="ppml attack inputs instead of the evaluation set")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="no learned attackers (nothing is trained)")
+    ap.add_argument("--attackers", default=None,
+                    help="comma list: only these attackers (vit,decoder: what --quick leaves out)")  # fmt: skip
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--cache-dir", default=None, help="where trained attackers are cached (sets PPML_CACHE_DIR)")
     ap.add_argument("--sections", default=None,
