@@ -25,6 +25,12 @@ RS (``scheme="rs"``):
    since dropped tiles have no counterpart.
 3. **Defences** (:mod:`ppml.attacks.defences`): dropped tiles (all zero, or ``present``) take no part; with a gap the
    attacker, who knows p and the gap, cuts its candidates the same way (``gap=``) before comparing.
+4. **A shifted grid** (``align=True``): a ciphertext cropped or padded by a few pixels no longer has its tiles on the
+   p-grid. Tile borders are the strongest edges of a shuffled image, so the grid's phase is read from the column and
+   row differences folded modulo p and undone; the ciphertext is then matched both as given and moved back, and the
+   better reading is kept (an aligned ciphertext whose content happens to have strong edges is not harmed). Tiles
+   re-cut this way are exact again except at the image border, so the exact stage applies. MI blocks likewise.
+   Exact hits re-rank only their top k, and at most ``max_tiles`` present tiles per ciphertext enter the matching.
 
 MI (``scheme="mi"``; the mixing grid g is ``gallery side / ciphertext side``, or ``mix_grid``):
 
@@ -33,12 +39,15 @@ MI (``scheme="mi"``; the mixing grid g is ``gallery side / ciphertext side``, or
   difference). The true candidate scores 0 up to float rounding.
 - **keyed mix** (``keyed=True``: unknown convex weights per image and patch): the attacker cannot recompute MI, but
   a mixed block must lie in the affine hull of the candidate's g² sub-patch descriptions whatever the weights; the
-  score is the least-squares residual of that fit (ridge-regularised), summed over blocks. It needs more numbers per
-  block than weights (C·grid² > g²; grid = p/g compares at full resolution).
+  score is the least-squares residual of that fit (an orthonormal basis of the sub-patch differences per block;
+  near-null directions dropped), summed over blocks. It needs more numbers per block than weights (C·grid² > g²;
+  grid = p/g compares at full resolution), and with few spare numbers (g = 4) it fits JPEG noise too: the plain
+  mean-mix comparison (``keyed=False``) links keyed ciphertext as well, since the weights average out in the cell
+  means, and is the more robust of the two.
 
 Cost: RS, per call O(M·N + G·N) hashing and describing, one sparse join, an M×G signature distance and
-M·shortlist chamfer distances of N×N tiles (batched over the shortlist). MI mean: an M×G distance over descriptors;
-keyed: O(M·G·H·W·C) multiply-adds, chunked over the gallery.
+M·shortlist chamfer distances of min(N, max_tiles)×N tiles (batched over the ciphertexts and the shortlist). MI
+mean: an M×G distance over descriptors; keyed: O(M·G·H·W·C) multiply-adds, chunked over the gallery.
 """
 
 from __future__ import annotations
