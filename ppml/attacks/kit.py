@@ -229,7 +229,7 @@ def _sample(batch, size, generator, photos, digits, p_digit, photo_side, flip) -
 # ---- the evaluation set ---------------------------------------------------------------------------------------------
 
 # Shares of an evaluation set of n images: held-out photos (whole, then crops), digits; LFW faces fill the rest.
-_EVAL_PHOTO_SHARE, _EVAL_DIGIT_SHARE, _EVAL_FACES = 0.3, 0.2, 100
+_EVAL_PHOTO_SHARE, _EVAL_DIGIT_SHARE, _EVAL_FACES, _EVAL_DIGITS = 0.3, 0.2, 100, 359  # 359: the validation split
 
 
 def evaluation_images(n: int = 50, size: int = 224) -> tuple[Tensor, tuple[str, ...]]:
@@ -239,9 +239,9 @@ def evaluation_images(n: int = 50, size: int = 224) -> tuple[Tensor, tuple[str, 
       :func:`load_photo` does), then random crops of them (height 40-90 % of the photo's, aspect 2/3-3/2, place and
       horizontal flip from a fixed seed), cycling over the three;
     - digits, ``round(0.2·n)``: the first validation images of :func:`ppml.data.load_digits` (8×8, bilinearly
-      upscaled: mostly flat tiles, the easy case for a jigsaw solver and the hard one for edge statistics);
+      upscaled: mostly identical black tiles, which direct comparison counts as wrong when swapped), at most 359;
     - faces: the rest, from the 100 faces of ``skimage.data.lfw_subset`` (25×25 grey, bilinearly upscaled); past
-      100 faces, more photo crops.
+      100 faces (and 359 digits), more photo crops.
 
     Photo crops of one photo share content, so the set holds 3 photo sources, not 3 + crops independent ones; the
     benchmarks report both the whole-set means and per-kind rows where it matters.
@@ -262,7 +262,7 @@ def evaluation_images(n: int = 50, size: int = 224) -> tuple[Tensor, tuple[str, 
     check_positive_int(size, op, "size")
     if isinstance(n, bool) or not isinstance(n, int) or n < 3:
         raise ValueError(f"{op}: n must be an int >= 3, got {n!r}")
-    n_digit = round(_EVAL_DIGIT_SHARE * n) if n >= 10 else 0
+    n_digit = min(_EVAL_DIGITS, round(_EVAL_DIGIT_SHARE * n)) if n >= 10 else 0
     n_photo = max(len(HELD_OUT), round(_EVAL_PHOTO_SHARE * n))
     n_face = min(_EVAL_FACES, n - n_photo - n_digit)
     n_photo = n - n_digit - n_face
