@@ -6,6 +6,8 @@
   (:func:`assign_positions`).
 - :func:`unmix_thumbnail`, :func:`unmix_least_norm`, :func:`unmix_smooth`, :func:`train_unmix_decoder`: attacks on
   MI (mixing sub-patches) — exact patch means, the least-norm and the smoothest consistent images, a learned decoder.
+- :func:`reidentify`, :func:`index_gallery`: gallery linkage — which candidate image (a public collection, a leaked
+  original) a ciphertext was made from, by matching RS tile multisets or recomputing MI; no key recovered.
 - :func:`direct_comparison`, :func:`neighbor_comparison`, :func:`perfect_reconstruction`,
   :func:`position_accuracy`: how much of the key an attack recovered; :func:`psnr`, :func:`ssim`: how close a
   reconstruction is to the plaintext.
@@ -15,7 +17,7 @@ cacheable training loop). They need timm, scipy and scikit-image (``ppml[train]`
 """
 
 from .jigsaw import solve_jigsaw
-from .kit import HELD_OUT, PUBLIC_PHOTOS, cache_dir, load_photo, public_images, sample_crops
+from .kit import HELD_OUT, PUBLIC_PHOTOS, cache_dir, evaluation_images, load_photo, public_images, sample_crops
 from .learned import (
     PositionAttacker,
     assign_positions,
@@ -46,14 +48,20 @@ from .mi_inversion import (
 )
 from .semantic import load_semantic_classifier, semantic_inference, train_semantic_classifier
 
+from .reidentify import GalleryIndex, Reidentification, index_gallery, reidentify
+
 __all__ = [
+    "GalleryIndex",
     "HELD_OUT",
     "PUBLIC_PHOTOS",
     "PositionAttacker",
+    "Reidentification",
     "UnmixDecoder",
     "assign_positions",
     "cache_dir",
     "direct_comparison",
+    "evaluation_images",
+    "index_gallery",
     "largest_correct_component",
     "load_photo",
     "load_position_attacker",
@@ -65,6 +73,7 @@ __all__ = [
     "predict_position_logits",
     "psnr",
     "public_images",
+    "reidentify",
     "sample_crops",
     "semantic_inference",
     "shifted_direct_comparison",

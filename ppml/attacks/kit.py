@@ -46,6 +46,7 @@ __all__ = [
     "PUBLIC_PHOTOS",
     "TrainSettings",
     "cache_dir",
+    "evaluation_images",
     "fit",
     "load_photo",
     "load_trained",
@@ -223,6 +224,67 @@ def _sample(batch, size, generator, photos, digits, p_digit, photo_side, flip) -
             out[k] = _random_crop(src, size, generator, photo_side, flip)
     return out.float().div_(255)
 
+
+
+# ---- the evaluation set ---------------------------------------------------------------------------------------------
+
+# Shares of an evaluation set of n images: held-out photos (whole, then crops), digits; LFW faces fill the rest.
+_EVAL_PHOTO_SHARE, _EVAL_DIGIT_SHARE, _EVAL_FACES, _EVAL_DIGITS = 0.3, 0.2, 100, 359  # 359: the validation split
+
+
+def evaluation_images(n: int = 50, size: int = 224) -> tuple[Tensor, tuple[str, ...]]:
+    """The attack evaluation set: ``n`` distinct images none of the learned attackers trained on, deterministic.
+
+    - photos, ``max(3, round(0.3·n))``: the held-out photos (:data:`HELD_OUT`) whole (squeezed to a square as
+      :func:`load_photo` does), then random crops of them (height 40-90 % of the photo's, aspect 2/3-3/2, place and
+      horizontal flip from a fixed seed), cycling over the three;
+    - digits, ``round(0.2·n)``: the first validation images of :func:`ppml.data.load_digits` (8×8, bilinearly
+      upscaled: mostly identical black tiles, which direct comparison counts as wrong when swapped), at most 359;
+    - faces: the rest, from the 100 faces of ``skimage.data.lfw_subset`` (25×25 grey, bilinearly upscaled); past
+      100 faces (and 359 digits), more photo crops.
+
+    Photo crops of one photo share content, so the set holds 3 photo sources, not 3 + crops independent ones; the
+    benchmarks report both the whole-set means and per-kind rows where it matters.
+
+    Args:
+        n: images (>= 3).
+        size: side S.
+
+    Returns:
+        (uint8 ``Tensor[n, 3, S, S]``, names): names like ``astronaut``, ``astronaut/crop4``, ``digit-val0007``,
+        ``lfw-face012``; the same for the same arguments on every machine.
+    """
+    from skimage import data
+
+    from ..data.datasets import load_digits
+
+    op = "ppml.attacks.evaluation_images"
+    check_positive_int(size, op, "size")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 3:
+        raise ValueError(f"{op}: n must be an int >= 3, got {n!r}")
+    n_digit = min(_EVAL_DIGITS, round(_EVAL_DIGIT_SHARE * n)) if n >= 10 else 0
+    n_photo = max(len(HELD_OUT), round(_EVAL_PHOTO_SHARE * n))
+    n_face = min(_EVAL_FACES, n - n_photo - n_digit)
+    n_photo = n - n_digit - n_face
+    images, names = [load_photo(name, size) for name in HELD_OUT], list(HELD_OUT)
+    sources = [_to_uint8(_to_rgb_float(_skimage_arrays(name)[0])) for name in HELD_OUT]
+    gen = torch.Generator().manual_seed(20261205)
+    for k in range(n_photo - len(HELD_OUT)):
+        src = sources[k % len(sources)]
+        images.append(_random_crop(src, size, gen, (0.4, 0.9), flip=True))
+        names.append(f"{HELD_OUT[k % len(HELD_OUT)]}/crop{k // len(HELD_OUT)}")
+    if n_digit:
+        digits = load_digits(img_size=8, channels=3).val_x[:n_digit]
+        up = F.interpolate(digits.double(), size=(size, size), mode="bilinear", align_corners=False)
+        images += list(_to_uint8(up.clamp(0, 1)))
+        names += [f"digit-val{i:04d}" for i in range(n_digit)]
+    if n_face:
+        faces = torch.from_numpy(np.asarray(data.lfw_subset()[:n_face], dtype=np.float64))[:, None]
+        faces = faces / 255 if faces.max() > 1 else faces
+        up = F.interpolate(faces, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
+        images += list(_to_uint8(up).expand(-1, 3, -1, -1))
+        names += [f"lfw-face{i:03d}" for i in range(n_face)]
+    return torch.stack([im.contiguous() for im in images]), tuple(names)
 
 
 # ---- the settings every learned attack trains with ------------------------------------------------------------------
