@@ -325,6 +325,10 @@ class _Trainer:
                 generator=torch.Generator().manual_seed(cfg.seed),
             ).to(self.device)
         self.model = model
+        # Owner mode with a PE-free ViT: batches go in as patch tokens, cast and unfolded in one pass
+        # (ppml.patch_tokens); the model's linear patch embedding equals its conv. In-model RS shuffles images.
+        pevit = isinstance(model, ppml.models.PEFreeViT) and not model.shuffle_input and cfg.mode == "owner"
+        self.token_patch = model.patch_embed.patch_size[0] if pevit else None
         self.ddp = nn.parallel.DistributedDataParallel(model) if d.world > 1 else model
         if cfg.compile is not None:  # the training forward only; self.model (saved, evaluated) stays the plain module
             self.ddp = _compiled(self.ddp, cfg)
@@ -383,7 +387,12 @@ class _Trainer:
     def _prepare(self, x: Tensor, y: Tensor, gen: torch.Generator):
         x = self.geometric(x, y, generator=gen)[0]
         x, ya, yb, lam = self.augment(x, y, generator=gen)
-        return x, ya, yb, lam.to(x.device)
+        return self._model_input(x), ya, yb, lam.to(x.device)
+
+    def _model_input(self, x: Tensor) -> Tensor:
+        import ppml
+
+        return ppml.patch_tokens(x, self.token_patch) if self.token_patch is not None else x
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -396,7 +405,7 @@ class _Trainer:
         train_gen = self._keys(torch.Generator().manual_seed(cfg.seed + 1))
         for b in idx.split(256):
             x = self.val_x[b].to(self.device)
-            pred = self._predict(autocast_forward(self.model, x, self.amp)).cpu()
+            pred = self._predict(autocast_forward(self.model, self._model_input(x), self.amp)).cpu()
             correct += torch.tensor([(pred == self.val_y[b]).sum().item(), len(b)], dtype=torch.float64)
         self._keys(train_gen)
         if d.world > 1:
