@@ -104,6 +104,57 @@ def test_empty_batch():
         assert out.shape == (0, 4, 192)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_out_variant_matches_and_reuses_buffer(device):
+    x = make_images((3, 3, 16, 32), torch.uint8, device, "channels_last")
+    perm = make_perm(3, 8, device)
+    out = torch.full((3, 8, 192), 7.0, dtype=torch.bfloat16, device=device)
+    expected = ref_tokens(x, 8, perm, MEAN, STD, torch.bfloat16)
+    for backend in backends_for(device, OP):
+        res = ppml.patch_tokens(x, 8, perm, mean=MEAN, std=STD, dtype=torch.bfloat16, backend=backend, out=out)
+        assert res is out and torch.equal(out, expected), backend
+        out.fill_(7)
+    assert torch.ops.ppml.patch_tokens.out(x, perm, 8, MEAN, STD, torch.bfloat16, out=out) is None
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize(
+    "out,pattern",
+    [
+        (
+            torch.empty(2, 4, 48, dtype=torch.float64),
+            r"out must be contiguous float32 \[2, 4, 48\] on cpu, got float64 ",
+        ),
+        (torch.empty(2, 4, 47), r"out must be contiguous float32 \[2, 4, 48\] on cpu, got float32 \[2, 4, 47\]"),
+        (
+            torch.empty(2, 48, 4).transpose(1, 2),
+            r"out must be contiguous .*got float32 \[2, 4, 48\] on cpu \(not contiguous\)",
+        ),
+    ],
+)
+def test_out_variant_bad_out(out, pattern):
+    x = make_images((2, 3, 8, 8), torch.float32)
+    with pytest.raises(ValueError, match=r"ppml\.patch_tokens: " + pattern):
+        torch.ops.ppml.patch_tokens.out(x, None, 4, None, None, torch.float32, out=out)
+    for backend in backends_for("cpu", OP):
+        with pytest.raises(ValueError, match=r"ppml\.patch_tokens: " + pattern):
+            ppml.patch_tokens(x, 4, backend=backend, out=out)
+
+
+def test_out_variant_refuses_aliasing_images():
+    x = torch.zeros(2, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"ppml\.patch_tokens: out must not share memory with images"):
+        torch.ops.ppml.patch_tokens.out(x, None, 4, None, None, torch.float32, out=x.view(2, 4, 48))
+
+
+def test_opcheck_out_variant():
+    x = make_images((2, 3, 8, 12), torch.uint8, "cpu", "sliced")
+    out = torch.empty(2, 6, 48)
+    torch.library.opcheck(
+        torch.ops.ppml.patch_tokens.out, (x, make_perm(2, 6), 4, MEAN, STD, torch.float32), {"out": out}
+    )
+
+
 # ---- opcheck, gradcheck, compile, meta -----------------------------------------------------------------------------
 
 
@@ -299,3 +350,39 @@ def test_mi_embedding_takes_tokens_of_the_ciphertext():
     mixed = ppml.mix_subpatches(make_images((2, 3, 64, 64), torch.float32, seed=3), 16, 2)  # [2, 3, 32, 32]
     with torch.no_grad():
         torch.testing.assert_close(embed(ppml.patch_tokens(mixed, 8)), embed(mixed), rtol=1e-4, atol=1e-5)
+
+
+# ---- every path of the CUDA kernel, bit-exact (skipped without a GPU; benchmarks/gpu_check.sh runs them) -----------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+# (shape, p, note): which path of csrc/cuda/patch_tokens.cu each reaches
+CUDA_PATHS = [
+    ((2, 3, 224, 224), 16, "16-element vectors (uint8: one 16-byte load, four 16-byte float32 stores)"),
+    ((3, 3, 42, 56), 14, "p = 14: 2-element vectors"),
+    ((2, 20, 16, 24), 8, "C = 20 > 16: statistics from a device buffer"),
+    ((1, 1, 96, 96), 1, "N = 9,216 > 8,192: the separate key check, tiles read from global memory"),
+]
+
+
+@needs_cuda
+@pytest.mark.parametrize("in_dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "offset"])
+@pytest.mark.parametrize("shape,p,note", CUDA_PATHS, ids=lambda v: str(v)[:24])
+def test_cuda_paths_are_bit_exact(in_dtype, layout, shape, p, note):
+    if "native" not in backends_for("cuda", OP):
+        pytest.skip("native unavailable on cuda")
+    x = make_images(shape, in_dtype, "cuda", "channels_last" if layout == "channels_last" else "contiguous", seed=p)
+    if layout == "offset":  # one element into its storage: narrower vectors
+        x = torch.empty(x.numel() + 1, dtype=in_dtype, device="cuda")[1:].view(shape).copy_(x)
+    n = (shape[2] // p) * (shape[3] // p)
+    perm = make_perm(shape[0], n, "cuda", seed=p)
+    C = shape[1]
+    mean, std = [0.1 * c for c in range(C)], [0.2 + 0.1 * c for c in range(C)]
+    for dtype in TOKEN_DTYPES:
+        expected = ref_tokens(x.cpu(), p, perm.cpu(), mean, std, dtype)
+        out = torch.ops.ppml.patch_tokens(x, perm, p, mean, std, dtype)
+        assert torch.equal(out.cpu(), expected), (dtype, note)
+        buf = torch.full_like(out, 7)  # every element must be written
+        torch.ops.ppml.patch_tokens.out(x, perm, p, mean, std, dtype, out=buf)
+        assert torch.equal(buf.cpu(), expected), (dtype, note)
