@@ -18,6 +18,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 #include <c10/util/OptionalArrayRef.h>
+
+#include <vector>
 #endif
 
 namespace ppml::ops {
@@ -89,6 +91,18 @@ inline int64_t check_patch_tokens_args(const at::Tensor& images, const std::opti
   TORCH_CHECK_TYPE(is_token_dtype(dtype), "ppml.patch_tokens: dtype must be float16, bfloat16, float32 or float64, got ",
                    dtype_name(dtype));
   return N;
+}
+
+// `out=` of ppml::patch_tokens.out: contiguous [B, N, C*p*p] of `dtype` on the images' device, not sharing memory with
+// them (Python twin: ppml/ops/patch_tokens.py::_check_out).
+inline void check_tokens_out(const at::Tensor& out, const at::Tensor& images, int64_t N, int64_t p,
+                             at::ScalarType dtype) {
+  const std::vector<int64_t> sizes{images.size(0), N, images.size(1) * p * p};
+  TORCH_CHECK_VALUE(out.sizes() == at::IntArrayRef(sizes) && out.scalar_type() == dtype &&
+                        out.device() == images.device() && out.is_contiguous(),
+                    "ppml.patch_tokens: out must be contiguous ", dtype_name(dtype), " ", at::IntArrayRef(sizes), " on ",
+                    images.device(), ", got ", describe(out), (out.is_contiguous() ? "" : " (not contiguous)"));
+  TORCH_CHECK_VALUE(!out.numel() || !out.is_alias_of(images), "ppml.patch_tokens: out must not share memory with images");
 }
 
 // Channel c's mean (or std) in the accumulate type, each double rounded once, as torch.tensor(values, dtype=acc)
