@@ -139,8 +139,21 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
             for (int k = 0; k < V; ++k) in[k] = v.v[k];
           }
-          const Acc m = big_stats != nullptr ? big_stats[c] : stats.mean[c < kTokensMaxChannels ? c : 0];
-          const Acc s = big_stats != nullptr ? big_stats[g.C + c] : stats.std[c < kTokensMaxChannels ? c : 0];
+          Acc m, s;
+          if (big_stats != nullptr) {
+            m = big_stats[c];
+            s = big_stats[g.C + c];
+          } else {
+            // An unrolled select, not stats.mean[c]: a kernel argument indexed at run time is copied to a local
+            // stack frame first (ptxas showed 128 bytes of stack per thread).
+            m = stats.mean[0];
+            s = stats.std[0];
+#pragma unroll
+            for (int k = 1; k < kTokensMaxChannels; ++k) {
+              m = c == static_cast<uint32_t>(k) ? stats.mean[k] : m;
+              s = c == static_cast<uint32_t>(k) ? stats.std[k] : s;
+            }
+          }
 #pragma unroll
           for (int k = 0; k < V; ++k) {
             val[u][k] = normalise<Acc, std::is_same_v<In, uint8_t>>(static_cast<Acc>(in[k]), m, s);
