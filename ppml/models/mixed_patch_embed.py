@@ -76,7 +76,7 @@ class MixedPatchEmbed(nn.Module):
         return F.linear(x, self.fc.weight.flatten(1), self.fc.bias)
 
     def forward(self, mixed: Tensor) -> Tensor:
-        if mixed.dim() == 3 and self.flatten:
+        if mixed.dim() == 3 and self.flatten and mixed.shape[-1] == self.proj.weight[0].numel():
             return self.embed_tokens(mixed)
         if mixed.dim() != 4 or mixed.shape[1] != self.proj.in_channels:
             raise ValueError(

@@ -298,7 +298,8 @@ class _TimmMixedPatchEmbed(MixedPatchEmbed):
         c = self.proj.in_channels
         h, w = self.img_size
         g = self.grid
-        if x.dim() == 3 and not self.mix_input and self.output_fmt == "NLC":  # tokens of the ciphertext
+        tokens = x.dim() == 3 and x.shape[-1] == self.proj.weight[0].numel()  # (an unbatched image is refused below)
+        if tokens and not self.mix_input and self.output_fmt == "NLC":  # tokens of the ciphertext
             return self.norm(self.embed_tokens(x))
         if x.dim() != 4 or x.shape[1] != c:
             want = f"[B, {c}, {h}, {w}] plain images" if self.mix_input else f"the MI ciphertext [B, {c}, H/g, W/g]"
