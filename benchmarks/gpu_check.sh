@@ -8,7 +8,8 @@
 #      Triton tests compiled for the GPU (no interpreter). Per-test timeouts, no -x, every failure listed by name;
 #   4. (after the throughput rows, step 5, so that they survive a pass that runs out of time)
 #      `ppml train --device cuda` (bf16 autocast, stopped and resumed) and `--device cuda:0`;
-#   5. the quick throughput benchmark with its GPU rows (shuffle and MI against the copy, anchor loss against eager);
+#   5. the quick throughput benchmark with its GPU rows (shuffle and MI against the copy, anchor loss against eager,
+#      patch tokens against the bytes-moved bound and eager);
 #   6. compute-sanitizer memcheck on every CUDA and Triton kernel.
 #
 #   bash benchmarks/gpu_check.sh    # OUT=<folder> keeps gpu_check.log, build.log, pytest logs, junit XML,
@@ -207,6 +208,15 @@ for C in (3, 1 << 20):
             if not ok:
                 wrong.append(f"anchor_loss {name} {metric} C={C}")
 
+# Patch tokens: the uint8 and float32 images, p = 8, keyed; bit-exact expected.
+perm = ppml.random_permutations(2, 16, generator=gen).cuda()
+token_ops = {"native": torch.ops.ppml.patch_tokens, "triton": torch.ops.ppml.patch_tokens_triton}
+for case in ("float32", "uint8"):
+    expected = reference.patch_tokens(cases[case], 8, perm, [0.5, 0.4, 0.3], [0.2, 0.3, 0.4])
+    for name, op in token_ops.items():
+        check(f"patch_tokens {name} {case}", op(cases[case], perm, 8, [0.5, 0.4, 0.3], [0.2, 0.3, 0.4], torch.float32),
+              expected)
+
 if wrong:
     print(f"{len(wrong)} kernel(s) differ from the reference: {', '.join(wrong)}")
     sys.exit(1)
@@ -267,8 +277,8 @@ step "pytest tests (CUDA)" 100 run_pytest tests tests --ignore=tests/test_train.
     --ignore=tests/test_attacks.py
 pytest_failures tests
 # The speed rows of the GPU-speed issue come before the slower checks, so a pass that runs out of time still has them.
-step "throughput --quick (shuffle, mix, anchor; GPU rows)" 150 python benchmarks/throughput.py --quick \
-    --sections shuffle,mix,anchor ${OUT:+--out "$OUT/results"}
+step "throughput --quick (shuffle, mix, anchor, tokens; GPU rows)" 150 python benchmarks/throughput.py --quick \
+    --sections shuffle,mix,anchor,tokens ${OUT:+--out "$OUT/results"}
 # The Triton tests on the GPU itself: the interpreter would test Python semantics, not the compiled kernels.
 step "pytest -m triton (GPU, no interpreter)" 100 env -u TRITON_INTERPRET bash -c 'run_pytest triton -m triton tests'
 pytest_failures triton

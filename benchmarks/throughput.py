@@ -34,13 +34,16 @@ from pathlib import Path
 import bench_anchor
 import bench_mix
 import bench_shuffle
+import bench_tokens
 import torch
 from _harness import CONTENTION_LIMIT, BenchmarkMismatch, Config, Section, _contended, check_targets
 from _report import RESULTS_DIR, env_line, markdown_table, section_title, write_results
 from _timing import environment
 
 # --sections names, in the order they run.
-SECTIONS: dict[str, Section] = {s.name: s for s in (bench_shuffle.SECTION, bench_mix.SECTION, bench_anchor.SECTION)}
+SECTIONS: dict[str, Section] = {
+    s.name: s for s in (bench_shuffle.SECTION, bench_mix.SECTION, bench_anchor.SECTION, bench_tokens.SECTION)
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

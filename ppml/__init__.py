@@ -21,6 +21,7 @@ from .ops.anchor_loss import AnchorLoss, anchor_loss, nearest_anchor  # noqa: E4
 from .keys import invert_permutations, random_permutations  # noqa: E402
 from .ops.mix_subpatches import SubpatchMix, mix_subpatches, random_mixing_weights  # noqa: E402
 from .ops.shuffle_patches import PatchShuffle, shuffle_patches, unshuffle_patches  # noqa: E402
+from .ops.patch_tokens import PatchTokens, patch_tokens  # noqa: E402
 
 from . import _timm  # noqa: E402
 
@@ -66,6 +67,7 @@ def __dir__():
 __all__ = [
     "AnchorLoss",
     "PatchShuffle",
+    "PatchTokens",
     "SubpatchMix",
     "anchor_loss",
     "backend_info",
@@ -73,6 +75,7 @@ __all__ = [
     "make_anchors",
     "mix_subpatches",
     "nearest_anchor",
+    "patch_tokens",
     "random_mixing_weights",
     "random_permutations",
     "shuffle_patches",

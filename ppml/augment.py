@@ -76,9 +76,13 @@ _GRAY = (0.2989, 0.587, 0.114)
 # ---- argument checks -----------------------------------------------------------------------------------------------
 
 
-def _check_x(x, op: str) -> None:
-    if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
-        raise ValueError(f"{_NS}.{op}: x must be a floating-point [B, C, H, W] tensor, got {describe(x)}")
+def _check_x(x, op: str, uint8_ok: bool = False) -> None:
+    # uint8_ok: the op only moves pixels (flips, rotations), so uint8 ciphertext goes through unchanged in type; the
+    # trainer keeps streamed uint8 batches uint8 up to ppml.patch_tokens, which casts and normalises in its one pass.
+    ok = isinstance(x, Tensor) and x.dim() == 4 and (x.is_floating_point() or (uint8_ok and x.dtype == torch.uint8))
+    if not ok:
+        kind = "floating-point or uint8" if uint8_ok else "floating-point"
+        raise ValueError(f"{_NS}.{op}: x must be a {kind} [B, C, H, W] tensor, got {describe(x)}")
 
 
 def _check_patch(x: Tensor, patch_size, op: str) -> tuple[int, int]:
@@ -177,7 +181,7 @@ def hflip_patches(x: Tensor, patch_size: int) -> Tensor:
     Returns:
         Tensor[B, C, H, W], a new contiguous tensor. Differentiable (a permutation of pixels).
     """
-    _check_x(x, "hflip_patches")
+    _check_x(x, "hflip_patches", uint8_ok=True)
     _check_patch(x, patch_size, "hflip_patches")
     return _tiles(x, patch_size, patch_size).flip(5).reshape(x.shape)
 
@@ -192,7 +196,7 @@ def vflip_patches(x: Tensor, patch_size: int) -> Tensor:
     Returns:
         Tensor[B, C, H, W]. Differentiable.
     """
-    _check_x(x, "vflip_patches")
+    _check_x(x, "vflip_patches", uint8_ok=True)
     _check_patch(x, patch_size, "vflip_patches")
     return _tiles(x, patch_size, patch_size).flip(3).reshape(x.shape)
 
@@ -214,7 +218,7 @@ def rot90_patches(x: Tensor, patch_size: int, k: int = 1) -> Tensor:
     Returns:
         Tensor[B, C, H, W]. Differentiable.
     """
-    _check_x(x, "rot90_patches")
+    _check_x(x, "rot90_patches", uint8_ok=True)
     _check_patch(x, patch_size, "rot90_patches")
     if isinstance(k, bool) or not isinstance(k, int):
         raise ValueError(f"{_NS}.rot90_patches: k must be an int, got {k!r}")
@@ -270,7 +274,7 @@ def random_patch_flip(
         Tensor[B, C, H, W] (``x`` itself when all probabilities are 0). Differentiable.
     """
     op = "random_patch_flip"
-    _check_x(x, op)
+    _check_x(x, op, uint8_ok=True)
     _check_patch(x, patch_size, op)
     p_h, p_v, p_rot90 = (_check_prob(v, op, n) for v, n in ((p_h, "p_h"), (p_v, "p_v"), (p_rot90, "p_rot90")))
     _check_generator(generator, op)
@@ -694,14 +698,16 @@ class EncryptedAugment(nn.Module):
         self, x: Tensor, labels: Tensor, generator: torch.Generator | None = None
     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         op = "EncryptedAugment"
-        _check_x(x, op)
+        _check_x(x, op, uint8_ok=self.moves_pixels_only)
         _check_patch(x, self.patch_size, op)
         _check_labels(labels, x.shape[0], op)
         _check_generator(generator, op)
         p = self.patch_size
         x = random_patch_flip(x, p, self.hflip, self.vflip, self.rot90, per_patch=self.per_patch, generator=generator)
-        x = random_photometric(x, self.brightness, self.contrast, self.saturation, self.grayscale, generator=generator)
-        x = patch_drop(x, p, self.patch_drop, fill=self.drop_fill, generator=generator)
+        if x.dtype != torch.uint8:  # uint8 only gets here when both are off (moves_pixels_only)
+            x = random_photometric(x, self.brightness, self.contrast, self.saturation, self.grayscale,
+                                   generator=generator)  # fmt: skip
+            x = patch_drop(x, p, self.patch_drop, fill=self.drop_fill, generator=generator)
         if self.mixup_alpha > 0 or self.cutmix_alpha > 0:
             u = _rand((2,), generator)
             if u[0] < self.mix_prob:
@@ -710,6 +716,13 @@ class EncryptedAugment(nn.Module):
                     return cutmix_patches(x, labels, self.cutmix_alpha, p, generator=generator)
                 return mixup(x, labels, self.mixup_alpha, generator=generator)
         return _no_mix(x, labels)
+
+    @property
+    def moves_pixels_only(self) -> bool:
+        """True when every active step is a flip or rotation (no colour, drop or mixing): uint8 input is then
+        accepted and returned uint8."""
+        return not (self.brightness or self.contrast or self.saturation or self.grayscale or self.patch_drop
+                    or self.mixup_alpha or self.cutmix_alpha)  # fmt: skip
 
     def extra_repr(self) -> str:
         parts = [f"patch_size={self.patch_size}"]

@@ -64,7 +64,7 @@ def test_readme_paths_to_benchmarks_exist():
 
 
 def test_cli_sections_and_errors(capsys):
-    assert list(throughput.SECTIONS) == ["shuffle", "mix", "anchor"]
+    assert list(throughput.SECTIONS) == ["shuffle", "mix", "anchor", "tokens"]
     assert throughput.parse_args(["--sections", "mix,anchor"]).sections == ["mix", "anchor"]
     with pytest.raises(SystemExit):
         throughput.parse_args(["--sections", "shuffle,nope"])

@@ -425,3 +425,32 @@ def test_stream_reads_what_ppml_encrypt_writes_with_its_train_val_split(tmp_path
         b = sorted(_fingerprint((x * 255).round().to(torch.uint8)) for x in getattr(held, f"{part}_x"))
         assert a == b, part
         assert sorted(getattr(streamed, f"{part}_y").tolist()) == sorted(getattr(held, f"{part}_y").tolist())
+
+
+def test_owner_stream_feeds_uint8_through_patch_tokens_bit_for_bit(tmp_path, monkeypatch):
+    """A streamed folder in owner mode with a PE-free ViT: the uint8 ciphertext reaches ppml.patch_tokens as uint8
+    (cast and /255 in its pass) when only flips are on, and training ends with the same parameters as the float path
+    (uint8 → float / 255 first), bit for bit. (Colour jitter, drop and mixing need floats: with them on, the batch
+    becomes float first, as before.)"""
+    import ppml
+    from ppml.augment import EncryptedAugment
+    from ppml.train import TrainConfig, run
+
+    seen = []
+    real = ppml.patch_tokens
+
+    def spy(x, *a, **k):
+        seen.append(x.dtype)
+        return real(x, *a, **k)
+
+    monkeypatch.setattr(ppml, "patch_tokens", spy)
+    path = _folder(tmp_path / "imgs", n=6)
+    common = dict(data=path, epochs=1, batch_size=4, workers=0, shuffle_buffer=5, key_seed=7, hflip=0.5,
+                  brightness=0.0, contrast=0.0, encryption="rs", mode="owner", **TINY)  # fmt: skip
+    fused = run(TrainConfig(out=str(tmp_path / "fused"), **common))
+    assert seen and set(seen) == {torch.uint8}
+    seen.clear()
+    monkeypatch.setattr(EncryptedAugment, "moves_pixels_only", property(lambda self: False))
+    floats = run(TrainConfig(out=str(tmp_path / "float"), **common))
+    assert seen and set(seen) == {torch.float32}
+    assert fused["param_digests"] == floats["param_digests"] and fused["train_loss"] == floats["train_loss"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from .._checks import check_positive_int
 
@@ -24,7 +25,8 @@ class MixedPatchEmbed(nn.Module):
         flatten: return tokens ``[B, N, D]`` (default) instead of a map ``[B, D, H/p, W/p]``.
 
     Shapes:
-        input (Tensor[B, C, H/g, W/g]): the ciphertext from :func:`ppml.mix_subpatches` (float).
+        input (Tensor[B, C, H/g, W/g]): the ciphertext from :func:`ppml.mix_subpatches` (float), or its tokens
+            Tensor[B, N, C·q·q] (``ppml.patch_tokens(mixed, p // g)``; tokens only with ``flatten=True``).
         output: Tensor[B, N, D] with N = (H/p)·(W/p), or Tensor[B, D, H/p, W/p] when ``flatten=False``.
     """
 
@@ -60,7 +62,22 @@ class MixedPatchEmbed(nn.Module):
             self.img_size, self.grid_size = (h, w), (h // patch_size, w // patch_size)
             self.num_patches = self.grid_size[0] * self.grid_size[1]
 
+    def embed_tokens(self, tokens: Tensor) -> Tensor:
+        """The embedding of the ciphertext's q×q blocks given as tokens [B, N, C·q·q] (:func:`ppml.patch_tokens` at
+        q = p/g): both convolutions applied as the linear maps they are. Returns Tensor[B, N, D]."""
+        w = self.proj.weight
+        k = w[0].numel()
+        if tokens.dim() != 3 or tokens.shape[-1] != k:
+            raise ValueError(
+                f"ppml.models.MixedPatchEmbed: tokens must be [B, N, C*q*q] with C*q*q={k} (ppml.patch_tokens(mixed, "
+                f"{self.block})), got {list(tokens.shape)}"
+            )
+        x = self.act(F.linear(tokens.to(w.dtype), w.flatten(1), self.proj.bias))
+        return F.linear(x, self.fc.weight.flatten(1), self.fc.bias)
+
     def forward(self, mixed: Tensor) -> Tensor:
+        if mixed.dim() == 3 and self.flatten and mixed.shape[-1] == self.proj.weight[0].numel():
+            return self.embed_tokens(mixed)
         if mixed.dim() != 4 or mixed.shape[1] != self.proj.in_channels:
             raise ValueError(
                 f"ppml.models.MixedPatchEmbed: input must be [B, {self.proj.in_channels}, H/g, W/g], got "

@@ -23,10 +23,11 @@ from typing import Any
 import timm
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import trunc_normal_
+from timm.layers import PatchEmbed, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from .._checks import check_positive_int, describe
 from ..ops.mix_subpatches import mix_subpatches
@@ -37,6 +38,7 @@ __all__ = [
     "MODEL_NAMES",
     "MIViT",
     "PEFreeViT",
+    "TokenPatchEmbed",
     "ReferencePositionalEncoding",
     "create_model",
 ]  # register_model appends each model's entrypoint name
@@ -98,11 +100,45 @@ class ReferencePositionalEncoding(nn.Module):
         return f"dim={self.dim}"
 
 
+class TokenPatchEmbed(PatchEmbed):
+    """timm's PatchEmbed that also takes patch tokens ``[B, N, C·p·p]`` (from :func:`ppml.patch_tokens`): the conv
+    ``[D, C, p, p]`` is then applied as the linear map it is, ``tokens @ weight.view(D, C·p·p).T + bias``. The
+    parameters are the conv's (same names, same shapes), so state dicts and the image path are unchanged; tokens and
+    images give the same embedding up to float rounding (a matmul sums the same products as the conv, in another
+    order)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 3:
+            return super().forward(x)
+        w = self.proj.weight
+        k = w[0].numel()
+        if x.shape[-1] != k:
+            raise ValueError(
+                f"ppml.models.PEFreeViT: tokens must be [B, N, C*p*p] with C*p*p={k} (ppml.patch_tokens(images, "
+                f"{self.patch_size[0]})), got {describe(x)}"
+            )
+        if not self.flatten and self.output_fmt.value != "NLC":
+            raise ValueError(
+                "ppml.models.PEFreeViT: tokens carry no image grid, so dynamic_img_size / a spatial output_fmt needs "
+                "images, not tokens"
+            )
+        if self.img_size is not None and self.strict_img_size and x.shape[1] != self.num_patches:
+            raise ValueError(
+                f"ppml.models.PEFreeViT: tokens must be {self.num_patches} per image (img_size={self.img_size}, "
+                f"patch_size={self.patch_size}), got {describe(x)}"
+            )
+        return self.norm(F.linear(x.to(w.dtype), w.flatten(1), self.proj.bias))
+
+
 class PEFreeViT(VisionTransformer):
     """timm's VisionTransformer without a position embedding, with RPE on the patch tokens (the ``pevit_*`` models).
 
     Exactly invariant to any permutation of the input's patches at ``patch_size`` (eval mode; the class token and
     every pooling timm offers are order-free). Train on RS ciphertext, or on plain images — the same thing.
+
+    Takes images, or their patch tokens ``[B, N, C·p·p]`` straight from :func:`ppml.patch_tokens` (uint8 in, cast,
+    normalised and RS-shuffled in one pass): the patch embedding (:class:`TokenPatchEmbed`) applies its conv weight
+    as a linear map to them, so the logits equal the image path's up to float rounding.
 
     Args:
         rpe: add :class:`ReferencePositionalEncoding` after the patch embedding (default True). ``False`` gives the
@@ -118,11 +154,12 @@ class PEFreeViT(VisionTransformer):
             ``pos_embed``, which can only be ``'none'``.
 
     Shapes:
-        input (Tensor[B, C, H, W]): plain or RS-encrypted images (float).
+        input (Tensor[B, C, H, W]): plain or RS-encrypted images (float), or Tensor[B, N, C·p·p] patch tokens.
         output: Tensor[B, num_classes] logits (``forward_features``: Tensor[B, prefix + N, D]).
     """
 
     def __init__(self, *args: Any, rpe: bool = True, shuffle_input: bool = False, **kwargs: Any) -> None:
+        kwargs.setdefault("embed_layer", TokenPatchEmbed)
         pos_embed = kwargs.pop("pos_embed", "none")
         if pos_embed not in ("none", ""):
             raise ValueError(
@@ -143,6 +180,11 @@ class PEFreeViT(VisionTransformer):
 
     @torch.compiler.disable
     def _shuffle(self, x: Tensor) -> Tensor:
+        if x.dim() == 3:
+            raise ValueError(
+                f"ppml.models.PEFreeViT: shuffle_input=True shuffles images [B, C, H, W]; for tokens, shuffle them "
+                f"when making them (ppml.patch_tokens(images, p, perm)), got {describe(x)}"
+            )
         # Outside torch.compile: the keys come from a generator the caller swaps between calls; a compiled graph that
         # guarded on it would recompile for every new one.
         return shuffle_patches(x, self.patch_embed.patch_size[0], generator=self.shuffle_generator)[0]
@@ -256,6 +298,9 @@ class _TimmMixedPatchEmbed(MixedPatchEmbed):
         c = self.proj.in_channels
         h, w = self.img_size
         g = self.grid
+        tokens = x.dim() == 3 and x.shape[-1] == self.proj.weight[0].numel()  # (an unbatched image is refused below)
+        if tokens and not self.mix_input and self.output_fmt == "NLC":  # tokens of the ciphertext
+            return self.norm(self.embed_tokens(x))
         if x.dim() != 4 or x.shape[1] != c:
             want = f"[B, {c}, {h}, {w}] plain images" if self.mix_input else f"the MI ciphertext [B, {c}, H/g, W/g]"
             raise ValueError(f"ppml.models.MIViT: input must be {want}, got {describe(x)}")

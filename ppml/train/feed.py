@@ -64,6 +64,9 @@ class StreamFeed:
             raise ValueError("ppml train: the data hold no training samples")
         self.steps_per_epoch = self.train.steps_per_epoch()
         self._skipped: list[dict] = []
+        # uint8 batches stay uint8 (a quarter of the bytes to the device) when the trainer feeds them to
+        # ppml.patch_tokens, which divides by 255 in its one pass; otherwise they become float in [0, 1] here.
+        self.keep_uint8 = False
 
     def _loader(self, ds):
         from torch.utils.data import DataLoader
@@ -77,7 +80,9 @@ class StreamFeed:
             raise ValueError(batch["error"])
         self._skipped += batch["skipped"]
         x = batch["x"]
-        return (x.float().div_(255.0) if x.dtype == torch.uint8 else x), batch["y"]
+        if x.dtype == torch.uint8 and not self.keep_uint8:
+            x = x.float().div_(255.0)
+        return x, batch["y"]
 
     def train_batches(self, epoch: int, first: int) -> Iterator[tuple[Tensor, Tensor]]:
         self.train.set_epoch(epoch, first)

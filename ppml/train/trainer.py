@@ -320,6 +320,10 @@ class _Trainer:
                 generator=torch.Generator().manual_seed(cfg.seed),
             ).to(self.device)
         self.model = model
+        # Owner mode with a PE-free ViT: batches go in as patch tokens, cast and unfolded in one pass
+        # (ppml.patch_tokens); the model's linear patch embedding equals its conv. In-model RS shuffles images.
+        pevit = isinstance(model, ppml.models.PEFreeViT) and not model.shuffle_input and cfg.mode == "owner"
+        self.token_patch = model.patch_embed.patch_size[0] if pevit else None
         self.ddp = nn.parallel.DistributedDataParallel(model) if d.world > 1 else model
         if cfg.compile is not None:  # the training forward only; self.model (saved, evaluated) stays the plain module
             self.ddp = _compiled(self.ddp, cfg)
@@ -344,6 +348,11 @@ class _Trainer:
             cfg.cipher_patch, hflip=0.0, brightness=cfg.brightness, contrast=cfg.contrast, saturation=cfg.saturation,
             mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, patch_drop=cfg.patch_drop,
         )
+        # Streamed uint8 ciphertext goes to the device as uint8 and through patch_tokens (cast, /255, patchify in one
+        # pass) when nothing on the way needs floats (flips and rotations only move pixels): the same values as the
+        # float path, bit for bit.
+        if self.token_patch is not None and self.augment.moves_pixels_only and hasattr(self.feed, "keep_uint8"):
+            self.feed.keep_uint8 = True
         self.start_epoch, self.start_step, self.rank_state = 0, 0, None
         if ckpt is not None:
             model.load_state_dict(plain_state_dict(ckpt["model"]))
@@ -496,7 +505,12 @@ class _Trainer:
     def _prepare(self, x: Tensor, y: Tensor, gen: torch.Generator):
         x = self.geometric(x, y, generator=gen)[0]
         x, ya, yb, lam = self.augment(x, y, generator=gen)
-        return x, ya, yb, lam.to(x.device)
+        return self._model_input(x), ya, yb, lam.to(x.device)
+
+    def _model_input(self, x: Tensor) -> Tensor:
+        import ppml
+
+        return ppml.patch_tokens(x, self.token_patch) if self.token_patch is not None else x
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -507,7 +521,7 @@ class _Trainer:
         # epoch); the training generator is handed back afterwards.
         train_gen = self._keys(torch.Generator().manual_seed(cfg.seed + 1))
         for x, y in self.feed.val_batches():
-            pred = self._predict(autocast_forward(self.model, x.to(self.device), self.amp)).cpu()
+            pred = self._predict(autocast_forward(self.model, self._model_input(x.to(self.device)), self.amp)).cpu()
             correct += torch.tensor([(pred == y).sum().item(), len(y)], dtype=torch.float64)
         self._keys(train_gen)
         if d.world > 1:

@@ -1,0 +1,289 @@
+"""The model's input path, ``ppml::patch_tokens``: uint8 [B, 3, 224, 224] → normalised, RS-shuffled float32 tokens
+[B, 196, 768] (p = 16, ImageNet mean/std), B in {64, 256}.
+
+Providers: ``copy`` (``out.copy_(y)`` of a float32 tensor the size of the tokens into a preallocated ``out``: the
+same run's copy bandwidth), ``eager`` (what a user writes: to float, ``/ 255``, normalise, unfold by reshape/permute,
+gather the tiles by the key — each pass reading and writing the batch), ``compiled`` (``torch.compile`` of
+``ppml.reference.patch_tokens``, full runs only), ``native`` (``torch.ops.ppml.patch_tokens``, a fresh output per
+call), ``native_out`` (``.out`` into a preallocated buffer, like ``copy``) and ``triton`` (GPU only). The bound is
+the bytes the op must move, 1 byte read + 4 written per element, at the copy's bandwidth (8 bytes per element):
+``bound ms = copy ms × 5 / 8``, and ``share of bound`` = bound ms ÷ ms. On CPU, ``copy``, ``eager``, ``native`` and
+``native_out`` are timed round-robin (``_timing.time_cpu_interleaved``), so their ratios hold on a shared machine
+(column ``timing``: ``interleaved``). ``native`` returns a fresh 38.5 MB tensor per call at B = 64: on a CPU where
+fresh pages fault on first touch that is part of its time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+
+# Run as a script, so benchmarks/ is on sys.path and the shared helpers import by their module name.
+from _harness import (
+    GB_PER_S_COLUMN,
+    IMAGES_PER_S_COLUMN,
+    Config,
+    Provider,
+    Section,
+    Target,
+    lazily_compiled,
+    measure_shape,
+    random_images,
+    runnable_providers,
+)
+from _timing import CpuContention, copy_bound_ms, copy_call, time_cpu_interleaved
+
+import ppml
+from ppml import reference
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# Bytes per token element: what the op must move (1 read + 4 written) and what the float32 copy moves (4 + 4).
+NEEDED_BYTES, COPY_BYTES = 5, 8
+
+
+def tokens_eager(images: torch.Tensor, perm: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """What a user would write in batched PyTorch: float, /255, normalise, reshape/permute into [B, N, C·p·p], gather.
+
+    Args:
+        images (Tensor[B, C, H, W] uint8): the batch.
+        perm (Tensor[B, N] int64): one permutation per image.
+        patch_size: p.
+
+    Returns:
+        Tensor[B, N, C·p·p] float32.
+    """
+    B, C, H, W = images.shape
+    p = patch_size
+    mean = torch.tensor(MEAN, device=images.device).view(1, C, 1, 1)
+    std = torch.tensor(STD, device=images.device).view(1, C, 1, 1)
+    x = (images.float() / 255 - mean) / std
+    tiles = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, -1, C * p * p)
+    return torch.take_along_dim(tiles, perm.unsqueeze(-1), dim=1)
+
+
+def _close(got: torch.Tensor, expected: torch.Tensor) -> bool:
+    # eager / compiled may divide by a reciprocal (CUDA's scalar division, inductor): within 2 float32 ulps.
+    return got.shape == expected.shape and torch.allclose(got, expected, rtol=3e-7, atol=1e-6)
+
+
+def _providers() -> list[Provider]:
+    # native_out writes into one preallocated buffer per shape (`run` poisons it and checks what the op wrote, then
+    # `timed` reuses it): a fresh 38.5 MB output per call pays first-touch page faults that `copy` does not.
+    out_buf: dict[tuple, torch.Tensor] = {}
+
+    def buffer_for(x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        key = (tuple(x.shape), x.device)
+        if key not in out_buf:
+            out_buf.clear()
+            out_buf[key] = torch.empty(B, (H // 16) * (W // 16), C * 256, device=x.device)
+        return out_buf[key]
+
+    def run_out(x: torch.Tensor, perm: torch.Tensor, p: int) -> torch.Tensor:
+        buf = buffer_for(x)
+        buf.fill_(7)
+        torch.ops.ppml.patch_tokens.out(x, perm, p, list(MEAN), list(STD), torch.float32, out=buf)
+        return buf
+
+    def timed_out(x: torch.Tensor, perm: torch.Tensor, p: int) -> Callable[[], object]:
+        buf, op, m, s = buffer_for(x), torch.ops.ppml.patch_tokens.out, list(MEAN), list(STD)
+        return lambda: op(x, perm, p, m, s, torch.float32, out=buf)
+
+    return [
+        Provider("copy", None),
+        Provider("eager", tokens_eager, check=_close, check_desc="within 2 float32 ulps"),
+        Provider(
+            "compiled",
+            lazily_compiled(lambda x, perm, p: reference.patch_tokens(x, p, perm, MEAN, STD)),
+            skip_quick="torch.compile takes seconds per shape (--quick skips it; the full run includes it)",
+            optional=True,
+            check=_close,
+            check_desc="within 2 float32 ulps",
+        ),
+        Provider(
+            "native",
+            lambda x, perm, p: torch.ops.ppml.patch_tokens(x, perm, p, list(MEAN), list(STD), torch.float32),
+            backend="native",
+        ),
+        Provider("native_out", run_out, timed_out, backend="native"),
+        Provider(
+            "triton",
+            lambda x, perm, p: torch.ops.ppml.patch_tokens_triton(x, perm, p, list(MEAN), list(STD), torch.float32),
+            backend="triton",
+            gpu_only=True,
+        ),
+    ]
+
+
+def section_tokens(cfg: Config) -> list[dict]:
+    """uint8 [B, 3, 224, 224] → float32 tokens [B, 196, 768], p = 16, ImageNet statistics, a fresh key per image."""
+    device = cfg.device
+    C, H, W, p = 3, 224, 224, 16
+    n = (H // p) * (W // p)
+    runnable = runnable_providers(_providers(), "patch_tokens", "tokens", cfg)
+    rows = []
+    for B in (64, 256):
+        x = random_images((B, C, H, W), torch.uint8, device, seed=cfg.seed + B)
+        perm = ppml.random_permutations(B, n, generator=torch.Generator().manual_seed(cfg.seed + 1)).to(device)
+        expected = reference.patch_tokens(x, p, perm, MEAN, STD)
+        like_tokens = torch.empty(expected.shape, dtype=torch.float32, device=device)
+        shape_rows = measure_shape(
+            cfg,
+            op="patch_tokens",
+            tag="tokens",
+            runnable=runnable,
+            args=(x, perm, p),
+            expected={"default": expected}.__getitem__,
+            bound=lambda t=like_tokens: copy_bound_ms(t, budget_s=cfg.budget_s, warmup=cfg.warmup),
+            base_row={"section": "patch_tokens", "dtype": "uint8", "B": B, "C": C, "H": H, "W": W, "patch_size": p},
+        )
+        del expected
+        if device.type == "cpu":
+            _retime_interleaved(shape_rows, runnable, (x, perm, p), like_tokens, cfg)
+        _derive(shape_rows, elements=like_tokens.numel())
+        rows += shape_rows
+        del x, perm, like_tokens
+    return rows
+
+
+def _retime_interleaved(rows: list[dict], runnable: list[Provider], args: tuple, like: torch.Tensor, cfg: Config):
+    """copy, eager and native again, round-robin: their ratios are the targets (see the module docstring)."""
+    by_name = {r["provider"]: r for r in rows}
+    calls = {"copy": copy_call(like)}
+    for prov in runnable:
+        if prov.name in ("eager", "native", "native_out") and prov.name in by_name:
+            calls[prov.name] = prov.timed_fn(*args)
+    with CpuContention() as contention:
+        res = time_cpu_interleaved(calls, budget_s=cfg.budget_s, warmup=cfg.warmup)
+    for key, r in res.items():
+        by_name[key].update(ms=r["ms"], min_ms=r["min_ms"], reps=r["reps"], other_cpu=contention.other_share,
+                            timing="interleaved")  # fmt: skip
+
+
+def _derive(rows: list[dict], elements: int) -> None:
+    ms = {r["provider"]: r["ms"] for r in rows}
+    bound_ms = ms["copy"] * NEEDED_BYTES / COPY_BYTES if "copy" in ms else None
+    for row in rows:
+        moved = (COPY_BYTES if row["provider"] == "copy" else NEEDED_BYTES) * elements
+        row["gb_per_s"] = moved / (row["ms"] * 1e-3) / 1e9
+        row["share_of_bound"] = bound_ms / row["ms"] if bound_ms is not None else None
+        for base in ("eager", "compiled"):
+            row[f"speedup_vs_{base}"] = ms[base] / row["ms"] if base in ms else None
+        row["images_per_s"] = row["B"] / (row["ms"] * 1e-3)
+
+
+TARGETS: list[Target] = [
+    Target("native uint8->float32 B=64 speedup vs eager", "native", "uint8", 64, "speedup_vs_eager", 5.0),
+    Target("native uint8->float32 B=64 share of the bytes-moved bound", "native", "uint8", 64, "share_of_bound", 0.7),
+    Target(
+        "native_out (preallocated) uint8->float32 B=64 share of the bytes-moved bound",
+        "native_out",
+        "uint8",
+        64,
+        "share_of_bound",
+        0.7,
+    ),
+]
+
+COLUMNS = [
+    GB_PER_S_COLUMN,
+    ("share of bound", "share_of_bound", ".2f", ""),
+    ("vs eager", "speedup_vs_eager", ".1f", "×"),
+    ("vs compiled", "speedup_vs_compiled", ".2f", "×"),
+    IMAGES_PER_S_COLUMN,
+]
+
+
+def _title(rows: list[dict]) -> str:
+    r = rows[0]
+    return (
+        f"patch_tokens uint8 [B, {r['C']}, {r['H']}, {r['W']}] → float32 tokens p={r['patch_size']} (bound: 5 bytes "
+        f"per element at the same run's copy bandwidth)"
+    )
+
+
+# ---- GPU rows ------------------------------------------------------------------------------------------------------
+
+GPU_BATCHES = (1, 64, 256)
+
+
+def gpu_rows(
+    cfg: Config,
+    *,
+    timer: Callable[..., dict] | None = None,
+    batches: tuple[int, ...] = GPU_BATCHES,
+    size: int = 224,
+    patch_size: int = 16,
+) -> list[dict]:
+    """Every provider on `cfg.device` (CUDA events, L2 flushed, ``cfg.gpu_timer()``): the native and Triton kernels
+    against the bytes-moved bound and the eager path. A provider whose backend is absent is noted and skipped; one
+    that fails or gives a wrong result is noted and left untimed (never a crash).
+
+    Args:
+        cfg: the run's config.
+        timer: ``timer(fn) -> {"ms", "min_ms", "reps"}`` (default: ``cfg.gpu_timer()``).
+        batches, size, patch_size: the shapes ([B, 3, size, size]); tests pass small ones.
+    """
+    timer = timer or cfg.gpu_timer()
+    device, C, p = cfg.device, 3, patch_size
+    n = (size // p) ** 2
+    providers = [replace(pv, quick_max_batch=None, skip_quick=None, optional=True) for pv in _providers()
+                 if pv.name != "compiled"]  # fmt: skip
+    runnable = runnable_providers(providers, "patch_tokens", "tokens_gpu", cfg)
+    rows = []
+    for B in batches:
+        gen = torch.Generator(device=device).manual_seed(cfg.seed + B)
+        x = torch.randint(0, 256, (B, C, size, size), generator=gen, dtype=torch.uint8, device=device)
+        perm = ppml.random_permutations(B, n, generator=torch.Generator().manual_seed(cfg.seed + 1)).to(device)
+        expected = reference.patch_tokens(x, p, perm, MEAN, STD)
+        like_tokens = torch.empty(expected.shape, dtype=torch.float32, device=device)
+        shape_rows = measure_shape(
+            cfg,
+            op="patch_tokens",
+            tag="tokens_gpu",
+            runnable=runnable,
+            args=(x, perm, p),
+            expected={"default": expected}.__getitem__,
+            bound=lambda t=like_tokens: timer(copy_call(t)),
+            base_row={
+                "section": "patch_tokens_gpu",
+                "dtype": "uint8",
+                "B": B,
+                "C": C,
+                "H": size,
+                "W": size,
+                "patch_size": p,
+                "timing": "events, L2 flushed",
+            },
+            timer=timer,
+            on_mismatch="skip",
+        )
+        _derive(shape_rows, elements=like_tokens.numel())
+        for row in shape_rows:
+            row["us"] = row["ms"] * 1e3
+        rows += shape_rows
+        del x, perm, expected, like_tokens
+    return rows
+
+
+GPU_TARGETS: list[Target] = [
+    Target(f"{prov} uint8->float32 B={B} {what}", prov, "uint8", B, metric, minimum, ("cuda",))
+    for prov in ("native", "triton")
+    for B in (64, 256)
+    for what, metric, minimum in (
+        ("speedup vs eager", "speedup_vs_eager", 5.0),
+        ("share of bound", "share_of_bound", 0.7),
+    )
+]
+
+GPU_SECTION = Section(
+    name="tokens_gpu",
+    run=gpu_rows,
+    targets=GPU_TARGETS,
+    columns=[("µs", "us", ",.1f", ""), *COLUMNS[:3], ("reps", "reps", "d", "")],
+    title=lambda rows: "GPU rows: " + _title(rows),
+)
+
+SECTION = Section(name="tokens", run=section_tokens, targets=TARGETS, columns=COLUMNS, title=_title, gpu=GPU_SECTION)
