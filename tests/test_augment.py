@@ -390,9 +390,12 @@ def test_mixed_cross_entropy():
 X = torch.rand(2, 3, 8, 8, generator=_gen(0))
 Y = torch.tensor([0, 1])
 BAD = [
-    (lambda: A.hflip_patches(X.to(torch.uint8), 4), r"hflip_patches: x must be a floating-point \[B, C, H, W\] "
-                                                     r"tensor, got uint8 \[2, 3, 8, 8\]"),
-    (lambda: A.vflip_patches(X[0], 4), r"vflip_patches: x must be a floating-point \[B, C, H, W\] tensor, got float32"),
+    (lambda: A.hflip_patches(X.to(torch.int32), 4), r"hflip_patches: x must be a floating-point or uint8 "
+                                                     r"\[B, C, H, W\] tensor, got int32 \[2, 3, 8, 8\]"),
+    (lambda: A.vflip_patches(X[0], 4), r"vflip_patches: x must be a floating-point or uint8 \[B, C, H, W\] tensor, "
+                                       r"got float32"),
+    (lambda: A.adjust_brightness(X.to(torch.uint8), 0.1),
+     r"adjust_brightness: x must be a floating-point \[B, C, H, W\] tensor, got uint8"),
     (lambda: A.rot90_patches(X, 3), r"rot90_patches: patch_size must divide H and W, got patch_size=3 for H=8, W=8"),
     (lambda: A.rot90_patches(X, 4, 1.5), r"rot90_patches: k must be an int, got 1.5"),
     (lambda: A.random_patch_flip(X, 4, 1.5), r"random_patch_flip: p_h must be a probability in \[0, 1\], got 1.5"),
@@ -424,3 +427,21 @@ BAD = [
 def test_bad_inputs_raise_clear_errors(fn, message):
     with pytest.raises(ValueError, match=r"ppml\.augment\." + message):
         fn()
+
+
+def test_flips_move_uint8_pixels_as_they_move_floats():
+    """Flips and rotations only move pixels: on uint8 they give the float result's values, still uint8 (the trainer
+    keeps streamed ciphertext uint8 up to ppml.patch_tokens)."""
+    x = torch.randint(0, 256, (3, 3, 8, 12), generator=_gen(1), dtype=torch.uint8)
+    for fn in (lambda t: A.hflip_patches(t, 4), lambda t: A.vflip_patches(t, 4), lambda t: A.rot90_patches(t, 4, 1),
+               lambda t: A.random_patch_flip(t, 4, 0.5, 0.5, 0.5, generator=_gen(2))):  # fmt: skip
+        out = fn(x)
+        assert out.dtype == torch.uint8 and torch.equal(out.float(), fn(x.float()))
+    aug = A.EncryptedAugment(4, hflip=0.5, brightness=0.1)
+    assert not aug.moves_pixels_only
+    with pytest.raises(ValueError, match="EncryptedAugment: x must be a floating-point"):
+        aug(x, torch.zeros(3, dtype=torch.int64))
+    flips = A.EncryptedAugment(4, hflip=0.5, rot90=0.5)
+    y = torch.arange(3)
+    a, b = flips(x, y, generator=_gen(3)), flips(x.float(), y, generator=_gen(3))
+    assert a[0].dtype == torch.uint8 and torch.equal(a[0].float(), b[0]) and torch.equal(a[3], b[3])

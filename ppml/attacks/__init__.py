@@ -46,9 +46,8 @@ from .mi_inversion import (
     unmix_thumbnail,
     unmix_with_decoder,
 )
-from .semantic import load_semantic_classifier, semantic_inference, train_semantic_classifier
-
 from .reidentify import GalleryIndex, Reidentification, index_gallery, reidentify
+from .semantic import load_semantic_classifier, semantic_inference, train_semantic_classifier
 
 __all__ = [
     "GalleryIndex",
