@@ -28,19 +28,21 @@ buffer holds at most 64M elements):
    dF = (dF̂ − (dF̂·f̂)f̂)/‖f‖ (dF̂/ε when ‖f‖ <= ε), dF̂·f̂ summed over the whole row first; rounded once to the
    features' dtype.
 
-Memory: besides the outputs, [3, B] + one [chunk, C] buffer (≤ 64M elements, as native) + [2, chunk, C/BLOCK_C]
-+ S·chunk·(D + 1) accumulation-dtype values (S·chunk·D ≤ 16M). Bytes: the buffer is written once (phase 1), read and
-rewritten once (phase 2) and read by phase 3 (the column blocks of one row block share it through L2).
+Memory: besides the outputs, [3, B] + one [chunk, C] buffer (≤ 64M elements, as native) + [2, chunk, C/BLOCK_C] +
+S·chunk·D + chunk accumulation-dtype values (S·chunk·D ≤ 16M; the buffer's rows padded to whole K steps). Bytes: the
+buffer is written once (phase 1), read and rewritten once (phase 2) and read by phase 3 (the column blocks of one row
+block share it through L2).
 
 Precision (DOT constexpr), as torch's matmul: 16-bit features with anchors of the same dtype multiply in that dtype with
-float32 accumulation (the products are exact, so the logits are as good as float32 dots of the widened inputs);
-float32 uses TF32 when torch.backends.cuda.matmul.allow_tf32 is set when the launcher is called, IEEE float32
-otherwise (and for mixed dtypes); float64 stays float64. W stays in the accumulation dtype in the buffer; in the 16-bit
-path phase 3 splits it as w_hi + w_lo on load, each in the 16-bit dtype (bfloat16), or in TF32 against the exactly
-widened float16 anchors (float16's range is too small for the Euclidean w = −γ dz/d near an anchor): two dots give w·A
-to ~2^-16 relative, where one rounding of w would cost the gradient ~2^-9 per class. scale and pull arrive as float64
-arguments and are rounded to the accumulation dtype in the kernel (a Python float argument would be float32, too
-coarse for float64 features).
+float32 accumulation (the products are exact, so the logits are as good as float32 dots of the widened inputs); float32
+uses TF32 when torch.backends.cuda.matmul.allow_tf32 is set when the launcher is called, IEEE float32 otherwise (and for
+mixed dtypes); float64 stays float64. In the 16-bit path W keeps more than 16 bits: for bfloat16, phase 2 writes it as
+w_hi + w_lo, both bfloat16, in the bytes of its logits (per K step of W·A, the step's w_hi then its w_lo), and phase 3
+runs two bfloat16 dots; for float16 (whose range is too small for the Euclidean w = −γ dz/d near an anchor) W stays
+float32 and phase 3 splits it on load into TF32 halves against the exactly widened anchors. Either way w·A comes to
+~2^-16 relative, where one rounding of w would cost the gradient ~2^-9 per class. scale and pull arrive as float64
+arguments and are rounded to the accumulation dtype in the kernel (a Python float argument would be float32, too coarse
+for float64 features).
 """
 
 from __future__ import annotations
@@ -134,11 +136,12 @@ def _pick_splits(tiles: int, k_steps: int, chunk: int, D: int, sms: int) -> int:
 def launch_config(B: int, C: int, D: int, dot: int, softmax: bool = True, sms: int = _DEFAULT_SMS) -> Config:
     """Tensor-core tiles of 128 (rows, classes) × 64 (16-bit) or 32 (TF32) K, 8 warps, cut to 64 × 64 where the
     chunk has too few 128-tiles to fill the SMs twice (B = 256 at C = 1,000); 128 gradient columns. The FMA-based
-    IEEE/float64 dots hold K-long operand slices per thread, so their tiles are 32 × 32 × 32 (64 gradient columns) to
-    stay in registers. Untuned: no GPU here."""
+    IEEE/float64 dots: 64 × 64 × 16 (K >= 16: tl.dot's floor in triton 3.6), 4 warps, 64 gradient columns — 32
+    outputs a thread, ~2× the FMAs per shared-memory load of 32 × 32 tiles, 168 registers, no spills (sm_90a).
+    Untuned: no GPU here."""
     chunk = chunk_rows(B, C, softmax)
     if dot == DOT_IEEE:
-        bb, bc, bk, bn, warps = 32, 32, 32, 64, 4
+        bb, bc, bk, bn, warps = 64, 64, 16, 64, 4
     else:
         bb, bc, bk, bn, warps = 128, 128, 64 if dot == DOT_16 else 32, 128, 8
         if triton.cdiv(chunk, bb) * triton.cdiv(C, bc) < 2 * sms:
@@ -147,7 +150,7 @@ def launch_config(B: int, C: int, D: int, dot: int, softmax: bool = True, sms: i
     bk, bn = min(bk, p2), min(bn, p2)
     tiles = triton.cdiv(chunk, bb) * triton.cdiv(D, bn)
     splits = _pick_splits(tiles, triton.cdiv(C, bk), chunk, D, sms)
-    br = min(2048, max(16, triton.next_power_of_2(C)))
+    br = max(bk, min(2048, max(16, triton.next_power_of_2(C))))  # whole K steps (phase 2's packed W)
     return Config(bb, bc, bk, bn, br, chunk, splits, warps)
 
 
@@ -308,21 +311,15 @@ def _logits(dots, c, c_mask, lab, anorm, fn2, inv_fden, dy2, zy, gamma, METRIC: 
 
 @triton.jit
 def _wa_dot(w, a, acc, DOT: tl.constexpr, ACC: tl.constexpr):
-    """acc + w @ a, w the float32 coefficients, a the anchors' [BLOCK_K, BLOCK_N] tile as loaded. In DOT_16, w as
-    w_hi + w_lo (see the module docstring): bfloat16 halves against the bfloat16 anchors; float16 anchors widened
-    (exactly) to float32 against TF32 halves of w, whose exponent range a float16 w would not have."""
+    """acc + w @ a, w the float32 coefficients, a the anchors' [BLOCK_K, BLOCK_N] tile as loaded (bfloat16 W comes
+    packed, see phase 2). In DOT_16 (float16 anchors), w as w_hi + w_lo in TF32 against the anchors widened exactly
+    to float32: a float16 w would not have the exponent range (see the module docstring)."""
     if DOT == _DOT_16:
-        if a.dtype == tl.bfloat16:
-            w_hi = w.to(tl.bfloat16)
-            w_lo = (w - w_hi.to(ACC)).to(tl.bfloat16)
-            r = _mma(w_lo, a, acc, DOT, ACC)
-            r = _mma(w_hi, a, r, DOT, ACC)
-        else:
-            a32 = a.to(ACC)
-            # the top 10 mantissa bits: exactly a TF32 value
-            w_hi = (w.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(ACC, bitcast=True)
-            r = tl.dot(w - w_hi, a32, acc, input_precision="tf32", out_dtype=ACC)
-            r = tl.dot(w_hi, a32, r, input_precision="tf32", out_dtype=ACC)
+        a32 = a.to(ACC)
+        # the top 10 mantissa bits: exactly a TF32 value
+        w_hi = (w.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(ACC, bitcast=True)
+        r = tl.dot(w - w_hi, a32, acc, input_precision="tf32", out_dtype=ACC)
+        r = tl.dot(w_hi, a32, r, input_precision="tf32", out_dtype=ACC)
     else:
         r = _mma(w, a, acc, DOT, ACC)
     return r
@@ -359,6 +356,7 @@ def _column_slice(
 @triton.jit
 def _softmax_row(
     zbuf,
+    wbuf,
     tstats,
     anorm,
     labels,
@@ -370,14 +368,18 @@ def _softmax_row(
     C,
     NB,
     T,
+    LDZ,
     gamma,
     METRIC: tl.constexpr,
     ACC: tl.constexpr,
+    PACKED: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
     R0,
 ):
     """Phase 2 for the chunk's row ``local``: the class tiles' (max, sum) merged, the loss without its pull term, W
-    written over the logits, Σw."""
+    written over the logits (PACKED: as bfloat16 w_hi, w_lo, each K step's BLOCK_K w_hi then its BLOCK_K w_lo in the
+    bytes of that K step's logits), Σw (of W before any rounding)."""
     row = R0 + local
     offs = tl.arange(0, BLOCK_R)
     lab, fn2, dy2, fay, fnorm, fden, an_y, zy, rho = _row_terms(
@@ -404,7 +406,7 @@ def _softmax_row(
     inv_sum = 1.0 / run_sum
     # The Euclidean logit at the distance floor, computed as phase 1 computes it there: below it w is 0.
     z_floor = -gamma * _sqrt(tl.full([], _DIST2_EPS, ACC))
-    zrow = zbuf + local * C
+    zrow = zbuf + local * LDZ
     w_vec = tl.zeros([BLOCK_R], ACC)
     for c0 in range(0, C, BLOCK_R):
         c = c0 + offs
@@ -421,14 +423,26 @@ def _softmax_row(
             w = gamma * dz * an
         w = tl.where(cm, w, 0.0)
         w_vec += w
-        tl.store(zrow + c, w, mask=cm)
+        if PACKED:
+            # Rounded on the bits (the interpreter's cast truncates); w_hi + w_lo is w to ~2^-16.
+            w_hi = round_to_bfloat16(w)
+            w_lo = round_to_bfloat16(w - w_hi.to(ACC))
+            # The pair lands in bytes of logits other threads of this program read: all of this block's reads first.
+            # (BLOCK_R is a multiple of BLOCK_K, so the block's K steps, and the bytes written, are its own.)
+            tl.debug_barrier()
+            k_start = (c // BLOCK_K) * BLOCK_K
+            dst = wbuf + local * (2 * LDZ) + 2 * k_start + (c - k_start)
+            tl.store(dst, w_hi, mask=cm)
+            tl.store(dst + BLOCK_K, w_lo, mask=cm)
+        else:
+            tl.store(zrow + c, w, mask=cm)
     tl.store(wsums + local, tl.sum(w_vec, 0))
 
 
 # B, C, the chunk's rows and the split counts only bound masks and loops (never an address's alignment), so they are
 # not specialised: otherwise B or C equal to 1 or divisible by 16 would each be a separate compile (~1 s), e.g. a
 # training run's last, partial batch.
-@triton.jit(do_not_specialize=["B", "C", "R0", "NB", "T", "S", "CPS"])
+@triton.jit(do_not_specialize=["B", "C", "R0", "NB", "T", "S", "KPS"])
 def _anchor_loss_kernel(
     features,
     anchors,
@@ -436,6 +450,7 @@ def _anchor_loss_kernel(
     labels,
     rowstats,
     zbuf,
+    wbuf,
     tstats,
     partial,
     wsums,
@@ -448,7 +463,8 @@ def _anchor_loss_kernel(
     NB,
     T,
     S,
-    CPS,
+    KPS,
+    LDZ,
     scale: tl.float64,
     pull: tl.float64,
     PHASE: tl.constexpr,
@@ -456,6 +472,7 @@ def _anchor_loss_kernel(
     SOFTMAX: tl.constexpr,
     DOT: tl.constexpr,
     ACC: tl.constexpr,
+    PACKED: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -502,7 +519,7 @@ def _anchor_loss_kernel(
         c_mask = c < C
         dots = _dots(features, anchors, rows, row_mask, c, c_mask, D, DOT, ACC, BLOCK_B, BLOCK_C, BLOCK_K)
         z = _logits(dots, c, c_mask, lab, anorm, fn2, 1.0 / fden, dy2, zy, gamma, METRIC)
-        tl.store(zbuf + local[:, None] * C + c[None, :], z, mask=row_mask[:, None] & c_mask[None, :])
+        tl.store(zbuf + local[:, None] * LDZ + c[None, :], z, mask=row_mask[:, None] & c_mask[None, :])
         # Every tile holds a real class, so its max is finite and exp(−inf − max) = 0 for the masked ones.
         t_max = tl.max(z, 1)
         t_sum = tl.sum(tl.exp(z - t_max[:, None]), 1)
@@ -512,6 +529,7 @@ def _anchor_loss_kernel(
     elif PHASE == _P_SOFTMAX:
         _softmax_row(
             zbuf,
+            wbuf,
             tstats,
             anorm,
             labels,
@@ -523,9 +541,12 @@ def _anchor_loss_kernel(
             C,
             NB,
             T,
+            LDZ,
             gamma,
             METRIC,
             ACC,
+            PACKED,
+            BLOCK_K,
             BLOCK_R,
             R0,
         )
@@ -534,18 +555,24 @@ def _anchor_loss_kernel(
         n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = n < D
         split = tl.program_id(2)
-        c_begin = split * CPS
-        c_end = tl.minimum(c_begin + CPS, C)
-        w_rows = zbuf + local * C
+        k_steps = tl.cdiv(C, BLOCK_K)
         acc = tl.zeros([BLOCK_B, BLOCK_N], ACC)  # Σ_c w_c a_c[cols]
-        for c0 in range(c_begin, c_end, BLOCK_K):
-            c = c0 + offs_k
-            c_mask = c < c_end
-            w = tl.load(w_rows[:, None] + c[None, :], mask=row_mask[:, None] & c_mask[None, :], other=0)
+        # K steps as multiples of BLOCK_K (the split's first is, but as a runtime value the compiler could not tell):
+        # the W rows are then 16-byte aligned for vector loads.
+        for kt in range(split * KPS, tl.minimum(split * KPS + KPS, k_steps)):
+            c = kt * BLOCK_K + offs_k
+            c_mask = c < C
+            m2 = row_mask[:, None] & c_mask[None, :]
             a = tl.load(
                 anchors + c.to(tl.int64)[:, None] * D + n[None, :], mask=c_mask[:, None] & n_mask[None, :], other=0
             )
-            acc = _wa_dot(w, a, acc, DOT, ACC)
+            if PACKED:
+                w16 = wbuf + local[:, None] * (2 * LDZ) + (2 * BLOCK_K) * kt + offs_k[None, :]
+                acc = _mma(tl.load(w16 + BLOCK_K, mask=m2, other=0), a, acc, DOT, ACC)  # w_lo first: the small terms
+                acc = _mma(tl.load(w16, mask=m2, other=0), a, acc, DOT, ACC)
+            else:
+                w = tl.load(zbuf + local[:, None] * LDZ + c[None, :], mask=m2, other=0)
+                acc = _wa_dot(w, a, acc, DOT, ACC)
         out = partial + (split * NB + local)[:, None] * D + n[None, :]
         tl.store(out, acc, mask=row_mask[:, None] & n_mask[None, :])
 
@@ -652,10 +679,19 @@ def anchor_loss_triton(
     chunk = min(cfg.chunk, B)
     tiles = triton.cdiv(C, cfg.block_c)
     # Whole K steps per split, no split empty.
-    cps = triton.cdiv(triton.cdiv(C, cfg.splits), cfg.block_k) * cfg.block_k
-    splits = triton.cdiv(C, cps)
+    k_steps = triton.cdiv(C, cfg.block_k)
+    kps = triton.cdiv(k_steps, cfg.splits)
+    splits = triton.cdiv(k_steps, kps)
+    # bfloat16 W packed into the logits' bytes (phase 2) for W·A's bfloat16 dots.
+    packed = dot == DOT_16 and a.dtype == torch.bfloat16
+    if packed and cfg.block_r % cfg.block_k:
+        raise ValueError(f"anchor_loss_triton: block_r must be a multiple of block_k, got {cfg}")
+    # The buffer's row pitch: whole K steps (the packed W's layout) and 16-byte aligned rows (vector loads; the pitch
+    # is a specialised argument, always divisible by 16).
+    ldz = triton.cdiv(C, max(16, cfg.block_k)) * max(16, cfg.block_k)
     rowstats = torch.empty((3, B), dtype=acc_t, device=dev)
-    zbuf = torch.empty((chunk, C) if softmax else (0,), dtype=acc_t, device=dev)
+    zbuf = torch.empty((chunk, ldz) if softmax else (0,), dtype=acc_t, device=dev)
+    wbuf = zbuf.view(torch.bfloat16) if packed else zbuf
     tstats = torch.empty((2, chunk, tiles) if softmax else (0,), dtype=acc_t, device=dev)
     partial = torch.empty((splits, chunk, D) if softmax else (0,), dtype=acc_t, device=dev)
     wsums = torch.empty((chunk,) if softmax else (0,), dtype=acc_t, device=dev)
@@ -663,6 +699,7 @@ def anchor_loss_triton(
         METRIC=_METRIC_IDS[metric],
         SOFTMAX=bool(softmax),
         DOT=dot,
+        PACKED=packed,
         ACC=tl.float64 if acc_t == torch.float64 else tl.float32,
         BLOCK_B=cfg.block_b,
         BLOCK_C=cfg.block_c,
@@ -680,6 +717,7 @@ def anchor_loss_triton(
             y,
             rowstats,
             zbuf,
+            wbuf,
             tstats,
             partial,
             wsums,
@@ -692,7 +730,8 @@ def anchor_loss_triton(
             nb,
             tiles,
             splits,
-            cps,
+            kps,
+            ldz,
             float(scale),
             float(pull),
             PHASE=phase,

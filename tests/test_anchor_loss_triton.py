@@ -183,10 +183,10 @@ def test_triton_launch_config_fills_the_gpu():
             row_blocks = -(-cfg.chunk // cfg.block_b)
             if B >= 256:
                 logit_programs = row_blocks * -(-C // cfg.block_c)
-                assert logit_programs >= 132 or cfg.block_b == cfg.block_c == (32 if dot == DOT_IEEE else 64), cfg
+                assert logit_programs >= 132 or cfg.block_b == cfg.block_c == 64, cfg
                 assert row_blocks * -(-D // cfg.block_n) * cfg.splits >= 132, (B, C, D, cfg)
         assert launch_config(4096, 32000, 768, dot).chunk == 2048, "two chunks of 2048 rows, as native"
-        assert launch_config(256, 1000, 768, dot).block_b >= (32 if dot == DOT_IEEE else 64)
+        assert launch_config(256, 1000, 768, dot).block_b >= 64
     assert launch_config(4096, 32000, 768, DOT_16)[:4] == (128, 128, 64, 128)
     assert launch_config(8, 8, 8, DOT_16)[:3] == (64, 64, 16), "tensor-core tiles of 64, the K step cut to D"
 
