@@ -408,10 +408,13 @@ def _softmax_row(
     z_floor = -gamma * _sqrt(tl.full([], _DIST2_EPS, ACC))
     zrow = zbuf + local * LDZ
     w_vec = tl.zeros([BLOCK_R], ACC)
-    for c0 in range(0, C, BLOCK_R):
+    # The whole padded row (LDZ, divisible by 16, bounds the vector loads and stores; C, not specialised, would make
+    # them scalar): the padding gets w = 0, so that W·A reads W unmasked.
+    for c0 in range(0, LDZ, BLOCK_R):
         c = c0 + offs
         cm = c < C
-        z = tl.load(zrow + c, mask=cm, other=float("-inf"))
+        in_row = c < LDZ
+        z = tl.where(cm, tl.load(zrow + c, mask=in_row, other=0), float("-inf"))
         dz = tl.exp(z - run_max) * inv_sum - tl.where(c == lab, 1.0, 0.0)
         if METRIC == _SQEUCLIDEAN:
             w = gamma * dz  # ∂u_c/∂f = γ·a_c
@@ -432,10 +435,10 @@ def _softmax_row(
             tl.debug_barrier()
             k_start = (c // BLOCK_K) * BLOCK_K
             dst = wbuf + local * (2 * LDZ) + 2 * k_start + (c - k_start)
-            tl.store(dst, w_hi, mask=cm)
-            tl.store(dst + BLOCK_K, w_lo, mask=cm)
+            tl.store(dst, w_hi, mask=in_row)
+            tl.store(dst + BLOCK_K, w_lo, mask=in_row)
         else:
-            tl.store(zrow + c, w, mask=cm)
+            tl.store(zrow + c, w, mask=in_row)
     tl.store(wsums + local, tl.sum(w_vec, 0))
 
 
@@ -519,7 +522,8 @@ def _anchor_loss_kernel(
         c_mask = c < C
         dots = _dots(features, anchors, rows, row_mask, c, c_mask, D, DOT, ACC, BLOCK_B, BLOCK_C, BLOCK_K)
         z = _logits(dots, c, c_mask, lab, anorm, fn2, 1.0 / fden, dy2, zy, gamma, METRIC)
-        tl.store(zbuf + local[:, None] * LDZ + c[None, :], z, mask=row_mask[:, None] & c_mask[None, :])
+        # Masked by the padded pitch, not C (vector stores, as in phase 2); the padding is never read as a logit.
+        tl.store(zbuf + local[:, None] * LDZ + c[None, :], z, mask=row_mask[:, None] & (c < LDZ)[None, :])
         # Every tile holds a real class, so its max is finite and exp(−inf − max) = 0 for the masked ones.
         t_max = tl.max(z, 1)
         t_sum = tl.sum(tl.exp(z - t_max[:, None]), 1)
@@ -562,7 +566,8 @@ def _anchor_loss_kernel(
         for kt in range(split * KPS, tl.minimum(split * KPS + KPS, k_steps)):
             c = kt * BLOCK_K + offs_k
             c_mask = c < C
-            m2 = row_mask[:, None] & c_mask[None, :]
+            # W's padding columns are 0 (phase 2): only the rows are masked, so the loads stay vectors.
+            m2 = row_mask[:, None]
             a = tl.load(
                 anchors + c.to(tl.int64)[:, None] * D + n[None, :], mask=c_mask[:, None] & n_mask[None, :], other=0
             )

@@ -564,6 +564,8 @@ for (sig, consts), k in ok:
     if str(consts["ACC"]) == "fp32":  # IEEE square roots where there are any (cosine: ‖f‖; Euclidean: the distances)
         uses_sqrt = consts["METRIC"] == 1 and consts["SOFTMAX"] and consts["PHASE"] == 1
         assert "sqrt.approx" not in ptx and ("sqrt.rn.f32" in ptx or not uses_sqrt), (sig, consts)
+    if consts["PHASE"] == 2 and consts["PACKED"]:  # bfloat16 W written over logits other threads still read
+        assert re.search(r"^\\s*(bar|barrier)\\.sync", ptx, re.M), ("no barrier before the packed W", sig, consts)
     # scale and pull arrive as float64 (a float32 argument would cap the float64 path at ~1e-8).
     assert ".param .f64" in ptx, (sig, consts)
 # The production tiles (D = 768: 64- and 128-wide) run wgmma, Hopper's warpgroup MMA, in TF32 and bfloat16.
