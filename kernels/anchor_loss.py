@@ -150,7 +150,8 @@ def launch_config(B: int, C: int, D: int, dot: int, softmax: bool = True, sms: i
     bk, bn = min(bk, p2), min(bn, p2)
     tiles = triton.cdiv(chunk, bb) * triton.cdiv(D, bn)
     splits = _pick_splits(tiles, triton.cdiv(C, bk), chunk, D, sms)
-    br = max(bk, min(2048, max(16, triton.next_power_of_2(C))))  # whole K steps (phase 2's packed W)
+    # Phase 2: 8 classes a thread per step (16 spilled 4 bytes with 4 warps, triton 3.6), whole K steps (packed W).
+    br = max(bk, min(256 * warps, max(16, triton.next_power_of_2(C))))
     return Config(bb, bc, bk, bn, br, chunk, splits, warps)
 
 
