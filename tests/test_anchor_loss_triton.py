@@ -1,5 +1,6 @@
 """Triton kernel of ppml::anchor_loss vs the fused formulas in float64: metrics × settings × dtypes, block edges (C, B
-and D around the tiles, several class/row/D blocks), edge values, mixed dtypes and layouts, fuzzing, the op, AOT sm_90.
+and D around the tiles, several class/row/D blocks), row chunks and class splits, edge values, mixed dtypes and
+layouts, fuzzing, the op, AOT sm_90.
 
 The `triton` tests run on a GPU, or here on CPU tensors in their own run: ``TRITON_INTERPRET=1 pytest -m triton``
 (the variable must be set before ppml is imported). The AOT test compiles the kernel for sm_90 in a fresh process
@@ -11,13 +12,13 @@ small-D tests share one D class (BLOCK_D = 16, D neither 1 nor a multiple of 16;
 kernel) and the GPU set compiles each dtype × metric × softmax there once (test_triton_matches_float64_formulas),
 plus the block-size classes of test_triton_block_edges, D = 1, and the mixed-dtype loads.
 
-Oracle: ``loss_and_grad`` on the same inputs widened to float64. Tolerance (ARCHITECTURE.md's loss rule, applied per row to
-the gradient's largest entry as well): |ours − ref64| <= 2·|torch_same − ref64| + atol·(1 + |ref64|) + cond, torch_same
-being ``loss_and_grad`` run in the kernel's own precision (float32 for half inputs, the gradient rounded to the input
-dtype). atol is 1e-10 for float64 and 1e-5 for float32 arithmetic; half-precision gradients add one ulp of their dtype
-(the float32 gradient may sit on the other side of a rounding point than torch's). cond is the conditioning of the
-Euclidean logits, 2·eps(acc)·γ·(‖f‖² + max‖a‖²) on a logit (see term_scale; 0 for cosine): at γ = 20 and D = 130 one
-float32 logit is only good to ~1e-3, and torch's own error there, the 2·|torch_same − ref64| term, is small by luck.
+Oracle: ``loss_and_grad`` on the same inputs widened to float64. Tolerance (ARCHITECTURE.md's loss rule, applied per row
+to the gradient's largest entry as well): |ours − ref64| <= 2·|torch_same − ref64| + atol·(1 + |ref64|) + cond,
+torch_same being ``loss_and_grad`` run in the kernel's own precision (float32 for half inputs, the gradient rounded to
+the input dtype). atol is 1e-10 for float64 and 1e-5 for float32 arithmetic; half-precision gradients add one ulp of
+their dtype (the float32 gradient may sit on the other side of a rounding point than torch's). cond is the conditioning
+of the Euclidean logits, 2·eps(acc)·γ·(‖f‖² + max‖a‖²) on a logit (see term_scale; 0 for cosine): at γ = 20 and D = 130
+one float32 logit is only good to ~1e-3, and torch's own error there, the 2·|torch_same − ref64| term, is small by luck.
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ BLOCK_EDGE_SHAPES = [
     (4, 9, 40),  # BLOCK_D = 64, masked
     (2, 3, 128),  # D = BLOCK_D exactly: the resident-feature path at its limit
     (2, 3, 129),  # one past it: the looped-D path with a one-column last block
-    (5, 33, 300),  # three D blocks, pass 2 recomputing the dot products per output block
+    (5, 33, 300),  # three D blocks, several W·A column blocks
 ]
 # The GPU set: the looped-D path (D > 128) with every metric; each other block-size class with one metric (its D
 # masks are metric-blind; D = 5 is the shared small-D class, free for all three).
@@ -167,23 +168,42 @@ def test_triton_block_edges(metric, B, C, D):
 
 @triton_run
 def test_triton_launch_config_fills_the_gpu():
-    # The tensor-core tiles (64 rows/classes) and the class splits: B = 256 must give at least 132 programs (an
-    # H200's SMs) in the gradient phase, and in the statistics phase as many as the class tiles allow; no tile below
-    # tl.dot's 16.
-    from ppml.kernels.anchor_loss import DOT_16, DOT_IEEE, DOT_TF32, launch_config
+    # Tensor-core tiles (128, or 64 where the chunk has too few 128-tiles), the chunk of the native kernels (its
+    # [chunk, C] buffer within the budget), the W·A split-K: B = 256 must give at least 132 programs (an H200's SMs)
+    # in the W·A GEMM, and the logits one program per (row block, class tile) at the smallest tile; no tile below
+    # tl.dot's 16; the split buffer within a quarter of the chunk budget.
+    from ppml.kernels.anchor_loss import CHUNK_ELEMENTS, DOT_16, DOT_IEEE, DOT_TF32, launch_config
 
     for dot in (DOT_IEEE, DOT_TF32, DOT_16):
         for B, C, D in ((256, 1000, 768), (1024, 1000, 2048), (4096, 32000, 768), (3, 5, 1)):
             cfg = launch_config(B, C, D, dot)
-            assert min(cfg.block_b, cfg.block_c, cfg.block_k, cfg.block_n) >= 16, cfg
-            row_blocks = -(-B // cfg.block_b)
-            class_tiles = -(-C // cfg.block_c)
-            assert 1 <= cfg.stat_splits <= class_tiles and 1 <= cfg.grad_splits <= class_tiles, cfg
-            if B >= 256:  # at least the SMs, or (phase 1 at C = 1,000: 4 × 16) one program per row and class tile
-                assert row_blocks * cfg.stat_splits >= 132 or cfg.stat_splits == class_tiles, (B, C, D, cfg)
-                assert row_blocks * -(-D // cfg.block_n) * cfg.grad_splits >= 132, (B, C, D, cfg)
-        assert launch_config(256, 1000, 768, dot).block_b >= (32 if dot == DOT_IEEE else 64)
+            assert min(cfg.block_b, cfg.block_c, cfg.block_k, cfg.block_n, cfg.block_r) >= 16, cfg
+            assert cfg.chunk * C <= max(CHUNK_ELEMENTS, C) and 1 <= cfg.splits <= -(-C // cfg.block_k), cfg
+            assert cfg.splits == 1 or cfg.splits * cfg.chunk * D <= CHUNK_ELEMENTS // 4, cfg
+            row_blocks = -(-cfg.chunk // cfg.block_b)
+            if B >= 256:
+                logit_programs = row_blocks * -(-C // cfg.block_c)
+                assert logit_programs >= 132 or cfg.block_b == cfg.block_c == 64, cfg
+                assert row_blocks * -(-D // cfg.block_n) * cfg.splits >= 132, (B, C, D, cfg)
+        assert launch_config(4096, 32000, 768, dot).chunk == 2048, "two chunks of 2048 rows, as native"
+        assert launch_config(256, 1000, 768, dot).block_b >= 64
+    assert launch_config(4096, 32000, 768, DOT_16)[:4] == (128, 128, 64, 128)
     assert launch_config(8, 8, 8, DOT_16)[:3] == (64, 64, 16), "tensor-core tiles of 64, the K step cut to D"
+
+
+def test_triton_chunk_rows_as_native(monkeypatch):
+    # csrc/common/anchor_loss.h's anchor_chunk_rows: the budget over C, evened out; the same environment override.
+    from ppml.kernels.anchor_loss import CHUNK_ELEMENTS, chunk_rows
+
+    assert chunk_rows(4096, 32000, True) == 2048
+    assert chunk_rows(1024, 1000, True) == 1024 and chunk_rows(5, 3, False) == 5
+    most = CHUNK_ELEMENTS // 50_000
+    assert chunk_rows(most + 1, 50_000, True) == -(-(most + 1) // 2)
+    assert chunk_rows(4096, 10**9, True) == 1, "at least one row"
+    monkeypatch.setenv("PPML_ANCHOR_CHUNK_ELEMENTS", "100")
+    assert chunk_rows(10, 20, True) == 5 and chunk_rows(11, 20, True) == 4  # 3 chunks of <= 5 rows: 4, 4, 3
+    monkeypatch.setenv("PPML_ANCHOR_CHUNK_ELEMENTS", "junk")
+    assert chunk_rows(4096, 32000, True) == 2048
 
 
 def test_triton_dot_mode_follows_dtypes_and_tf32_flag():
@@ -207,17 +227,17 @@ def test_triton_dot_mode_follows_dtypes_and_tf32_flag():
         torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def small_config(stat_splits, grad_splits):
-    """16-wide tiles (tl.dot's smallest) and forced class splits: several row, class, K and column blocks, and split
-    merges, at interpreter-sized shapes."""
+def small_config(chunk, splits):
+    """16-wide tiles (tl.dot's smallest), forced row chunks and W·A class splits: several row, class, K and column
+    blocks, chunks and split sums, at interpreter-sized shapes."""
     from ppml.kernels.anchor_loss import Config
 
-    return Config(16, 16, 16, 16, stat_splits, grad_splits, 4)
+    return Config(16, 16, 16, 16, 16, chunk, splits, 4)
 
 
-# (B, C, D, stat_splits, grad_splits): ragged B and C (masks), splits of one and of several class tiles, a split count
-# above the class tiles (clipped), D spanning several K and column blocks.
-SPLIT_SHAPES = [(19, 37, 20, 3, 2), (5, 50, 33, 2, 4), (33, 17, 7, 1, 1), (7, 70, 12, 9, 5)]
+# (B, C, D, chunk, splits): ragged B and C (masks), ragged last chunks, chunks of one row block and of several, a
+# split count above the K steps (clipped), D spanning several K and column blocks.
+SPLIT_SHAPES = [(19, 37, 20, 7, 2), (5, 50, 33, 2, 4), (33, 17, 7, 33, 1), (7, 70, 12, 3, 9)]
 SPLIT_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 
 
@@ -232,13 +252,13 @@ def split_runs(all_cases=ALL_TRITON_CASES):
 
 @triton_run
 @pytest.mark.parametrize("dtype,metric,pull,softmax,shape", split_runs(), ids=str)
-def test_triton_class_splits_and_ragged_blocks(dtype, metric, pull, softmax, shape):
-    B, C, D, s1, s2 = shape
+def test_triton_chunks_splits_and_ragged_blocks(dtype, metric, pull, softmax, shape):
+    B, C, D, chunk, splits = shape
     f, a, y = make_case(B, C, D, dtype, seed=B * C + D)
-    out = launch(f, a, y, metric, SCALE, pull, softmax, config=small_config(s1, s2))
+    out = launch(f, a, y, metric, SCALE, pull, softmax, config=small_config(chunk, splits))
     loss, grad = check(f, a, y, metric, SCALE, pull, softmax, out=out)
-    # The split is a regrouping of the same sums: one split and many agree to float rounding.
-    one = launch(f, a, y, metric, SCALE, pull, softmax, config=small_config(1, 1))
+    # Chunks and splits regroup the same sums: one chunk and one split agree with them to float rounding.
+    one = launch(f, a, y, metric, SCALE, pull, softmax, config=small_config(B, 1))
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(loss, one[0], rtol=tol, atol=tol)
     torch.testing.assert_close(grad.double(), one[1].double(), rtol=tol, atol=tol + GRAD_ATOL[dtype])
@@ -500,12 +520,28 @@ def aot_launches(all_cases=ALL_TRITON_CASES):
         launch(f, a, y, metric, SCALE, pull, softmax, config=small_config(*shape[3:]))
     # The production tiles at the benchmark's D = 768 (block sizes depend on D and the dot mode only; B and C set the
     # split counts, which are not specialised): bfloat16 and float32 in TF32 and IEEE, as the GPU benchmark runs them.
+    # At B = 4096, C = 32,000 the tiles are 128 wide (the config forced here; B and C are not specialised).
+    from ppml.kernels.anchor_loss import DOT_16, DOT_IEEE, DOT_TF32, launch_config
+
     for dtype in (torch.bfloat16, torch.float32):
         run(4, 5, 768, dtype, "sqeuclidean", 0.1, True)
+        f, a, y = make_case(4, 5, 768, dtype, device="cpu")
+        launch(
+            f,
+            a,
+            y,
+            "sqeuclidean",
+            SCALE,
+            0.1,
+            True,
+            config=launch_config(4096, 32000, 768, DOT_16 if dtype == torch.bfloat16 else DOT_IEEE),
+        )
     saved = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
         run(4, 5, 768, torch.float32, "sqeuclidean", 0.1, True)
+        f, a, y = make_case(4, 5, 768, torch.float32, device="cpu")
+        launch(f, a, y, "sqeuclidean", SCALE, 0.1, True, config=launch_config(4096, 32000, 768, DOT_TF32))
         for metric in METRICS:  # test_triton_tf32_mode
             run(19, 37, 20, torch.float32, metric, 0.5, True)
     finally:
@@ -523,16 +559,19 @@ for (sig, consts), k in ok:
     assert ".target sm_90" in ptx and len(k.asm["cubin"]) > 0, consts
     if consts["DOT"] == 0:  # IEEE: a TF32 dot would ruin the expanded-form distance ‖f‖² − 2f·a + ‖a‖²
         assert "tf32" not in ptx, (sig, consts)
-    elif consts["PHASE"] in (1, 2):  # TF32 and 16-bit: the logits (and w·A) on tensor cores
+    elif consts["PHASE"] in (1, 3):  # TF32 and 16-bit: the logits and W·A on tensor cores
         assert re.search(r"^\\s*(wgmma\\.mma_async|mma\\.sync)", ptx, re.M), ("no mma/wgmma", sig, consts)
     if str(consts["ACC"]) == "fp32":  # IEEE square roots where there are any (cosine: ‖f‖; Euclidean: the distances)
-        uses_sqrt = consts["METRIC"] == 1 and consts["SOFTMAX"] and consts["PHASE"] in (1, 2)
+        uses_sqrt = consts["METRIC"] == 1 and consts["SOFTMAX"] and consts["PHASE"] == 1
         assert "sqrt.approx" not in ptx and ("sqrt.rn.f32" in ptx or not uses_sqrt), (sig, consts)
+    if consts["PHASE"] == 2 and consts["PACKED"]:  # bfloat16 W written over logits other threads still read
+        assert re.search(r"^\\s*(bar|barrier)\\.sync", ptx, re.M), ("no barrier before the packed W", sig, consts)
     # scale and pull arrive as float64 (a float32 argument would cap the float64 path at ~1e-8).
     assert ".param .f64" in ptx, (sig, consts)
-# The production tiles (D = 768) run wgmma, Hopper's warpgroup MMA, in TF32 and bfloat16.
-big = [(c, k) for (s, c), k in ok if c["BLOCK_N"] == 128 and c["DOT"] in (1, 2) and c["PHASE"] in (1, 2)]
-assert {(c["DOT"], c["PHASE"]) for c, _ in big} == {(1, 1), (1, 2), (2, 1), (2, 2)}, sorted(map(str, big))
+# The production tiles (D = 768: 64- and 128-wide) run wgmma, Hopper's warpgroup MMA, in TF32 and bfloat16.
+big = [(c, k) for (s, c), k in ok if c["BLOCK_N"] == 128 and c["DOT"] in (1, 2) and c["PHASE"] in (1, 3)]
+assert {(c["DOT"], c["PHASE"], c["BLOCK_B"]) for c, _ in big} == {
+    (d, p, b) for d in (1, 2) for p in (1, 3) for b in (64, 128)}, sorted(map(str, big))
 for c, k in big:
     assert "wgmma.mma_async" in k.asm["ptx"], ("no wgmma at the production tiles", c)
 """
