@@ -43,7 +43,7 @@ _MIN_PROGRAMS = 132 * 8  # a few waves of the 132 SMs of an H100/H200, several p
 # Keys of up to this many tiles are checked inside the kernel (histograms of the row, _KEY_BINS values a pass: a
 # 4,096-count histogram in one pass took 118 registers on triton 3.8 and spilled on 3.6). p = 16 at 224 px is
 # N = 196, one pass; p = 4 at 224 px 3,136, 13 passes over the 25 KB row (L2-resident), in one program per image.
-# Longer keys are checked by the op before the launch (ppml.ops.shuffle_patches._check_perm_values), as the CUDA
+# Longer keys are checked by the op before the launch (ppml.ops._common.check_perm_rows), as the CUDA
 # kernel does past its kMaxFusedTiles.
 MAX_CHECKED_TILES = 4096
 _KEY_CHUNK = 256  # key entries histogrammed per step

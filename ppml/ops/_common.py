@@ -67,3 +67,39 @@ def check_images(images, op: str) -> None:
         raise ValueError(f"{op}: images must be 4-D [B, C, H, W], got {describe(images)}")
     if images.dtype not in _IMAGE_DTYPE_SET:
         raise TypeError(f"{op}: images must be uint8, float16, bfloat16, float32 or float64, got {describe(images)}")
+
+
+def check_tile_key(images: torch.Tensor, perm, patch_size: int, op: str) -> int:
+    """The checks every op keyed by a tile permutation shares (shuffle_patches, patch_tokens): 4-D images of an image
+    dtype, p dividing H and W, ``perm`` None or int64 [B, N] on the images' device. Shapes only (fake tensors pass
+    through). Returns N = (H/p)·(W/p)."""
+    check_images(images, op)
+    check_positive_int(patch_size, op, "patch_size")
+    B, _, H, W = images.shape
+    if H % patch_size or W % patch_size:
+        raise ValueError(f"{op}: patch_size must divide H and W, got patch_size={patch_size} for H={H}, W={W}")
+    n = (H // patch_size) * (W // patch_size)
+    if perm is not None:
+        if not isinstance(perm, torch.Tensor) or perm.dtype != torch.int64 or perm.dim() != 2 or perm.shape != (B, n):
+            raise ValueError(f"{op}: perm must be int64 [B, N] with B={B} and N=(H/p)*(W/p)={n}, got {describe(perm)}")
+        if perm.device != images.device:
+            raise ValueError(f"{op}: perm must be on the images' device {images.device}, got {describe(perm)}")
+    return n
+
+
+def check_perm_rows(perm: torch.Tensor, op: str) -> None:
+    """Every row of ``perm`` a permutation of 0..N-1: an error at once on CPU, a device-side assert on a GPU (no host
+    sync; see :func:`check_values`)."""
+    if perm.numel() == 0:
+        return
+    n = perm.shape[1]
+    in_range = (perm >= 0) & (perm < n)
+    # each in-range value counted once per row; a row is a permutation iff every count is exactly 1
+    counts = torch.zeros_like(perm).scatter_add_(1, perm.clamp(0, n - 1), in_range.to(perm.dtype))
+    bad_rows = (counts != 1).any(1)
+
+    def message(device_side: bool = False) -> str:
+        which = "at least one row is not" if device_side else f"row {int(bad_rows.nonzero()[0, 0])} is not"
+        return f"{op}: every row of perm must be a permutation of 0..{n - 1} (N=(H/p)*(W/p)={n}), {which}"
+
+    check_values(~bad_rows.any(), message)

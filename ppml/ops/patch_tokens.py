@@ -21,7 +21,7 @@ from .. import _dispatch
 from ..keys import random_permutations
 from ..reference import patch_tokens as _reference_tokens
 from ..reference.patch_tokens import accumulate_dtype, untoken
-from ._common import check_images, check_positive_int, check_values, describe, fallback_kernel, lib
+from ._common import check_perm_rows, check_positive_int, check_tile_key, describe, fallback_kernel, lib
 
 OP = "ppml.patch_tokens"
 TOKEN_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -62,38 +62,13 @@ def _check(
     op: str = OP,
 ) -> int:
     """Shape, dtype and device checks (no data reads, so fake tensors pass through). Returns N."""
-    check_images(images, op)
-    check_positive_int(patch_size, op, "patch_size")
-    B, C, H, W = images.shape
-    if H % patch_size or W % patch_size:
-        raise ValueError(f"{op}: patch_size must divide H and W, got patch_size={patch_size} for H={H}, W={W}")
-    n = (H // patch_size) * (W // patch_size)
-    if perm is not None:
-        if not isinstance(perm, Tensor) or perm.dtype != torch.int64 or perm.dim() != 2 or tuple(perm.shape) != (B, n):
-            raise ValueError(f"{op}: perm must be int64 [B, N] with B={B} and N=(H/p)*(W/p)={n}, got {describe(perm)}")
-        if perm.device != images.device:
-            raise ValueError(f"{op}: perm must be on the images' device {images.device}, got {describe(perm)}")
+    n = check_tile_key(images, perm, patch_size, op)
+    C = images.shape[1]
     _check_stats(mean, C, "mean", op)
     _check_stats(std, C, "std", op)
     if dtype not in TOKEN_DTYPES:
         raise TypeError(f"{op}: dtype must be float16, bfloat16, float32 or float64, got {dtype}")
     return n
-
-
-def _check_perm_values(perm: Tensor, op: str = OP) -> None:
-    """Every row a permutation of 0..N-1: an error at once on CPU, a device-side assert on a GPU (no host sync)."""
-    if perm.numel() == 0:
-        return
-    n = perm.shape[1]
-    in_range = (perm >= 0) & (perm < n)
-    counts = torch.zeros_like(perm).scatter_add_(1, perm.clamp(0, n - 1), in_range.to(perm.dtype))
-    bad_rows = (counts != 1).any(1)
-
-    def message(device_side: bool = False) -> str:
-        which = "at least one row is not" if device_side else f"row {int(bad_rows.nonzero()[0, 0])} is not"
-        return f"{op}: every row of perm must be a permutation of 0..{n - 1} (N=(H/p)*(W/p)={n}), {which}"
-
-    check_values(~bad_rows.any(), message)
 
 
 def _empty_tokens(images: Tensor, n: int, patch_size: int, dtype: torch.dtype) -> Tensor:
@@ -157,7 +132,7 @@ def _reference_kernel(images, perm, patch_size, mean, std, dtype):
     """The reference as a kernel: same checks and output as the C++ kernels."""
     n = _check(images, perm, patch_size, mean, std, dtype)
     if perm is not None:
-        _check_perm_values(perm)
+        check_perm_rows(perm, OP)
     out = _empty_tokens(images, n, patch_size, dtype)
     out.copy_(_reference_tokens(images, patch_size, perm, mean, std, dtype))
     return out
@@ -168,7 +143,7 @@ def _reference_kernel_out(images, perm, patch_size, mean, std, dtype, *, out) ->
     n = _check(images, perm, patch_size, mean, std, dtype)
     _check_out(images, out, n, patch_size, dtype)
     if perm is not None:
-        _check_perm_values(perm)
+        check_perm_rows(perm, OP)
     out.copy_(_reference_tokens(images, patch_size, perm, mean, std, dtype))
 
 
@@ -189,7 +164,7 @@ def patch_tokens_triton(
     """Triton kernel of :func:`patch_tokens` (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``)."""
     _check(images, perm, patch_size, mean, std, dtype, op=_TRITON_OP)
     if perm is not None:
-        _check_perm_values(perm, op=_TRITON_OP)
+        check_perm_rows(perm, _TRITON_OP)
     from ppml.kernels.patch_tokens import patch_tokens_triton as launch
 
     return launch(images, perm, patch_size, mean, std, dtype, accumulate_dtype(images.dtype, dtype))
@@ -206,7 +181,7 @@ patch_tokens_triton.register_autograd(_backward, setup_context=_setup_context)
 
 def _reference_backend(images, perm, patch_size, mean, std, dtype):
     if perm is not None and not torch.compiler.is_compiling():
-        _check_perm_values(perm)
+        check_perm_rows(perm, OP)
     return _reference_tokens(images, patch_size, perm, mean, std, dtype)
 
 

@@ -9,7 +9,7 @@ from torch._subclasses.fake_tensor import is_fake
 from .. import _dispatch
 from ..keys import invert_permutations, random_permutations
 from ..reference import shuffle_patches as _reference_shuffle
-from ._common import check_images, check_positive_int, check_values, describe, empty_output, fallback_kernel, lib
+from ._common import check_perm_rows, check_positive_int, check_tile_key, describe, empty_output, fallback_kernel, lib
 from ._transform import as_batch
 
 OP = "ppml.shuffle_patches"
@@ -23,40 +23,7 @@ lib.define("shuffle_patches.out(Tensor images, Tensor perm, int patch_size, *, T
 
 def _check(images: Tensor, perm: Tensor | None, patch_size: int, op: str = OP) -> int:
     """Shape, dtype and device checks (no data reads, so fake tensors pass through). Returns N."""
-    check_images(images, op)
-    check_positive_int(patch_size, op, "patch_size")
-    B, _, H, W = images.shape
-    if H % patch_size or W % patch_size:
-        raise ValueError(f"{op}: patch_size must divide H and W, got patch_size={patch_size} for H={H}, W={W}")
-    n = (H // patch_size) * (W // patch_size)
-    if perm is not None:
-        if (
-            not isinstance(perm, Tensor)
-            or perm.dtype != torch.int64
-            or perm.dim() != 2
-            or perm.shape != (B, n)
-        ):
-            raise ValueError(f"{op}: perm must be int64 [B, N] with B={B} and N=(H/p)*(W/p)={n}, got {describe(perm)}")
-        if perm.device != images.device:
-            raise ValueError(f"{op}: perm must be on the images' device {images.device}, got {describe(perm)}")
-    return n
-
-
-def _check_perm_values(perm: Tensor, op: str = OP) -> None:
-    """Every row a permutation of 0..N-1: an error at once on CPU, a device-side assert on a GPU (no host sync)."""
-    if perm.numel() == 0:
-        return
-    n = perm.shape[1]
-    in_range = (perm >= 0) & (perm < n)
-    # each in-range value counted once per row; a row is a permutation iff every count is exactly 1
-    counts = torch.zeros_like(perm).scatter_add_(1, perm.clamp(0, n - 1), in_range.to(perm.dtype))
-    bad_rows = (counts != 1).any(1)
-
-    def message(device_side: bool = False) -> str:
-        which = "at least one row is not" if device_side else f"row {int(bad_rows.nonzero()[0, 0])} is not"
-        return f"{op}: every row of perm must be a permutation of 0..{n - 1} (N=(H/p)*(W/p)={n}), {which}"
-
-    check_values(~bad_rows.any(), message)
+    return check_tile_key(images, perm, patch_size, op)
 
 
 @torch.library.register_fake("ppml::shuffle_patches")
@@ -108,7 +75,7 @@ torch.library.register_autograd("ppml::shuffle_patches", _backward, setup_contex
 def _reference_kernel(images: Tensor, perm: Tensor, patch_size: int) -> Tensor:
     """The reference as a kernel: same checks and output layout as the C++ kernels."""
     _check(images, perm, patch_size)
-    _check_perm_values(perm)
+    check_perm_rows(perm, OP)
     out = empty_output(images, images.shape)
     out.copy_(_reference_shuffle(images, perm, patch_size))
     return out
@@ -118,7 +85,7 @@ def _reference_kernel(images: Tensor, perm: Tensor, patch_size: int) -> Tensor:
 def _reference_kernel_out(images: Tensor, perm: Tensor, patch_size: int, *, out: Tensor) -> None:
     _check(images, perm, patch_size)
     _check_out(images, out)
-    _check_perm_values(perm)
+    check_perm_rows(perm, OP)
     out.copy_(_reference_shuffle(images, perm, patch_size))
 
 
@@ -136,7 +103,7 @@ def shuffle_patches_triton(images: Tensor, perm: Tensor, patch_size: int) -> Ten
     # interpreter (CPU tensors) drops device asserts, and keys past MAX_CHECKED_TILES are too long for the kernel's
     # check: there, the check here (an error at once on CPU, queued device-side asserts on a GPU).
     if not perm.is_cuda or n > MAX_CHECKED_TILES:
-        _check_perm_values(perm, op="ppml.shuffle_patches_triton")
+        check_perm_rows(perm, "ppml.shuffle_patches_triton")
     return launch(images, perm, patch_size)
 
 
@@ -156,7 +123,7 @@ shuffle_patches_triton.register_autograd(_backward_triton, setup_context=_setup_
 
 def _reference_backend(images: Tensor, perm: Tensor, patch_size: int) -> Tensor:
     if not torch.compiler.is_compiling():
-        _check_perm_values(perm)
+        check_perm_rows(perm, OP)
     return _reference_shuffle(images, perm, patch_size)
 
 
@@ -225,7 +192,7 @@ def unshuffle_patches(
     """
     _check(encrypted, perm, patch_size, op="ppml.unshuffle_patches")
     if not torch.compiler.is_compiling():
-        _check_perm_values(perm, op="ppml.unshuffle_patches")
+        check_perm_rows(perm, "ppml.unshuffle_patches")
     _, fn = _dispatch.choose("shuffle_patches", encrypted.device, backend)
     return fn(encrypted, invert_permutations(perm), patch_size)
 
