@@ -13,6 +13,7 @@
 #include <cstdint>
 
 #include "common/checks.h"  // dtype_name, describe
+#include "common/plane_geometry.h"  // clamp_tile
 
 #ifndef __CUDACC_RTC__
 #include <ATen/core/Tensor.h>
@@ -39,13 +40,6 @@ C10_HOST_DEVICE inline Acc normalise(Acc v, Acc mean, Acc std) {
   if constexpr (FromBytes) v = v / static_cast<Acc>(255);
   v = v - mean;
   return v / std;
-}
-
-// Clamp of a tile index into [0, N): the key is validated before (CPU) or inside (CUDA) the kernel; the clamp only
-// guarantees that no key can make a kernel read outside the image.
-template <typename Index>
-C10_HOST_DEVICE inline Index clamp_token_tile(Index tile, Index num_tiles) {
-  return tile < 0 ? Index(0) : (tile >= num_tiles ? num_tiles - 1 : tile);
 }
 
 #ifndef __CUDACC_RTC__

@@ -3,9 +3,10 @@
 //   NHWC contiguous:  planes = B,     K = C  (channels interleaved: a run of x pixels is x * C contiguous elements)
 // so a horizontal run of pixels of one plane is always contiguous. One rule picks the working layout for every op:
 // channels_last inputs stay channels_last, everything else is made contiguous (Python twin:
-// ppml/ops/_common.py::output_is_channels_last; the Triton launchers use kernels/_common.py).
+// ppml/_layout.py::output_is_channels_last, which the fake kernels and the Triton launchers follow).
 #pragma once
 
+#include <c10/macros/Macros.h>
 #include <cstdint>
 
 #ifndef __CUDACC_RTC__
@@ -13,6 +14,14 @@
 #endif
 
 namespace ppml::ops {
+
+// Clamp of a tile index into [0, N): keys are validated before the gather (on the host for CPU tensors, by a
+// device-side assert inside the CUDA kernels), so this never changes a valid key; it only guarantees that no bad key
+// can make a kernel read outside the image, whatever happens to the check.
+template <typename Index>
+C10_HOST_DEVICE inline Index clamp_tile(Index tile, Index num_tiles) {
+  return tile < 0 ? Index(0) : (tile >= num_tiles ? num_tiles - 1 : tile);
+}
 
 struct PlaneLayout {
   int64_t planes;            // B * C (NCHW) or B (NHWC)

@@ -46,14 +46,6 @@ C10_HOST_DEVICE inline Index shuffle_source_offset(const ShuffleGeometry& g, Ind
          sx * static_cast<Index>(g.run_units);
 }
 
-// Clamp of a tile index into [0, N): perm is validated before the gather runs (on the host for CPU tensors, by a
-// device-side assert inside the CUDA kernel itself), so this never changes a valid key; it only guarantees that no
-// bad key can make a kernel read outside the image, whatever happens to the check.
-template <typename Index>
-C10_HOST_DEVICE inline Index clamp_tile(Index tile, Index num_tiles) {
-  return tile < 0 ? Index(0) : (tile >= num_tiles ? num_tiles - 1 : tile);
-}
-
 #ifndef __CUDACC_RTC__
 
 // The same checks, with the same wording, as ppml/ops/shuffle_patches.py::_check (which the fake kernel and the

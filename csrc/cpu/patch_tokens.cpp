@@ -98,13 +98,13 @@ void for_each_token_row(const Geometry& g, bool cl, const int64_t* perm, const c
     for (int64_t tok = begin; tok < end; ++tok) {
       if (perm != nullptr && !cl && tok + 2 < end) {
         const int64_t nb = (tok + 2) / g.N;
-        const int64_t nt = clamp_token_tile<int64_t>(perm[tok + 2], g.N);
+        const int64_t nt = clamp_tile<int64_t>(perm[tok + 2], g.N);
         for (int64_t c = 0; c < g.C; ++c) {
           for (int64_t y = 0; y < g.p; ++y) __builtin_prefetch(src + tile_row_offset(g, cl, nb, nt, c, y) * elem);
         }
       }
       const int64_t b = tok / g.N, i = tok - b * g.N;
-      const int64_t t = perm != nullptr ? clamp_token_tile<int64_t>(perm[tok], g.N) : i;
+      const int64_t t = perm != nullptr ? clamp_tile<int64_t>(perm[tok], g.N) : i;
       const int64_t ty = t / g.tiles_x, tx = t - ty * g.tiles_x;
       for (int64_t c = 0; c < g.C; ++c) {
         for (int64_t y = 0; y < g.p; ++y) {

@@ -18,6 +18,7 @@
 #include "common/device_assert.h"
 #include "common/patch_tokens.h"
 #include "common/plane_geometry.h"
+#include "cuda/key_rows.cuh"
 
 namespace ppml::ops {
 namespace {
@@ -38,10 +39,7 @@ __global__ void check_token_perm_kernel(const int64_t* __restrict__ perm, int32_
   const int64_t total = B * N;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t v = perm[i];
-    const bool in_range = v >= 0 && v < N;
-    const bool first = in_range && atomicAdd(seen + (i / N) * N + v, 1) == 0;
-    CUDA_KERNEL_ASSERT_MSG(in_range && first, PPML_TOKENS_KEY_MESSAGE);
+    CUDA_KERNEL_ASSERT_MSG(key_value_is_first(perm, seen, i, N), PPML_TOKENS_KEY_MESSAGE);
   }
 }
 
@@ -93,19 +91,8 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t img = blockIdx.y; img < images; img += gridDim.y) {
     const int64_t* row = perm != nullptr ? perm + img * g.N : nullptr;
     if (fused) {
-      const int words = (n + 31) / 32;
-      for (int w = threadIdx.x; w < words; w += kThreads) seen[w] = 0;
-      __syncthreads();
-      for (int t = threadIdx.x; t < n; t += kThreads) {
-        const int64_t v = row[t];
-        const bool in_range = v >= 0 && v < n;
-        const int32_t c = static_cast<int32_t>(clamp_token_tile<int64_t>(v, n));
-        const uint32_t bit = 1u << (c & 31);
-        const bool first = in_range && (atomicOr(seen + (c >> 5), bit) & bit) == 0;
-        CUDA_KERNEL_ASSERT_MSG(in_range && first, PPML_TOKENS_KEY_MESSAGE);
-        tiles[t] = c;
-      }
-      __syncthreads();
+      const bool key_ok = load_key_row<kThreads>(row, n, tiles, seen);
+      CUDA_KERNEL_ASSERT_MSG(key_ok, PPML_TOKENS_KEY_MESSAGE);
     }
     const In* from = src + img * image_in;
     Out* to = dst + img * image_out;
@@ -125,7 +112,7 @@ __global__ void __launch_bounds__(kThreads)
           uint32_t t = i;
           if (row != nullptr) {
             t = fused ? static_cast<uint32_t>(tiles[i])
-                      : static_cast<uint32_t>(clamp_token_tile<int64_t>(__ldg(row + i), g.N));
+                      : static_cast<uint32_t>(clamp_tile<int64_t>(__ldg(row + i), g.N));
           }
           const auto txy = d.tiles_x.divmod(t);  // (ty, tx)
           const int64_t yy = static_cast<int64_t>(txy.div) * g.p + y;

@@ -11,6 +11,7 @@
 
 #include "common/device_assert.h"
 #include "common/shuffle_patches.h"
+#include "cuda/key_rows.cuh"
 
 namespace ppml::ops {
 namespace {
@@ -38,11 +39,7 @@ __global__ void check_perm_rows_kernel(const int64_t* __restrict__ perm, int32_t
   const int64_t total = B * N;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t v = perm[i];
-    const bool in_range = v >= 0 && v < N;
-    // a value already counted in its row is a repeat, so some other value is missing
-    const bool first = in_range && atomicAdd(seen + (i / N) * N + v, 1) == 0;
-    CUDA_KERNEL_ASSERT_MSG(in_range && first, PPML_SHUFFLE_KEY_MESSAGE);
+    CUDA_KERNEL_ASSERT_MSG(key_value_is_first(perm, seen, i, N), PPML_SHUFFLE_KEY_MESSAGE);
   }
 }
 
@@ -85,26 +82,13 @@ __global__ void __launch_bounds__(kThreads)
                                  ShuffleGeometry g, ShuffleDividers<Index> d, Index images, Index image_units) {
   extern __shared__ int32_t shared[];
   const int n = static_cast<int>(g.num_tiles);
-  const int words = (n + 31) / 32;
   int32_t* tiles = shared;                                    // n clamped source tiles of this image
   uint32_t* seen = reinterpret_cast<uint32_t*>(shared + n);   // one bit per tile value
   const Index chunk = static_cast<Index>(kThreads) * kUnroll;
   const Index tiles_x = static_cast<Index>(g.tiles_x);
   for (Index img = blockIdx.y; img < images; img += gridDim.y) {
-    for (int w = threadIdx.x; w < words; w += kThreads) seen[w] = 0;
-    __syncthreads();
-    const int64_t* row = perm + static_cast<int64_t>(img) * n;
-    for (int t = threadIdx.x; t < n; t += kThreads) {
-      const int64_t v = row[t];
-      const bool in_range = v >= 0 && v < n;
-      const int32_t c = static_cast<int32_t>(clamp_tile<int64_t>(v, n));
-      const uint32_t bit = 1u << (c & 31);
-      // a value already set in the row's bitmap is a repeat, so some other value is missing
-      const bool first = in_range && (atomicOr(seen + (c >> 5), bit) & bit) == 0;
-      CUDA_KERNEL_ASSERT_MSG(in_range && first, PPML_SHUFFLE_KEY_MESSAGE);
-      tiles[t] = c;
-    }
-    __syncthreads();
+    const bool key_ok = load_key_row<kThreads>(perm + static_cast<int64_t>(img) * n, n, tiles, seen);
+    CUDA_KERNEL_ASSERT_MSG(key_ok, PPML_SHUFFLE_KEY_MESSAGE);
     const Unit* from = src + img * image_units;
     Unit* to = dst + img * image_units;
     for (Index base = static_cast<Index>(blockIdx.x) * chunk; base < image_units;
