@@ -24,6 +24,16 @@ def round_to_bfloat16(x):
 
 
 @triton.jit
+def div_rn(x, y):
+    """IEEE-rounded x / y: float32 `/` compiles to the approximate div.full.f32, and div_rn takes float32 only."""
+    if x.dtype == tl.float32:
+        r = tl.div_rn(x, y)
+    else:
+        r = x / y
+    return r
+
+
+@triton.jit
 def band_coords(k, bands_per_program, num_bands, tiles_y, INT64: tl.constexpr):
     """(live, plane, ty) of the program's ``k``-th band of the band kernels: whether the band exists (past the last
     band, as the grid rounds up, the masks are empty, so nothing is read or written), its plane and its tile row; the

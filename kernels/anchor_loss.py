@@ -56,7 +56,7 @@ import triton.language as tl
 
 from ppml._constants import COS_EPS, DIST2_EPS
 
-from ._common import round_to_bfloat16
+from ._common import div_rn, round_to_bfloat16
 
 _METRIC_IDS = {"sqeuclidean": 0, "euclidean": 1, "cosine": 2}
 _SQEUCLIDEAN = tl.constexpr(0)
@@ -183,16 +183,6 @@ def _sqrt(x):
 
 
 @triton.jit
-def _div_rn(x, y):
-    """IEEE-rounded x / y: float32 `/` compiles to the approximate div.full.f32, and div_rn takes float32 only."""
-    if x.dtype == tl.float32:
-        r = tl.div_rn(x, y)
-    else:
-        r = x / y
-    return r
-
-
-@triton.jit
 def _mma(x, y, acc, DOT: tl.constexpr, ACC: tl.constexpr):
     """acc + x @ y in the launch's precision (x, y as loaded: 16-bit in DOT_16, else any float dtype)."""
     if DOT == _DOT_16:
@@ -205,36 +195,6 @@ def _mma(x, y, acc, DOT: tl.constexpr, ACC: tl.constexpr):
     else:
         r = tl.dot(x.to(ACC), y.to(ACC), acc, input_precision="ieee", out_dtype=ACC)
     return r
-
-
-@triton.jit
-def _dots(
-    features,
-    anchors,
-    rows,
-    row_mask,
-    c,
-    c_mask,
-    D,
-    DOT: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK_B: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """f·a_c for a block of rows and classes, [BLOCK_B, BLOCK_C], accumulated over D in BLOCK_K steps."""
-    offs_k = tl.arange(0, BLOCK_K)
-    f_rows = features + rows * D
-    a_rows = anchors + c.to(tl.int64) * D
-    acc = tl.zeros([BLOCK_B, BLOCK_C], ACC)
-    for k0 in range(0, D, BLOCK_K):
-        k = k0 + offs_k
-        k_mask = k < D
-        f = tl.load(f_rows[:, None] + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0)
-        # [BLOCK_K, BLOCK_C]: the anchors' tile loaded transposed, the MMA's B operand as it wants it.
-        a = tl.load(a_rows[None, :] + k[:, None], mask=c_mask[None, :] & k_mask[:, None], other=0)
-        acc = _mma(f, a, acc, DOT, ACC)
-    return acc
 
 
 @triton.jit
@@ -602,7 +562,7 @@ def _anchor_loss_kernel(
                     partial, f_rows, ay_rows, local, row_mask, k, NB, D, S, SOFTMAX, ACC, BLOCK_B, BLOCK_K
                 )
                 ghat -= (rho_w * an_y)[:, None] * ay
-                radial += tl.sum(ghat * _div_rn(f, fden_col), 1)
+                radial += tl.sum(ghat * div_rn(f, fden_col), 1)
         for k0 in range(0, D, BLOCK_K):
             k = k0 + offs_k
             m2, wa, f, ay = _column_slice(
@@ -612,11 +572,11 @@ def _anchor_loss_kernel(
                 ghat = wa - (rho_w * an_y)[:, None] * ay
                 # The reference's divisions, correctly rounded: f̂ = f/‖f‖ is then exactly ±1 where D = 1, and the
                 # gradient (which has no tangent direction there) exactly 0 instead of eps·|dF̂|.
-                fhat = _div_rn(f, fden_col)
+                fhat = div_rn(f, fden_col)
                 g = tl.where(
                     (fnorm > _COS_EPS)[:, None],
-                    _div_rn(ghat - radial[:, None] * fhat, fden_col),
-                    _div_rn(ghat, tl.full([1, 1], _COS_EPS, ACC)),
+                    div_rn(ghat - radial[:, None] * fhat, fden_col),
+                    div_rn(ghat, tl.full([1, 1], _COS_EPS, ACC)),
                 )
             elif METRIC == _SQEUCLIDEAN:
                 g = wa + rho_w * (f - ay)

@@ -18,22 +18,13 @@ import triton.language as tl
 
 from ppml._layout import output_is_channels_last
 
-from ._common import needs_int64, round_to_bfloat16, row_align
+from ._common import div_rn, needs_int64, round_to_bfloat16, row_align
 
 # Elements one program holds: 2,048 (a [128, 16] block: one 16-element tile row per thread at 4 warps).
 _BLOCK = 2048
 # Per-channel statistics as device tensors, made once per (values, dtype, device): a host-to-device copy per call
 # would make every call wait for the copy engine.
 _STATS: dict[tuple, torch.Tensor] = {}
-
-
-@triton.jit
-def _div_rn(x, y):
-    if x.dtype == tl.float32:
-        r = tl.div_rn(x, y)
-    else:
-        r = x / y
-    return r
 
 
 @triton.jit
@@ -91,10 +82,10 @@ def _patch_tokens_kernel(
         v = tl.load(src + row[:, None] + x[None, :], mask=mask, other=0)
     a = v.to(acc_t)
     if FROM_BYTES:
-        a = _div_rn(a, tl.full([1, 1], 255.0, acc_t))
+        a = div_rn(a, tl.full([1, 1], 255.0, acc_t))
     m = tl.load(stats + c, mask=live, other=0.0)
     s = tl.load(stats + chans + c, mask=live, other=1.0)
-    a = _div_rn(a - m[:, None], s[:, None])
+    a = div_rn(a - m[:, None], s[:, None])
     out_row = tl.multiple_of((b * rows_per_image + r) * PATCH, OUT_ALIGN)
     if dst.dtype.element_ty == tl.float64:
         o = a
