@@ -30,31 +30,21 @@ IMAGENET = 1_281_167
 
 
 def make_photo_folder(root: str, count: int) -> str:
+    """Even files: the bundled colour photos' crops (encrypt_throughput.py's); odd: lfw_subset faces at 224 px."""
     import numpy as np
     import skimage.data
+    from encrypt_throughput import bundled_colour_photos, photo_variant
     from PIL import Image
 
-    names = ["astronaut", "coffee", "chelsea", "rocket", "cat", "immunohistochemistry", "retina", "hubble_deep_field"]
-    photos = []
-    for n in names:
-        try:
-            arr = getattr(skimage.data, n)()
-        except Exception:  # noqa: BLE001 - a photo this skimage lacks
-            continue
-        if arr.ndim == 3 and arr.shape[2] >= 3:
-            photos.append(np.ascontiguousarray(arr[..., :3]))
+    photos = bundled_colour_photos()
     faces = skimage.data.lfw_subset()  # 200 grey 25×25 faces, float in [0, 1]
     for i in range(count):
         cls = os.path.join(root, f"class{i % 2}")
         os.makedirs(cls, exist_ok=True)
         v = i // 2
         if i % 2 == 0:
-            arr = photos[v % len(photos)]
-            k = v // len(photos)
-            h, w = arr.shape[:2]
-            crop = arr[(k * 7) % max(1, h // 8) :, (k * 5) % max(1, w // 8) :]
-            crop = crop[:, ::-1] if k % 2 else crop
-            Image.fromarray(np.ascontiguousarray(crop)).save(os.path.join(cls, f"{i:05d}.jpg"), quality=95)
+            crop = photo_variant(photos[v % len(photos)], v // len(photos))
+            Image.fromarray(crop).save(os.path.join(cls, f"{i:05d}.jpg"), quality=95)
         else:
             face = (faces[v % len(faces)] * 255).round().astype(np.uint8)
             img = Image.fromarray(face).convert("RGB").resize((224, 224), Image.BICUBIC)

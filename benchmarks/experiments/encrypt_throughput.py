@@ -24,10 +24,10 @@ import ppml
 from ppml.data.encrypted import encrypt_dataset
 
 
-def make_photo_folder(root: str, count: int) -> str:
+def bundled_colour_photos() -> list:
+    """scikit-image's bundled colour photos (those this version has), as H×W×3 uint8 arrays."""
     import numpy as np
     import skimage.data
-    from PIL import Image
 
     names = ["astronaut", "coffee", "chelsea", "rocket", "cat", "immunohistochemistry", "retina", "hubble_deep_field"]
     photos = []
@@ -38,16 +38,27 @@ def make_photo_folder(root: str, count: int) -> str:
             continue
         if arr.ndim == 3 and arr.shape[2] >= 3:
             photos.append(np.ascontiguousarray(arr[..., :3]))
+    return photos
+
+
+def photo_variant(arr, v: int):
+    """Variant v of a photo: a crop shifted by (7v, 5v) pixels (within the first eighth), mirrored for odd v."""
+    import numpy as np
+
+    h, w = arr.shape[:2]
+    crop = arr[(v * 7) % max(1, h // 8) :, (v * 5) % max(1, w // 8) :]
+    return np.ascontiguousarray(crop[:, ::-1] if v % 2 else crop)
+
+
+def make_photo_folder(root: str, count: int) -> str:
+    from PIL import Image
+
+    photos = bundled_colour_photos()
     for i in range(count):
-        arr = photos[i % len(photos)]
-        v = i // len(photos)
-        h, w = arr.shape[:2]
-        crop = arr[(v * 7) % max(1, h // 8):, (v * 5) % max(1, w // 8):]
-        if v % 2:
-            crop = crop[:, ::-1]
+        crop = photo_variant(photos[i % len(photos)], i // len(photos))
         cls = os.path.join(root, f"class{i % 2}")
         os.makedirs(cls, exist_ok=True)
-        Image.fromarray(np.ascontiguousarray(crop)).save(os.path.join(cls, f"{i:05d}.jpg"), quality=95)
+        Image.fromarray(crop).save(os.path.join(cls, f"{i:05d}.jpg"), quality=95)
     return root
 
 
