@@ -107,15 +107,7 @@ def neighbor_comparison(perm_hat: Tensor, perm: Tensor, grid: tuple[int, int], p
     op = "ppml.attacks.neighbor_comparison"
     ph, pk = _perm_pair(perm_hat, perm, op)
     mask = _present_mask(present, pk, op)
-    try:
-        rows, cols = (int(v) for v in grid)
-    except (TypeError, ValueError):
-        raise ValueError(f"{op}: grid must be (rows, cols), got {grid!r}") from None
-    n = ph.shape[1]
-    if rows < 1 or cols < 1 or rows * cols != n:
-        raise ValueError(f"{op}: grid must be (rows, cols) with rows·cols = N = {n}, got {grid!r}")
-    inv = torch.empty_like(pk).scatter_(1, pk, torch.arange(n, device=pk.device).expand_as(pk))
-    pos = torch.gather(ph, 1, inv).reshape(-1, rows, cols)  # pos[b, r, c]: where the piece of true cell (r, c) went
+    rows, cols, pos, inv = _grid_positions(ph, pk, grid, op)  # pos[b, r, c]: where the piece of true cell (r, c) went
     right = (pos[:, :, 1:] == pos[:, :, :-1] + 1) & (pos[:, :, :-1] % cols != cols - 1)
     below = pos[:, 1:, :] == pos[:, :-1, :] + cols
     if mask is None:
