@@ -77,14 +77,19 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(grad)
 
 
+def _scale_rows(grad: Tensor, per_row: Tensor) -> Tensor:
+    """The chain rule's only step: d(loss_i)/d(f_i), computed in the forward pass, times each row's incoming gradient
+    (``per_row`` [B, 1], or 0-d). float32/float64 features: one multiply, no casts (at small B the op is host-bound);
+    half features: the product in float32, rounded once."""
+    if grad.dtype == per_row.dtype:
+        return per_row * grad
+    acc = accumulation_dtype(grad.dtype)
+    return (per_row.to(acc) * grad.to(acc)).to(grad.dtype)
+
+
 def _backward(ctx, grad_loss: Tensor, _unused):
     (grad,) = ctx.saved_tensors
-    # d(loss_i)/d(f_i) was computed in the forward pass; the chain rule only scales each row.
-    # float32/float64 features: one multiply, no casts (at small B the op is host-bound)
-    if grad.dtype == grad_loss.dtype:
-        return grad_loss[:, None] * grad, None, None, None, None, None, None
-    acc = accumulation_dtype(grad.dtype)
-    return (grad_loss.to(acc)[:, None] * grad.to(acc)).to(grad.dtype), None, None, None, None, None, None
+    return _scale_rows(grad, grad_loss[:, None]), None, None, None, None, None, None
 
 
 torch.library.register_autograd("ppml::anchor_loss", _backward, setup_context=_setup_context)
@@ -202,11 +207,12 @@ _dispatch.register("anchor_loss", native=_native_loss, triton=_triton_loss, refe
 class _EagerAnchorLoss(torch.autograd.Function):
     """The public function's training path in eager mode: the op's kernel and the reduction in one autograd node.
 
-    Same kernel, same formulas as the op's registered autograd (``_backward``), the same roundings (the mean's
-    gradient is ``grad_out / B``, then one product per row, as MeanBackward and ``_backward`` give), but at small sizes
-    the call is bound by the host, and torch.library's generic autograd wrapper costs more than the kernel there
-    (re-reading the schema on every call, a redispatch through Python, a second node for the mean). Here the kernel is
-    called below autograd directly and backward is one product. torch.compile traces the registered op instead.
+    Same kernel, same formulas as the op's registered autograd (both end in ``_scale_rows``), the same roundings (the
+    mean's gradient is ``grad_out / B``, then one product per row, as MeanBackward and ``_backward`` give), but at
+    small sizes the call is bound by the host, and torch.library's generic autograd wrapper costs more than the kernel
+    there (re-reading the schema on every call, a redispatch through Python, a second node for the mean). Here the
+    kernel is called below autograd directly and backward is one product. torch.compile traces the registered op
+    instead.
     """
 
     @staticmethod
@@ -229,10 +235,7 @@ class _EagerAnchorLoss(torch.autograd.Function):
             grad_out = grad_out / grad.shape[0]
         elif ctx.reduction == "none":
             grad_out = grad_out[:, None]
-        if grad.dtype != grad_out.dtype:  # half features: the product in float32, rounded once
-            acc = accumulation_dtype(grad.dtype)
-            return (grad_out.to(acc) * grad.to(acc)).to(grad.dtype), None, None, None, None
-        return grad_out * grad, None, None, None, None
+        return _scale_rows(grad, grad_out), None, None, None, None
 
 
 # Backends whose kernel returns (loss, d loss / d features): the ones _EagerAnchorLoss can call.
