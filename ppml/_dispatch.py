@@ -36,21 +36,6 @@ _REASONS: dict[tuple[str, str, str], str | None] = {}
 # request that cannot run raises on every call.
 _CHOICES: dict[tuple, tuple[str, Callable]] = {}
 
-# PPML_BACKEND as os.environ stores it, for the key: os.environ.get() decodes the name and the value on every call
-# (~0.8 µs, more than the rest of choose()); the mapping behind it is what os.environ.get reads and what
-# monkeypatch.setenv / os.environ[...] = ... write, so the key changes whenever the variable does.
-_ENV_DATA = getattr(os.environ, "_data", None)
-try:
-    _ENV_KEY = os.environ.encodekey("PPML_BACKEND")
-except AttributeError:  # not CPython's os._Environ: read the variable the documented way
-    _ENV_DATA = None
-
-
-def _env_backend_key():
-    if _ENV_DATA is not None:
-        return _ENV_DATA.get(_ENV_KEY)
-    return os.environ.get("PPML_BACKEND")
-
 
 def refresh() -> None:
     _REASONS.clear()
@@ -98,7 +83,7 @@ def choose(op: str, device: torch.device, backend: str | None = None) -> tuple[s
         # traced: the rules themselves (a lookup in a dict that eager calls keep filling would guard the graph on it);
         # a backend= that is no string: the rules' error
         return _choose(op, device.type, backend)
-    key = (op, device, backend, _env_backend_key() if backend is None else None)
+    key = (op, device, backend, os.environ.get("PPML_BACKEND") if backend is None else None)
     hit = _CHOICES.get(key)
     if hit is None:
         hit = _choose(op, device.type, backend)
