@@ -55,6 +55,7 @@ from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .._progress import progress
+from .wds_shards import file_sha256
 
 FORMAT = "ppml-wds"
 VERSION = 1
@@ -127,14 +128,6 @@ def read_stream_manifest(dst: str) -> dict:
     return m
 
 
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # ------------------------------------------------------------------------------------------------------------- sources
 
 
@@ -185,7 +178,7 @@ class ShardSource:
         bar = progress(self.manifest["shards"], desc="verify shards", enabled=show, leave=False)
         for s in bar:
             path = os.path.join(self.root, s["name"])
-            if "sha256" in s and _file_sha256(path) != s["sha256"]:
+            if "sha256" in s and file_sha256(path) != s["sha256"]:
                 raise ValueError(f"{_OP}: {path} does not match its SHA-256 in the manifest (corrupt or modified)")
 
     def _in_part(self, part: str, u: int, i: int) -> bool:
