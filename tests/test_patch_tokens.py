@@ -90,6 +90,26 @@ def test_uint8_every_value_every_channel_bit_exact():
         assert torch.equal(out, ref_tokens(x, 4, None, mean, std, dtype)), (dtype, backend)
 
 
+@pytest.mark.parametrize("p", [8, 16])
+def test_uint8_float32_misaligned_out_and_large_fresh_output(p):
+    # The CPU kernel's uint8 -> float32 gather path for p % 8 == 0: aligned outputs take 32-byte non-temporal stores,
+    # an `out=` shifted by one element (4-byte aligned) takes unaligned ones; a fresh output of more than 32 MiB is
+    # asked for huge pages before it is written (csrc/cpu/fresh_output.h). All three must be the reference's values.
+    x = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16).repeat(2, 3, 2, 3)
+    perm = make_perm(2, (32 // p) * (48 // p), "cpu", seed=p)
+    expected = ref_tokens(x, p, perm, MEAN, STD, torch.float32)
+    storage = torch.full((expected.numel() + 1,), 7.0)
+    shifted = storage[1:].view(expected.shape)
+    assert shifted.data_ptr() % 32 != 0
+    torch.ops.ppml.patch_tokens.out(x, perm, p, MEAN, STD, torch.float32, out=shifted)
+    assert torch.equal(shifted, expected) and storage[0] == 7.0
+    big = make_images((56, 3, 224, 224), torch.uint8, "cpu", "contiguous", seed=p)
+    big_perm = make_perm(56, (224 // p) ** 2, "cpu", seed=p)
+    out = ppml.patch_tokens(big, p, big_perm, mean=MEAN, std=STD)
+    assert out.numel() * 4 > 32 << 20
+    assert torch.equal(out, ref_tokens(big, p, big_perm, MEAN, STD, torch.float32))
+
+
 def test_nan_and_inf_pass_through():
     x = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0]).reshape(1, 1, 2, 2)
     for backend in backends_for("cpu", OP):

@@ -13,6 +13,7 @@
 #endif
 
 #include "common/mix_subpatches.h"
+#include "cpu/fresh_output.h"
 #include "cpu/vector_math.h"
 
 namespace ppml::ops {
@@ -185,8 +186,9 @@ void mix_rows_any(const MixGeometry& g, const scalar_t* src, mix_out_t<scalar_t>
 
 at::Tensor mix_subpatches_cpu(const at::Tensor& images, int64_t patch_size, int64_t grid,
                               const c10::optional<at::Tensor>& weights) {
-  const MixOperands m = prepare_mix(images, patch_size, grid, weights);
+  MixOperands m = prepare_mix(images, patch_size, grid, weights);
   if (m.out.numel() == 0) return m.out;
+  with_huge_pages(m.out);
   AT_DISPATCH_FLOATING_TYPES_AND3(at::kByte, at::kHalf, at::kBFloat16, m.src.scalar_type(), "mix_subpatches_cpu", [&] {
     const scalar_t* s = m.src.const_data_ptr<scalar_t>();
     auto* d = m.out.mutable_data_ptr<mix_out_t<scalar_t>>();

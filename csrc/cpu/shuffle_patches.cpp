@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "common/shuffle_patches.h"
+#include "cpu/fresh_output.h"
 
 namespace ppml::ops {
 namespace {
@@ -141,7 +142,7 @@ void shuffle_patches_out_cpu(const at::Tensor& images, const at::Tensor& perm, i
 at::Tensor shuffle_patches_cpu(const at::Tensor& images, const at::Tensor& perm, int64_t patch_size) {
   check_shuffle_args(images, perm, patch_size);
   at::Tensor out = empty_shuffle_output(images);
-  shuffle_patches_out_cpu(images, perm, patch_size, out);
+  shuffle_patches_out_cpu(images, perm, patch_size, with_huge_pages(out));
   return out;
 }
 
