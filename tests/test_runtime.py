@@ -9,6 +9,7 @@ import ast
 import json
 import math
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -49,6 +50,17 @@ def test_epoch_order_splits_every_index_over_ranks_with_equal_steps():
     assert set(torch.cat(ranks[0]).tolist()) | set(torch.cat(ranks[1]).tolist()) == set(range(n))
 
 
+def _set_ran() -> None:
+    _RunsOnLoad.ran = True
+
+
+class _RunsOnLoad:
+    ran = False
+
+    def __reduce__(self):
+        return (_set_ran, ())
+
+
 def test_atomic_save_open_checkpoint_and_metrics(tmp_path):
     out, path = str(tmp_path / "run"), str(tmp_path / "run" / "checkpoint.pt")
     runtime.make_run_dir(out, Dist())
@@ -61,6 +73,12 @@ def test_atomic_save_open_checkpoint_and_metrics(tmp_path):
     assert ck["epoch"] == 3 and torch.equal(ck["w"], torch.arange(4))
     with pytest.raises(FileExistsError, match="already holds a run"):
         runtime.open_checkpoint(path, out, resume=False, op="ppml x")
+    # A checkpoint is unpickled with weights_only: one that would run code on load (here: set a flag) is refused.
+    torch.save({"epoch": 4, "payload": _RunsOnLoad()}, path)
+    _RunsOnLoad.ran = False
+    with pytest.raises(pickle.UnpicklingError):
+        runtime.open_checkpoint(path, out, resume=True, op="ppml x")
+    assert not _RunsOnLoad.ran
     metrics = os.path.join(out, "metrics.jsonl")
     with open(metrics, "w") as fh:
         fh.writelines(json.dumps({"epoch": e}) + "\n" for e in (1, 2, 3))

@@ -493,7 +493,7 @@ def evaluate_run(out: str, *, checkpoint: str | None = None, data: str | None = 
     path = checkpoint or os.path.join(out, "checkpoint.pt")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{_OP} eval: no checkpoint at {path!r} (train with `ppml detect train --out DIR`)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
     cfg = DetectConfig(**saved_config(ckpt))
     if data is not None:
         cfg.data = data

@@ -118,7 +118,7 @@ def open_checkpoint(path: str, out: str, resume: bool, op: str) -> dict | None:
         return None
     if not os.path.exists(path):
         raise FileNotFoundError(f"{op}: --resume given but there is no checkpoint at {path}")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def atomic_save(obj: Any, path: str) -> None:
