@@ -229,6 +229,7 @@ def gpu_rows(
     batches: tuple[int, ...] = GPU_BATCHES,
     size: int = 224,
     patch_size: int = 16,
+    channels_last_batches: tuple[int, ...] = (64,),
 ) -> list[dict]:
     """Every provider on `cfg.device` (CUDA events, L2 flushed, ``cfg.gpu_timer()``): the native and Triton kernels
     against the bytes-moved bound and the eager path. A provider whose backend is absent is noted and skipped; one
@@ -238,6 +239,8 @@ def gpu_rows(
         cfg: the run's config.
         timer: ``timer(fn) -> {"ms", "min_ms", "reps"}`` (default: ``cfg.gpu_timer()``).
         batches, size, patch_size: the shapes ([B, 3, size, size]); tests pass small ones.
+        channels_last_batches: batches also timed with channels_last (NHWC) images, as decoders hand them out
+            (rows with ``layout`` "channels_last"; the others are "contiguous").
     """
     timer = timer or cfg.gpu_timer()
     device, C, p = cfg.device, 3, patch_size
@@ -246,9 +249,12 @@ def gpu_rows(
                  if pv.name != "compiled"]  # fmt: skip
     runnable = runnable_providers(providers, "patch_tokens", "tokens_gpu", cfg)
     rows = []
-    for B in batches:
+    shapes = [(B, "contiguous") for B in batches] + [(B, "channels_last") for B in channels_last_batches]
+    for B, layout in shapes:
         gen = torch.Generator(device=device).manual_seed(cfg.seed + B)
         x = torch.randint(0, 256, (B, C, size, size), generator=gen, dtype=torch.uint8, device=device)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
         perm = ppml.random_permutations(B, n, generator=torch.Generator().manual_seed(cfg.seed + 1)).to(device)
         expected = reference.patch_tokens(x, p, perm, MEAN, STD)
         like_tokens = torch.empty(expected.shape, dtype=torch.float32, device=device)
@@ -268,6 +274,7 @@ def gpu_rows(
                 "H": size,
                 "W": size,
                 "patch_size": p,
+                "layout": layout,
                 "timing": "events, L2 flushed",
             },
             timer=timer,
@@ -282,9 +289,9 @@ def gpu_rows(
 
 
 GPU_TARGETS: list[Target] = [
-    Target(f"{prov} uint8->float32 B={B} {what}", prov, "uint8", B, metric, minimum, ("cuda",))
+    Target(f"{prov} uint8->float32 B={B} {what}{tag}", prov, "uint8", B, metric, minimum, ("cuda",), (("layout", lay),))
     for prov in ("native", "triton")
-    for B in (64, 256)
+    for B, lay, tag in ((64, "contiguous", ""), (256, "contiguous", ""), (64, "channels_last", " (channels_last)"))
     for what, metric, minimum in (
         ("speedup vs eager", "speedup_vs_eager", 5.0),
         ("share of bound", "share_of_bound", 0.7),
@@ -295,7 +302,7 @@ GPU_SECTION = Section(
     name="tokens_gpu",
     run=gpu_rows,
     targets=GPU_TARGETS,
-    columns=[("µs", "us", ",.1f", ""), *COLUMNS[:3], ("reps", "reps", "d", "")],
+    columns=[("µs", "us", ",.1f", ""), *COLUMNS[:3], ("reps", "reps", "d", ""), ("layout", "layout", "s", "")],
     title=lambda rows: "GPU rows: " + _title(rows),
 )
 

@@ -380,6 +380,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 CUDA_PATHS = [
     ((2, 3, 224, 224), 16, "16-element vectors (uint8: one 16-byte load, four 16-byte float32 stores)"),
     ((3, 3, 42, 56), 14, "p = 14: 2-element vectors"),
+    ((2, 4, 32, 48), 16, "C = 4: channels_last tile rows as four 16-byte loads (uint8)"),
     ((2, 20, 16, 24), 8, "C = 20 > 16: statistics from a device buffer"),
     ((1, 1, 96, 96), 1, "N = 9,216 > 8,192: the separate key check, tiles read from global memory"),
 ]

@@ -147,6 +147,16 @@ for (sig, consts), k in ok:
         assert re.search("st" + vectors, ptx), ("no 128-bit global store", sig, consts)
         vector_cases += 1
 assert vector_cases >= 2, f"only {vector_cases} p = 16 float32-token specialisations (uint8, float32 images) checked"
+# channels_last (NHWC) C = 3, p = 16: a tile row's 48 contiguous uint8 (or 192 float32) source elements load as
+# 16-byte vectors and no byte-wide loads remain; the de-interleaved tokens still store as 16-byte vectors.
+cl_cases = 0
+for (sig, consts), k in ok:
+    if consts.get("CL_CHANS") == 3 and consts["PATCH"] == 16 and sig["dst"] == "*fp32":
+        ptx = k.asm["ptx"]
+        assert re.search("ld" + vectors, ptx) and not re.search(r"ld\\.global(?:\\.\\w+)*?\\.b8", ptx), (sig, consts)
+        assert re.search("st" + vectors, ptx), ("no 128-bit global store", sig, consts)
+        cl_cases += 1
+assert cl_cases >= 2, f"only {cl_cases} channels_last C = 3, p = 16 float32-token specialisations checked"
 """
 
 

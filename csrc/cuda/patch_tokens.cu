@@ -3,6 +3,9 @@
 // shuffle_patches does), then each thread makes V consecutive elements of one token row: one V-element load of the
 // source tile row (16 bytes wherever the tile rows allow: uint8 p = 16 is one LDG.E.128 feeding four STG.E.128 of
 // float32), normalised in the fixed order of common/patch_tokens.h, stored as 16-byte vectors. No host sync.
+// channels_last images (NHWC) with C = 3 or 4 take patch_tokens_cl_kernel: one thread reads the V pixels x C channels
+// of a tile-row segment as C contiguous 16-byte loads (uint8 p = 16, C = 3: 48 bytes), de-interleaves the channels in
+// registers and stores the C token-row segments as 16-byte vectors; other channels_last cases read element by element.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -161,8 +164,79 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-dim3 token_grid(int64_t images, int64_t image_vecs, int sms) {
-  const int64_t chunk = static_cast<int64_t>(kThreads) * kUnroll;
+// channels_last (NHWC) with CC channels: work item j of an image is (token i, tile row y, segment s of V pixels); its
+// V * CC source elements are one contiguous run (16 bytes per channel: the host checked that W * CC and the source
+// pointer keep every run 16-byte aligned), loaded as CC 16-byte vectors and de-interleaved in registers (element
+// k * CC + c is pixel k of channel c). Channel c's V results go to token row (i, c, y), elements s * V .. s * V + V - 1.
+// Blocks per SM the register budget is cut for: 3 (at most 85 registers) holds uint8 -> float32 with C = 3 (75, no
+// spill; 83 and 2 blocks uncapped); 64 results a thread (uint8, C = 4) or a float64 accumulator spilled at 3, so
+// those keep 2.
+template <typename Acc, int V, int CC>
+constexpr int cl_min_blocks() {
+  return sizeof(Acc) == 4 && CC * V <= 48 ? 3 : 2;
+}
+
+template <typename In, typename Out, typename Acc, int V, int CC>
+__global__ void __launch_bounds__(kThreads, cl_min_blocks<Acc, V, CC>())
+    patch_tokens_cl_kernel(const In* __restrict__ src, Out* __restrict__ dst, const int64_t* __restrict__ perm,
+                           TokenGeometry g, at::cuda::detail::IntDivider<uint32_t> segs,
+                           at::cuda::detail::IntDivider<uint32_t> p_div, at::cuda::detail::IntDivider<uint32_t> tx_div,
+                           TokenStats<Acc> stats, int64_t images, uint32_t image_items, bool fused) {
+  constexpr int kLoad = 16 / static_cast<int>(sizeof(In));  // elements per 16-byte load
+  constexpr int kRun = V * CC;
+  static_assert(kRun % kLoad == 0, "a run is whole 16-byte vectors");
+  extern __shared__ int32_t shared[];
+  const int n = static_cast<int>(g.N);
+  int32_t* tiles = shared;
+  uint32_t* seen = reinterpret_cast<uint32_t*>(shared + n);
+  const int64_t image_in = CC * g.H * g.W;
+  const int64_t image_out = g.N * CC * g.p * g.p;
+  const int64_t plane = g.p * g.p;
+  for (int64_t img = blockIdx.y; img < images; img += gridDim.y) {
+    const int64_t* row = perm != nullptr ? perm + img * g.N : nullptr;
+    if (fused) {
+      const bool key_ok = load_key_row<kThreads>(row, n, tiles, seen);
+      CUDA_KERNEL_ASSERT_MSG(key_ok, PPML_TOKENS_KEY_MESSAGE);
+    }
+    const In* from = src + img * image_in;
+    Out* to = dst + img * image_out;
+    for (uint32_t j = blockIdx.x * kThreads + threadIdx.x; j < image_items; j += gridDim.x * kThreads) {
+      const auto rs = segs.divmod(j);        // (token * p + y, segment)
+      const auto iy = p_div.divmod(rs.div);  // (token, y)
+      const uint32_t i = iy.div, y = iy.mod, x0 = rs.mod * V;
+      uint32_t t = i;
+      if (row != nullptr) {
+        t = fused ? static_cast<uint32_t>(tiles[i]) : static_cast<uint32_t>(clamp_tile<int64_t>(__ldg(row + i), g.N));
+      }
+      const auto txy = tx_div.divmod(t);  // (ty, tx)
+      const int64_t yy = static_cast<int64_t>(txy.div) * g.p + y;
+      const int64_t xx = static_cast<int64_t>(txy.mod) * g.p + x0;
+      const auto* run = reinterpret_cast<const Vec<In, kLoad>*>(from + (yy * g.W + xx) * CC);
+      In in[kRun];
+#pragma unroll
+      for (int q = 0; q < kRun / kLoad; ++q) {
+        const Vec<In, kLoad> v = run[q];
+#pragma unroll
+        for (int k = 0; k < kLoad; ++k) in[q * kLoad + k] = v.v[k];
+      }
+      Out* out = to + static_cast<int64_t>(i) * CC * plane + static_cast<int64_t>(y) * g.p + x0;
+#pragma unroll
+      for (int c = 0; c < CC; ++c) {
+        Out w[V];
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+          w[k] = static_cast<Out>(
+              normalise<Acc, std::is_same_v<In, uint8_t>>(static_cast<Acc>(in[k * CC + c]), stats.mean[c], stats.std[c]));
+        }
+        store_vec<Out, V>(out + c * plane, w);
+      }
+    }
+    if (fused) __syncthreads();  // the next image's check overwrites tiles and seen
+  }
+}
+
+// `chunk`: items one block handles per pass over its image.
+dim3 token_grid(int64_t images, int64_t image_vecs, int sms, int64_t chunk) {
   const int64_t chunks = (image_vecs + chunk - 1) / chunk;
   const int64_t target = static_cast<int64_t>(sms) * (2048 / kThreads) * kWaves;
   const int64_t per_image = std::max<int64_t>(1, (target + images - 1) / images);
@@ -196,22 +270,47 @@ void launch_v(const Launch& l) {
               .to(l.src.device(), c10::CppTypeToScalarType<Acc>::value, /*non_blocking=*/true);
   }
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  patch_tokens_kernel<In, Out, Acc, V, CL><<<token_grid(B, image_vecs, sms), kThreads, shared,
+  patch_tokens_kernel<In, Out, Acc, V, CL><<<token_grid(B, image_vecs, sms, static_cast<int64_t>(kThreads) * kUnroll), kThreads, shared,
                                              at::cuda::getCurrentCUDAStream()>>>(
       l.src.const_data_ptr<In>(), l.out.mutable_data_ptr<Out>(), l.perm, l.g, TokenDividers(l.g), stats,
       big.defined() ? big.const_data_ptr<Acc>() : nullptr, B, static_cast<uint32_t>(image_vecs), fused);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+template <typename In, typename Out, typename Acc, int CC>
+void launch_cl(const Launch& l) {
+  constexpr int V = 16 / static_cast<int>(sizeof(In));
+  const int64_t B = l.src.size(0);
+  const int64_t image_items = l.g.N * l.g.p * (l.g.p / V);
+  const bool fused = l.perm != nullptr && l.g.N <= kMaxFusedTiles;
+  const size_t shared = fused ? static_cast<size_t>(l.g.N + (l.g.N + 31) / 32) * sizeof(int32_t) : 0;
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  using Div = at::cuda::detail::IntDivider<uint32_t>;
+  patch_tokens_cl_kernel<In, Out, Acc, V, CC><<<token_grid(B, image_items, sms, kThreads), kThreads, shared,
+                                                at::cuda::getCurrentCUDAStream()>>>(
+      l.src.const_data_ptr<In>(), l.out.mutable_data_ptr<Out>(), l.perm, l.g, Div(l.g.p / V), Div(l.g.p),
+      Div(l.g.tiles_x), make_token_stats<Acc>(l.mean, l.std, l.g.C), B, static_cast<uint32_t>(image_items), fused);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // Widest V (<= 16 bytes of In, dividing p) whose loads are aligned: W and the source pointer both multiples of V
-// elements (so every tile row start is), the output always is (fresh, and p is a multiple of V).
+// elements (so every tile row start is); the output's token rows are multiples of V elements from its start, which
+// must be 16-byte aligned (a fresh output is; an `out=` view at an odd offset takes the scalar path).
+// channels_last: the vector path when C is 3 or 4, V = 16 bytes of In divides p, and rows of W * C elements and the
+// source pointer are 16-byte aligned (so every run starts on a 16-byte boundary); otherwise element by element.
 template <typename In, typename Out, typename Acc>
 void launch_typed(const Launch& l) {
-  if (l.cl) return launch_v<In, Out, Acc, 1, true>(l);
   constexpr int kMax = 16 / static_cast<int>(sizeof(In));
   const auto addr = reinterpret_cast<uintptr_t>(l.src.const_data_ptr());
+  const bool out_aligned = reinterpret_cast<uintptr_t>(l.out.const_data_ptr()) % 16 == 0;
+  if (l.cl) {
+    const bool cl_fits = out_aligned && l.g.p % kMax == 0 && (l.g.W * l.g.C * sizeof(In)) % 16 == 0 && addr % 16 == 0;
+    if (cl_fits && l.g.C == 3) return launch_cl<In, Out, Acc, 3>(l);
+    if (cl_fits && l.g.C == 4) return launch_cl<In, Out, Acc, 4>(l);
+    return launch_v<In, Out, Acc, 1, true>(l);
+  }
   auto fits = [&](int v) {
-    return l.g.p % v == 0 && l.g.W % v == 0 && addr % (static_cast<uintptr_t>(v) * sizeof(In)) == 0;
+    return out_aligned && l.g.p % v == 0 && l.g.W % v == 0 && addr % (static_cast<uintptr_t>(v) * sizeof(In)) == 0;
   };
   if constexpr (kMax >= 16) {
     if (fits(16)) return launch_v<In, Out, Acc, 16, false>(l);
