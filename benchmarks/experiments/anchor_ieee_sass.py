@@ -78,7 +78,7 @@ def parse_config(text):
     return tuple(map(int, m.groups()))
 
 
-def launches_for(bb, bc, bk, warps, stages):
+def launches_for(bb, bc, bk, warps, stages, dtype=torch.float32):
     """The logits and W·A launches of a small float32 IEEE call at D = 768 with the tiles forced (block sizes depend on
     D's divisibility and the constexprs only; B, C and the split counts are not specialised)."""
     recorded = []
@@ -87,9 +87,9 @@ def launches_for(bb, bc, bk, warps, stages):
         def __getitem__(self, grid):
             return lambda *args, **kwargs: recorded.append((grid, args, kwargs))
 
-    f, a = torch.zeros(4, 768), torch.randn(5, 768)
+    f, a = torch.zeros(4, 768, dtype=dtype), torch.randn(5, 768, dtype=dtype)
     y = torch.zeros(4, dtype=torch.int64)
-    cfg = K.Config(bb, bc, bk, bc, max(bk, 256 * warps), 4, 1, warps)
+    cfg = K.Config(bb, bc, bk, bc, max(bk, 256 * warps), 4, 1, warps, stages)
     saved, tf32 = K._anchor_loss_kernel, torch.backends.cuda.matmul.allow_tf32
     K._anchor_loss_kernel, torch.backends.cuda.matmul.allow_tf32 = Recorder(), False
     try:
@@ -99,7 +99,7 @@ def launches_for(bb, bc, bk, warps, stages):
     out = {}
     for _grid, args, kwargs in recorded:
         if kwargs["PHASE"] in (K._LOGITS, K._WA):
-            out[kwargs["PHASE"]] = (args, dict(kwargs, num_stages=stages))
+            out[kwargs["PHASE"]] = (args, kwargs)
     return out
 
 
@@ -129,8 +129,32 @@ def categorise(op):
         return "LDG"
     if base in ("BAR", "DEPBAR", "LDGDEPBAR", "WARPSYNC"):
         return "BAR"
-    if base in ("IADD3", "IMAD", "LEA", "SHF", "LOP3", "ISETP", "SEL", "MOV", "IABS", "UIADD3", "UIMAD", "ULEA",
-                "USHF", "ULOP3", "UISETP", "USEL", "UMOV", "IADD", "VIADD", "PRMT", "PLOP3", "R2UR", "S2UR", "S2R"):
+    if base in (
+        "IADD3",
+        "IMAD",
+        "LEA",
+        "SHF",
+        "LOP3",
+        "ISETP",
+        "SEL",
+        "MOV",
+        "IABS",
+        "UIADD3",
+        "UIMAD",
+        "ULEA",
+        "USHF",
+        "ULOP3",
+        "UISETP",
+        "USEL",
+        "UMOV",
+        "IADD",
+        "VIADD",
+        "PRMT",
+        "PLOP3",
+        "R2UR",
+        "S2UR",
+        "S2R",
+    ):
         return "int"
     return "other"
 
@@ -190,7 +214,9 @@ def smem_wavefronts(layout, rows, cols, bk, vec):
     shared memory, as the TTGIR's unswizzled #shared layouts), each thread loading its A rows `vec` K values at a time
     and its B columns in sizePerThread[1] runs. One warp (warp 0) stands for all."""
     spt, tpw, _, order = layout
-    lanes = [(lane // tpw[1], lane % tpw[1]) if order == [1, 0] else (lane % tpw[0], lane // tpw[0]) for lane in range(32)]
+    lanes = [
+        (lane // tpw[1], lane % tpw[1]) if order == [1, 0] else (lane % tpw[0], lane // tpw[0]) for lane in range(32)
+    ]
     rep_m = rows // (spt[0] * tpw[0] * layout[2][0]) or 1
     rep_n = cols // (spt[1] * tpw[1] * layout[2][1]) or 1
     total = 0
@@ -224,15 +250,27 @@ def analyse(text):
         layout = acc_layout(k.asm["ttgir"], shape)
         n_all = sum(counts.values())
         ffma = counts.get("FFMA", 0)
-        lds_bytes = sum(n * (int(op.split(".")[1]) // 8 if op.count(".") and op.split(".")[1].isdigit() else 4)
-                        for op, n in lds_ops.items())
+        lds_bytes = sum(
+            n * (int(op.split(".")[1]) // 8 if op.count(".") and op.split(".")[1].isdigit() else 4)
+            for op, n in lds_ops.items()
+        )
         vec = 4 if any(".128" in op for op in lds_ops) else (2 if any(".64" in op for op in lds_ops) else 1)
         wf = smem_wavefronts(layout, bb, bc, bk, vec)
         smem = k.metadata.shared
         occ = occupancy(usage["REG"], smem, warps)
         res[phase] = dict(
-            counts=counts, lds_ops=lds_ops, n_all=n_all, ffma=ffma, outside=outside, lds_bytes=lds_bytes, wf=wf,
-            regs=usage["REG"], spill=usage["LOCAL"], smem=smem, occ=occ, layout=layout,
+            counts=counts,
+            lds_ops=lds_ops,
+            n_all=n_all,
+            ffma=ffma,
+            outside=outside,
+            lds_bytes=lds_bytes,
+            wf=wf,
+            regs=usage["REG"],
+            spill=usage["LOCAL"],
+            smem=smem,
+            occ=occ,
+            layout=layout,
             density=ffma / n_all if n_all else 0.0,
             smem_bound=min(1.0, (ffma / 4) / wf) if wf else 1.0,
         )
@@ -266,8 +304,9 @@ def predict(cfg, res, B, D, C):
     rb = -(-chunk // bb)
     bn = min(bc, max(16, triton.next_power_of_2(D)))
     splits = K._pick_splits(rb * -(-D // bn), -(-C // bk), chunk, D, SMS)
-    kps = -(-(-(-C // bk)) // splits)
-    splits = -(-(-(-C // bk)) // kps)
+    k_steps = triton.cdiv(C, bk)
+    kps = triton.cdiv(k_steps, splits)  # whole K steps a split, none empty, as the launcher
+    splits = triton.cdiv(k_steps, kps)
     gemm = 2 * chunk * C * D  # FLOPs of one GEMM per chunk
     l2 = min(1.0, L2_BW * (2 * bb * bc / ((bb + bc) * 4)) / FMA_PEAK)
     f1, d1, w1 = phase_fraction(res[K._LOGITS], -(-D // bk), rb * -(-C // bc), l2, warps)
@@ -287,11 +326,14 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--configs", nargs="*", default=DEFAULT_CONFIGS, help="BxCxKwWARPSsSTAGES, e.g. 64x64x16w4s3")
     ns = p.parse_args(argv)
-    print(f"triton {triton.__version__}, torch {torch.__version__}, sm_90 AOT (GPUTarget('cuda', 90, 32)), float32 IEEE")
+    print(f"triton {triton.__version__}, torch {torch.__version__}, sm_90 AOT (GPUTarget('cuda', 90, 32)), fp32 IEEE")
     print()
-    print("| config (B×C/N×K, warps, stages) | phase | acc layout spt / tpw / wpc | loop: FFMA | LDS (ops) | LDG | BAR "
-          "| int | other | FFMA density | FFMA / LDS byte | smem wavefronts | smem bound | outside loop | regs | spill B "
-          "| smem KB | CTAs/SM |")
+    print(
+        "| config (B×C/N×K, warps, stages) | phase | acc layout spt / tpw / wpc | loop: FFMA "
+        "| LDS (ops) | LDG | BAR | int | other | FFMA density | FFMA / LDS byte | smem wavefronts | smem bound "
+        "| outside loop | regs "
+        "| spill B | smem KB | CTAs/SM |"
+    )
     print("|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     results = []
     for text in ns.configs:
@@ -306,23 +348,29 @@ def main(argv=None):
             c = r["counts"]
             spt, tpw, wpc, _ = r["layout"]
             ops = ", ".join(f"{n} {op}" for op, n in sorted(r["lds_ops"].items()))
-            print(f"| {text} | {name} | {spt} / {tpw} / {wpc} | {r['ffma']} | {c.get('LDS', 0)} ({ops}) "
-                  f"| {c.get('LDG', 0)} | {c.get('BAR', 0)} | {c.get('int', 0)} | {c.get('other', 0)} "
-                  f"| {r['density']:.3f} | {r['ffma'] / max(r['lds_bytes'], 1):.2f} | {r['wf']} "
-                  f"| {r['smem_bound']:.2f} | {r['outside']} | {r['regs']} | {r['spill']} | {r['smem'] / 1024:.0f} "
-                  f"| {r['occ']}{'' if r['occ'] * cfg[3] >= 8 else ' (!)'} |")
+            print(
+                f"| {text} | {name} | {spt} / {tpw} / {wpc} | {r['ffma']} | {c.get('LDS', 0)} ({ops}) "
+                f"| {c.get('LDG', 0)} | {c.get('BAR', 0)} | {c.get('int', 0)} | {c.get('other', 0)} "
+                f"| {r['density']:.3f} | {r['ffma'] / max(r['lds_bytes'], 1):.2f} | {r['wf']} "
+                f"| {r['smem_bound']:.2f} | {r['outside']} | {r['regs']} | {r['spill']} | {r['smem'] / 1024:.0f} "
+                f"| {r['occ']}{'' if r['occ'] * cfg[3] >= 8 else ' (!)'} |"
+            )
     print()
-    print("| config | B, D, C | logits programs (÷ slots) · fraction of FMA peak (density × SM efficiency) | W·A programs · "
-          "splits · fraction | Triton ms | native ms (SGEMM 85 %) | native ÷ Triton |")
+    print(
+        "| config | B, D, C | logits programs (÷ slots) · fraction of FMA peak (density × SM efficiency) "
+        "| W·A programs · splits · fraction | Triton ms | native ms (SGEMM 85 %) | native ÷ Triton |"
+    )
     print("|---|---|---|---|---:|---:|---:|")
     for text, cfg, res in results:
         for B, D, C in SIZES:
             t, tn, det = predict(cfg, res, B, D, C)
             (p1, f1, d1, w1), (p3, f3, d3, w3) = det["logits"], det["wa"]
             slots1, slots3 = SMS * res[K._LOGITS]["occ"], SMS * res[K._WA]["occ"]
-            print(f"| {text} | {B}, {D}, {C} | {p1} ({p1 / slots1:.2f}) · {f1:.2f} ({d1:.2f} × {w1:.2f}) "
-                  f"| {p3} ({p3 / slots3:.2f}) · {det['splits']} · {f3:.2f} ({d3:.2f} × {w3:.2f}) "
-                  f"| {t:.3f} | {tn:.3f} | {tn / t:.2f} |")
+            print(
+                f"| {text} | {B}, {D}, {C} | {p1} ({p1 / slots1:.2f}) · {f1:.2f} ({d1:.2f} × {w1:.2f}) "
+                f"| {p3} ({p3 / slots3:.2f}) · {det['splits']} · {f3:.2f} ({d3:.2f} × {w3:.2f}) "
+                f"| {t:.3f} | {tn:.3f} | {tn / t:.2f} |"
+            )
 
 
 if __name__ == "__main__":
