@@ -56,18 +56,18 @@ SIZES = [(256, 768, 1000), (1024, 2048, 1000), (4096, 768, 32000)]
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 # BLOCK_B x BLOCK_C(=BLOCK_N) x BLOCK_K / num_warps / num_stages
 DEFAULT_CONFIGS = [
-    "64x64x16w4s3",
+    "64x64x16w4s3",  # before 2026-12-05
     "64x64x16w4s2",
     "64x64x32w4s3",
+    "64x64x32w4s2",  # launch_config's since 2026-12-05
     "64x64x16w2s3",
+    "64x32x16w2s3",
+    "32x32x16w2s3",
     "128x64x16w4s3",
-    "64x128x16w4s3",
     "128x64x16w8s3",
     "128x128x16w8s3",
-    "128x128x16w8s2",
     "128x128x32w8s2",
     "128x128x16w4s2",
-    "64x64x32w2s3",
 ]
 
 
