@@ -141,11 +141,12 @@ def launch_config(B: int, C: int, D: int, dot: int, softmax: bool = True, sms: i
     The FMA-based IEEE/float32 and float64 dots: 64 × 64 × 32, 4 warps, 2 pipeline stages, 64 gradient columns. From
     the sm_90 SASS (benchmarks/experiments/anchor_ieee_sass.py, benchmarks/RESULTS.md "IEEE fp32 FMA dots", triton 3.8
     and 3.6 alike): 32 outputs a thread (4 × 4, two row repeats), FFMA density of the K loop 0.87 (logits) / 0.84
-    (W·A), against 0.85 / 0.82 for the previous 64 × 64 × 16 in 3 stages — a 32-wide K step halves the loop's
-    address arithmetic, barriers and cp.async waits per FFMA; 168 / 96 registers, no spills, 16 KB shared memory,
-    3 / 5 CTAs an SM. Predicted (not measured) ≈ 0.83 of the FP32 FMA peak at (4096, 768, 32,000), ≈ 0.97× native's
-    cuBLAS SGEMM at 85 %. 128 × 128 tiles (64 outputs a thread) reach density 0.89 but take 255 registers and one CTA
-    an SM, and quarter the logits grid at C = 1,000: predicted ≤ 4 % better at C = 32,000, 25 % worse at 1,000."""
+    (W·A), against 0.85 / 0.82 for the previous 64 × 64 × 16 in 3 stages (a 32-wide K step cuts the loop's address
+    arithmetic, barriers and cp.async waits per FFMA by a quarter to a third); 168 / 96 registers, no spills, 16 KB
+    shared memory, 3 / 5 CTAs an SM. Predicted (not measured) ≈ 0.83 of the FP32 FMA peak at (4096, 768, 32,000),
+    ≈ 0.96× native's cuBLAS SGEMM at 85 %. 128 × 128 tiles (64 outputs a thread) reach density 0.89 but take 255
+    registers and one CTA an SM, and quarter the logits grid at C = 1,000: predicted ≤ 4 % better at C = 32,000, 25 %
+    worse at 1,000."""
     chunk = chunk_rows(B, C, softmax)
     if dot == DOT_IEEE:
         bb, bc, bk, bn, warps, stages = 64, 64, 32, 64, 4, 2
