@@ -104,6 +104,7 @@ class Config(NamedTuple):
     chunk: int  # rows per chunk: the [chunk, C] buffer
     splits: int  # class splits of W·A (an upper bound: splits are whole K steps, none empty)
     num_warps: int
+    num_stages: int = 3  # software-pipeline depth of the tl.dot loops (3: Triton's default on CUDA)
 
 
 def chunk_rows(B: int, C: int, softmax: bool) -> int:
@@ -135,14 +136,22 @@ def _pick_splits(tiles: int, k_steps: int, chunk: int, D: int, sms: int) -> int:
 
 def launch_config(B: int, C: int, D: int, dot: int, softmax: bool = True, sms: int = _DEFAULT_SMS) -> Config:
     """Tensor-core tiles of 128 (rows, classes) × 64 (16-bit) or 32 (TF32) K, 8 warps, cut to 64 × 64 where the
-    chunk has too few 128-tiles to fill the SMs twice (B = 256 at C = 1,000); 128 gradient columns. The FMA-based
-    IEEE/float64 dots: 64 × 64 × 16 (K >= 16: tl.dot's floor in triton 3.6), 4 warps, 64 gradient columns — 32
-    outputs a thread, ~2× the FMAs per shared-memory load of 32 × 32 tiles, 168 registers, no spills (sm_90a).
-    Untuned: no GPU here."""
+    chunk has too few 128-tiles to fill the SMs twice (B = 256 at C = 1,000); 128 gradient columns.
+
+    The FMA-based IEEE/float32 and float64 dots: 64 × 64 × 32, 4 warps, 2 pipeline stages, 64 gradient columns. From
+    the sm_90 SASS (benchmarks/experiments/anchor_ieee_sass.py, benchmarks/RESULTS.md "IEEE fp32 FMA dots", triton 3.8
+    and 3.6 alike): 32 outputs a thread (4 × 4, two row repeats), FFMA density of the K loop 0.87 (logits) / 0.84
+    (W·A), against 0.85 / 0.82 for the previous 64 × 64 × 16 in 3 stages (a 32-wide K step cuts the loop's address
+    arithmetic, barriers and cp.async waits per FFMA by a quarter to a third); 168 / 96 registers, no spills, 16 KB
+    shared memory, 3 / 5 CTAs an SM. Predicted (not measured) ≈ 0.83 of the FP32 FMA peak at (4096, 768, 32,000),
+    ≈ 0.96× native's cuBLAS SGEMM at 85 %. 128 × 128 tiles (64 outputs a thread) reach density 0.89 but take 255
+    registers and one CTA an SM, and quarter the logits grid at C = 1,000: predicted ≤ 4 % better at C = 32,000, 25 %
+    worse at 1,000."""
     chunk = chunk_rows(B, C, softmax)
     if dot == DOT_IEEE:
-        bb, bc, bk, bn, warps = 64, 64, 16, 64, 4
+        bb, bc, bk, bn, warps, stages = 64, 64, 32, 64, 4, 2
     else:
+        stages = 3
         bb, bc, bk, bn, warps = 128, 128, 64 if dot == DOT_16 else 32, 128, 8
         if triton.cdiv(chunk, bb) * triton.cdiv(C, bc) < 2 * sms:
             bb, bc, warps = 64, 64, 4
@@ -152,7 +161,7 @@ def launch_config(B: int, C: int, D: int, dot: int, softmax: bool = True, sms: i
     splits = _pick_splits(tiles, triton.cdiv(C, bk), chunk, D, sms)
     # Phase 2: 8 classes a thread per step (16 spilled 4 bytes with 4 warps, triton 3.6), whole K steps (packed W).
     br = max(bk, min(256 * warps, max(16, triton.next_power_of_2(C))))
-    return Config(bb, bc, bk, bn, br, chunk, splits, warps)
+    return Config(bb, bc, bk, bn, br, chunk, splits, warps, stages)
 
 
 def dot_mode(features: torch.Tensor, anchors: torch.Tensor) -> int:
@@ -673,6 +682,7 @@ def anchor_loss_triton(
         BLOCK_N=cfg.block_n,
         BLOCK_R=cfg.block_r,
         num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
 
     def run(grid, r0, nb, phase):
