@@ -33,6 +33,18 @@ _STATS: dict[tuple, torch.Tensor] = {}
 
 
 @triton.jit
+def _as_token(a, dst, OUT_BF16: tl.constexpr):
+    """The normalised values in the tokens' dtype, rounded once (bfloat16 by round_to_bfloat16: see kernels/_common)."""
+    if dst.dtype.element_ty == tl.float64:
+        o = a
+    elif OUT_BF16:
+        o = round_to_bfloat16(a.to(tl.float32))
+    else:
+        o = a.to(tl.float32).to(dst.dtype.element_ty)
+    return o
+
+
+@triton.jit
 def _patch_tokens_kernel(
     src,
     dst,
@@ -102,12 +114,7 @@ def _patch_tokens_kernel(
     s = tl.load(stats + chans + c, mask=live, other=1.0)
     a = div_rn(a - m[:, None], s[:, None])
     out_row = tl.multiple_of((b * rows_per_image + r) * PATCH, OUT_ALIGN)
-    if dst.dtype.element_ty == tl.float64:
-        o = a
-    elif OUT_BF16:
-        o = round_to_bfloat16(a.to(tl.float32))
-    else:
-        o = a.to(tl.float32).to(dst.dtype.element_ty)
+    o = _as_token(a, dst, OUT_BF16)
     tl.store(dst + out_row[:, None] + x[None, :], o, mask=mask)
 
 
@@ -150,12 +157,7 @@ def _tile_rows_nhwc(
     a = div_rn(a - m[None, :], s[None, :])
     # Token (i, c, y) of image b starts at ((b·N·C + i·C + c)·p + y)·p; rows_per_image·C·p = N·C·p·p.
     out_row = tl.multiple_of((b * rows_per_image * CHANS * PATCH + i * (CHANS * PATCH * PATCH) + y * PATCH), OUT_ALIGN)
-    if dst.dtype.element_ty == tl.float64:
-        o = a
-    elif OUT_BF16:
-        o = round_to_bfloat16(a.to(tl.float32))
-    else:
-        o = a.to(tl.float32).to(dst.dtype.element_ty)
+    o = _as_token(a, dst, OUT_BF16)
     col = c * (PATCH * PATCH) + x
     tl.store(dst + out_row[:, None] + col[None, :], o, mask=live[:, None] & col_ok[None, :])
 

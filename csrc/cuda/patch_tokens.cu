@@ -46,6 +46,18 @@ __global__ void check_token_perm_kernel(const int64_t* __restrict__ perm, int32_
   }
 }
 
+// Image img's key row (null without a key). `fused`: checked into shared memory first (tiles, seen), a bad row stops
+// the stream with a device-side assert; the block's threads all take part.
+__device__ inline const int64_t* image_key(const int64_t* perm, int64_t img, int64_t N, bool fused, int32_t* tiles,
+                                           uint32_t* seen) {
+  const int64_t* row = perm != nullptr ? perm + img * N : nullptr;
+  if (fused) {
+    const bool key_ok = load_key_row<kThreads>(row, static_cast<int>(N), tiles, seen);
+    CUDA_KERNEL_ASSERT_MSG(key_ok, PPML_TOKENS_KEY_MESSAGE);
+  }
+  return row;
+}
+
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Vec {
   T v[N];
@@ -92,11 +104,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t image_in = g.C * g.H * g.W;
   const int64_t image_out = static_cast<int64_t>(image_vecs) * V;
   for (int64_t img = blockIdx.y; img < images; img += gridDim.y) {
-    const int64_t* row = perm != nullptr ? perm + img * g.N : nullptr;
-    if (fused) {
-      const bool key_ok = load_key_row<kThreads>(row, n, tiles, seen);
-      CUDA_KERNEL_ASSERT_MSG(key_ok, PPML_TOKENS_KEY_MESSAGE);
-    }
+    const int64_t* row = image_key(perm, img, g.N, fused, tiles, seen);
     const In* from = src + img * image_in;
     Out* to = dst + img * image_out;
     for (uint32_t base = blockIdx.x * chunk; base < image_vecs; base += gridDim.x * chunk) {
@@ -193,11 +201,7 @@ __global__ void __launch_bounds__(kThreads, cl_min_blocks<Acc, V, CC>())
   const int64_t image_out = g.N * CC * g.p * g.p;
   const int64_t plane = g.p * g.p;
   for (int64_t img = blockIdx.y; img < images; img += gridDim.y) {
-    const int64_t* row = perm != nullptr ? perm + img * g.N : nullptr;
-    if (fused) {
-      const bool key_ok = load_key_row<kThreads>(row, n, tiles, seen);
-      CUDA_KERNEL_ASSERT_MSG(key_ok, PPML_TOKENS_KEY_MESSAGE);
-    }
+    const int64_t* row = image_key(perm, img, g.N, fused, tiles, seen);
     const In* from = src + img * image_in;
     Out* to = dst + img * image_out;
     for (uint32_t j = blockIdx.x * kThreads + threadIdx.x; j < image_items; j += gridDim.x * kThreads) {
