@@ -9,7 +9,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstring>
 #include <vector>
 
 #if defined(__SSE2__)
@@ -68,15 +67,17 @@ struct Geometry {
 struct TokenWalk {
   const Geometry& g;
   const int64_t* perm;
+  bool cl;
   int64_t image, c_stride, y_stride, tile_y, tile_x;  // source strides: image, channel, tile row; tile origins
 
-  TokenWalk(const Geometry& geo, bool cl, const int64_t* key)
+  TokenWalk(const Geometry& geo, bool channels_last, const int64_t* key)
       : g(geo),
         perm(key),
+        cl(channels_last),
         image(geo.C * geo.H * geo.W),
-        c_stride(cl ? 1 : geo.H * geo.W),
-        y_stride(cl ? geo.W * geo.C : geo.W),
-        tile_y(geo.p * (cl ? geo.W * geo.C : geo.W)),
+        c_stride(channels_last ? 1 : geo.H * geo.W),
+        y_stride(channels_last ? geo.W * geo.C : geo.W),
+        tile_y(geo.p * y_stride),
         tile_x(geo.p * (cl ? geo.C : 1)) {}
 
   // Source offset of token `tok`'s row 0 of channel 0 (tok = b * N + i).
@@ -87,10 +88,10 @@ struct TokenWalk {
     return b * image + ty * tile_y + tx * tile_x;
   }
 
-  // The token rows two tokens ahead, prefetched: under a key they come from anywhere in the image, in an order no
-  // hardware prefetcher follows.
+  // The token rows two tokens ahead, prefetched (NCHW: a channels_last tile row is one run already): under a key
+  // they come from anywhere in the image, in an order no hardware prefetcher follows.
   void prefetch(const char* src, int64_t elem, int64_t tok, int64_t end) const {
-    if (perm == nullptr || c_stride != g.H * g.W || tok + 2 >= end) return;
+    if (perm == nullptr || cl || tok + 2 >= end) return;
     const char* from = src + origin(tok + 2) * elem;
     for (int64_t c = 0; c < g.C; ++c) {
       for (int64_t y = 0; y < g.p; ++y) __builtin_prefetch(from + (c * c_stride + y * y_stride) * elem);
