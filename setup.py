@@ -93,7 +93,8 @@ def _cuda_arch_flags():
 
 
 def _extensions():
-    cpu_sources = sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/module.cpp"]
+    # csrc/autograd: device-independent autograd kernels, in every build.
+    cpu_sources = sorted(glob.glob("csrc/cpu/*.cpp")) + sorted(glob.glob("csrc/autograd/*.cpp")) + ["csrc/module.cpp"]
     # -ffp-contract=off: the MI kernels must round each multiply and add as the reference does (no FMA).
     # -fno-trapping-math: nothing here reads floating-point exception flags, and without it GCC keeps a float
     # comparison (the clamps in csrc/cpu/vector_math.h's exp) as a branch, which stops the loop from vectorising.

@@ -62,7 +62,13 @@ try:
     explicit = "ran"
 except RuntimeError as e:
     explicit = str(e)
-print(json.dumps({"native": ppml.backend_info()["native"], "equal": bool(torch.equal(out, ref)),
+# the Python autograd registered in place of csrc/autograd/: d/dx sum(shuffle(x) * w) = unshuffle(w)
+xg = x.clone().requires_grad_(True)
+w = torch.randn(2, 3, 8, 8)
+(torch.ops.ppml.shuffle_patches(xg, perm, 4) * w).sum().backward()
+grad_ok = bool(torch.equal(xg.grad, ppml.reference.shuffle_patches(w, ppml.invert_permutations(perm), 4)))
+print(json.dumps({"native": ppml.backend_info()["native"], "equal": bool(torch.equal(out, ref)), "grad": grad_ok,
+                  "python_autograd": ("shuffle_patches", "Autograd") in ppml._extension.fallback_registered,
                   "chosen": ppml._dispatch.choose("shuffle_patches", x.device)[0], "explicit": explicit}))
 """
 
@@ -71,6 +77,7 @@ def test_import_and_ops_work_without_native_extension():
     res = _run_python(_WITHOUT_C, PPML_DISABLE_NATIVE="1")
     assert res["native"] == "disabled by PPML_DISABLE_NATIVE"
     assert res["equal"], "the reference registered as CPU kernel must compute the op"
+    assert res["python_autograd"] and res["grad"], "without _C the Python autograd must be registered and right"
     assert res["chosen"] == "reference"
     assert "backend 'native' cannot run on cpu" in res["explicit"] and "PPML_DISABLE_NATIVE" in res["explicit"]
 

@@ -214,6 +214,72 @@ def test_torch_compile_inductor_with_backward():
     assert torch.equal(x.grad, ppml.unshuffle_patches(w, perm, 4, backend="reference"))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_autograd_kernel_grad_paths(device):
+    # The autograd kernel (C++ in csrc/autograd/ when ppml._C is built, Python otherwise): a graph only when the
+    # images need it, and the gradient of a non-contiguous upstream gradient is the inverse shuffle of it.
+    x = make_images((2, 3, 8, 12), torch.float32, device)
+    perm = make_perm(2, 6, device)
+    assert torch.ops.ppml.shuffle_patches(x, perm, 4).grad_fn is None
+    xg = x.clone().requires_grad_(True)
+    with torch.no_grad():
+        assert not torch.ops.ppml.shuffle_patches(xg, perm, 4).requires_grad
+    y = torch.ops.ppml.shuffle_patches(xg, perm, 4)
+    assert y.requires_grad and y.grad_fn is not None
+    w = torch.randn(2, 3, 12, 8, device=device).transpose(2, 3)  # channels-major but not contiguous
+    (y * w).sum().backward()
+    assert torch.equal(xg.grad, ref_shuffle(w, ppml.invert_permutations(perm), 4))
+
+
+def test_autograd_is_registered_once_in_cpp_when_native_is_built():
+    from ppml import _extension
+
+    if not _extension.native_loaded():
+        pytest.skip(f"ppml._C not loaded: {ppml.backend_info()['native']}")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("ppml::shuffle_patches", "Autograd")
+    assert ("shuffle_patches", "Autograd") not in _extension.fallback_registered
+
+
+_HUGE_PAGE_FLAG = """
+import json, torch, ppml
+x = torch.rand(64, 3, 224, 224)  # a 38.5 MB fresh output: above the 32 MiB hint threshold
+k = ppml.random_permutations(64, 196)
+y = torch.ops.ppml.shuffle_patches(x, k, 16)
+inside = y.data_ptr() + (8 << 20)
+flags, in_vma = None, False
+for line in open("/proc/self/smaps"):
+    head = line.split()[0]
+    if "-" in head and ":" not in head:
+        lo, hi = (int(v, 16) for v in head.split("-"))
+        in_vma = lo <= inside < hi
+    elif in_vma and head == "VmFlags:":
+        flags = line.split()[1:]
+print(json.dumps({"hg": "hg" in flags, "equal": bool(torch.equal(y, ppml.reference.shuffle_patches(x, k, 16)))}))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/sys/kernel/mm/transparent_hugepage"), reason="no transparent huge pages")
+@pytest.mark.parametrize("setting, hinted", [(None, True), ("0", False), ("1", True)])
+def test_fresh_cpu_output_huge_page_hint_and_opt_out(setting, hinted):
+    # csrc/cpu/fresh_output.h: a large fresh output is madvise(MADV_HUGEPAGE)d (the VMA's "hg" flag) unless
+    # PPML_HUGE_PAGES=0. Run in a fresh process: the setting is read once.
+    import json
+    import subprocess
+    import sys
+
+    from ppml import _extension
+
+    if not _extension.native_loaded():
+        pytest.skip(f"ppml._C not loaded: {ppml.backend_info()['native']}")
+    env = {k: v for k, v in os.environ.items() if k not in ("PPML_HUGE_PAGES", "THP_MEM_ALLOC_ENABLE")}
+    if setting is not None:
+        env["PPML_HUGE_PAGES"] = setting
+    res = subprocess.run([sys.executable, "-c", _HUGE_PAGE_FLAG], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out == {"hg": hinted, "equal": True}
+
+
 def test_meta_device_shapes_and_strides():
     x = torch.empty((5, 3, 224, 224), device="meta")
     perm = torch.empty((5, 196), dtype=torch.int64, device="meta")

@@ -21,6 +21,9 @@ _IMAGE_DTYPE_SET = frozenset(IMAGE_DTYPES)  # one hash instead of up to five com
 
 # (op name, kernel) pairs: the reference-backed kernel each op registers where ppml._C registered none.
 _FALLBACKS: list[tuple[str, object]] = []
+# (op name, backward, setup_context): autograd in Python for an op whose autograd ppml._C registers in C++
+# (csrc/autograd/), for when _C is not there.
+_AUTOGRAD_FALLBACKS: list[tuple[str, object, object]] = []
 
 
 def fallback_kernel(op: str):
@@ -33,10 +36,16 @@ def fallback_kernel(op: str):
     return deco
 
 
+def autograd_fallback(op: str, backward, setup_context) -> None:
+    """Registers ``torch.library.register_autograd(ppml::<op>, backward, setup_context)`` where ppml._C registered no
+    autograd kernel for ``op`` (see register_fallback_kernels): never two autograd kernels for one op."""
+    _AUTOGRAD_FALLBACKS.append((op, backward, setup_context))
+
+
 def register_fallback_kernels() -> None:
-    """Registers each op's reference kernel for CPU and CUDA where ppml._C registered none. Called by
-    ppml/__init__.py after trying to load _C: one kernel per (op, dispatch key), never two (a Python kernel would
-    silently override the C++ one)."""
+    """Registers each op's reference kernel for CPU and CUDA, and the Python autograd of the ops in
+    _AUTOGRAD_FALLBACKS, where ppml._C registered none. Called by ppml/__init__.py after trying to load _C: one kernel
+    per (op, dispatch key), never two (a Python kernel would silently override the C++ one)."""
     from .. import _extension
 
     for op, fn in _FALLBACKS:
@@ -44,6 +53,10 @@ def register_fallback_kernels() -> None:
             if not torch._C._dispatch_has_kernel_for_dispatch_key(f"ppml::{op}", key):
                 lib.impl(op, fn, key)
                 _extension.fallback_registered.add((op, key))
+    for op, backward, setup_context in _AUTOGRAD_FALLBACKS:
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"ppml::{op}", "Autograd"):
+            torch.library.register_autograd(f"ppml::{op}", backward, setup_context=setup_context)
+            _extension.fallback_registered.add((op, "Autograd"))
 
 
 def check_values(ok: torch.Tensor, message) -> None:

@@ -9,7 +9,16 @@ from torch._subclasses.fake_tensor import is_fake
 from .. import _dispatch
 from ..keys import invert_permutations, random_permutations
 from ..reference import shuffle_patches as _reference_shuffle
-from ._common import check_perm_rows, check_positive_int, check_tile_key, describe, empty_output, fallback_kernel, lib
+from ._common import (
+    autograd_fallback,
+    check_perm_rows,
+    check_positive_int,
+    check_tile_key,
+    describe,
+    empty_output,
+    fallback_kernel,
+    lib,
+)
 from ._transform import as_batch
 
 OP = "ppml.shuffle_patches"
@@ -68,7 +77,9 @@ def _backward(ctx, grad: Tensor):
     return torch.ops.ppml.shuffle_patches(grad, invert_permutations(perm), ctx.patch_size), None, None
 
 
-torch.library.register_autograd("ppml::shuffle_patches", _backward, setup_context=_setup_context)
+# ppml._C registers this op's autograd in C++ (csrc/autograd/shuffle_patches.cpp, the same backward: no Python in
+# front of every call); this one is registered only when _C is not there.
+autograd_fallback("shuffle_patches", _backward, _setup_context)
 
 
 @fallback_kernel("shuffle_patches")
