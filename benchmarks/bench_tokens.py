@@ -7,16 +7,19 @@ gather the tiles by the key — each pass reading and writing the batch), ``comp
 ``ppml.reference.patch_tokens``, full runs only), ``native`` (``torch.ops.ppml.patch_tokens``, a fresh output per
 call), ``native_out`` (``.out`` into a preallocated buffer, like ``copy``) and ``triton`` (GPU only). The bound is
 the bytes the op must move, 1 byte read + 4 written per element, at the copy's bandwidth (8 bytes per element):
-``bound ms = copy ms × 5 / 8``, and ``share of bound`` = bound ms ÷ ms. On CPU, ``copy``, ``eager``, ``native`` and
-``native_out`` are timed round-robin (``_timing.time_cpu_interleaved``), so their ratios hold on a shared machine
-(column ``timing``: ``interleaved``). ``native`` returns a fresh 38.5 MB tensor per call at B = 64: on a CPU where
+``bound ms = copy ms × 5 / 8``, and ``share of bound`` = bound ms ÷ ms. On CPU the targets' rows are timed
+round-robin (``_timing.time_cpu_interleaved``), so their ratios hold on a shared machine (column ``timing``:
+``interleaved``), in two groups: ``copy``, ``convert_out`` and ``native_out`` (reused buffers), then ``eager``,
+``to_float`` and ``native`` (fresh outputs), so that neither group's cache and TLB churn lands in the other's
+timings. ``native`` returns a fresh 38.5 MB tensor per call at B = 64: on a CPU where
 fresh pages fault on first touch that is part of its time, and no op returning a fresh tensor can reach the copy's
 bound. Its own bound is ``to_float`` (``images.to(torch.float32)``: PyTorch's conversion into a fresh tensor of the
-tokens' size, the same 1 byte read + 4 written per element), timed round-robin with the others; ``native`` ÷
+tokens' size, the same 1 byte read + 4 written per element), timed round-robin with it; ``native`` ÷
 ``to_float`` is the fresh-output target, ``native_out`` ÷ the copy bound the bandwidth target. ``convert_out``
 (``out.view(images.shape).copy_(images)``: PyTorch's own uint8 → float32 conversion into the reused buffer, the op's
-bytes in order with no gather and no arithmetic) is the streaming kernel with the same bytes that shows where this
-CPU's limit lies when the copy bound is out of reach.
+bytes in order with no gather and no arithmetic) is PyTorch's streaming kernel with the same bytes; the streaming
+kernels written to find this CPU's limit (non-temporal stores, the write path alone) are in
+``benchmarks/experiments/cpu_stream_limit.py --ops tokens``.
 """
 
 from __future__ import annotations
@@ -164,17 +167,24 @@ def section_tokens(cfg: Config) -> list[dict]:
 
 
 def _retime_interleaved(rows: list[dict], runnable: list[Provider], args: tuple, like: torch.Tensor, cfg: Config):
-    """copy, eager and native again, round-robin: their ratios are the targets (see the module docstring)."""
+    """The targets' rows again, round-robin, in two groups: ``copy``, ``convert_out`` and ``native_out`` (buffers
+    reused: the bandwidth target), then ``eager``, ``to_float`` and ``native`` (fresh outputs: the speedup and
+    fresh-output targets). One round-robin of all six let the 100 ms eager path (a dozen 38.5 MB temporaries) and
+    the fresh outputs' page faults run between the bandwidth calls, flushing the caches and TLB they compete on:
+    there ``native_out`` measured 0.66-0.68 of the copy bound, in its own group 0.9-1.0 (Intel Xeon, 2 threads;
+    benchmarks/RESULTS.md, "Tokens: the bandwidth target in its own round-robin")."""
     by_name = {r["provider"]: r for r in rows}
-    calls = {"copy": copy_call(like)}
-    for prov in runnable:
-        if prov.name in ("eager", "to_float", "convert_out", "native", "native_out") and prov.name in by_name:
-            calls[prov.name] = prov.timed_fn(*args)
-    with CpuContention() as contention:
-        res = time_cpu_interleaved(calls, budget_s=cfg.budget_s, warmup=cfg.warmup)
-    for key, r in res.items():
-        by_name[key].update(ms=r["ms"], min_ms=r["min_ms"], reps=r["reps"], other_cpu=contention.other_share,
-                            timing="interleaved")  # fmt: skip
+    timed = {prov.name: prov for prov in runnable if prov.name in by_name}
+    for group in (("copy", "convert_out", "native_out"), ("eager", "to_float", "native")):
+        calls = {name: copy_call(like) if name == "copy" else timed[name].timed_fn(*args)
+                 for name in group if name == "copy" or name in timed}  # fmt: skip
+        if len(calls) < 2:
+            continue
+        with CpuContention() as contention:
+            res = time_cpu_interleaved(calls, budget_s=cfg.budget_s, warmup=cfg.warmup)
+        for key, r in res.items():
+            by_name[key].update(ms=r["ms"], min_ms=r["min_ms"], reps=r["reps"], other_cpu=contention.other_share,
+                                timing="interleaved")  # fmt: skip
 
 
 def _derive(rows: list[dict], elements: int) -> None:

@@ -6,6 +6,7 @@ Run from the repository root (needs a C++ compiler: the kernels below are built 
 
     python benchmarks/experiments/cpu_stream_limit.py                  # B = 64, 3 rounds, about 1 minute
     python benchmarks/experiments/cpu_stream_limit.py --batch 256 --rounds 5
+    python benchmarks/experiments/cpu_stream_limit.py --ops tokens             # the tokens rows only
 
 Rows per dtype (uint8, float32; [B, 3, 224, 224], p = 16, NCHW), each as a share of ``copy`` (``out.copy_(x)`` into a
 preallocated ``out``, the bound the benchmark's targets use), the median over the rounds of the ratio within a round:
@@ -24,6 +25,13 @@ preallocated ``out``, the bound the benchmark's targets use), the median over th
 - ``native_out``: ``torch.ops.ppml.shuffle_patches.out`` into a preallocated buffer; ``native``: a fresh output.
 - uint8 only: ``mi_native``: ``torch.ops.ppml.mix_subpatches`` (g = 2, the mean), as a share of its bound: input read
   + float32 output written (here 2 × the input's bytes, so the bound equals ``copy``'s time).
+
+Tokens rows (``--ops tokens``; uint8 [B, 3, 224, 224] -> float32 tokens [B, 196, 768], p = 16), each as a share of
+the tokens' bound (1 byte read + 4 written an element at the float32 ``copy``'s bandwidth, as in bench_tokens):
+``patch_tokens_out`` (the op into a preallocated buffer), ``convert_out`` (PyTorch's uint8 -> float32 copy),
+``stream_convert_nt`` / ``stream_convert`` (written for this test: the same bytes in order through a 256-entry table,
+AVX2 gathers, non-temporal / plain 32-byte stores, one contiguous range per thread), ``stream_fill_nt`` /
+``stream_fill`` (the same stores with nothing read: the write path alone).
 
 Also printed: ``copy_`` bandwidth for growing sizes (where the last-level cache ends on this machine).
 
@@ -127,11 +135,49 @@ void runs_any(const torch::Tensor& src, torch::Tensor& dst, const torch::Tensor&
   return nt ? runs<64, true>(src, dst, perm, p) : runs<64, false>(src, dst, perm, p);
 }
 
+// patch_tokens' bytes with none of its index maths: uint8 [n] -> float32 [n] through a 256-entry table (one per
+// call: the op has one per channel), in order, 1 byte read and 4 written per element; the stores non-temporal (as
+// the op's, 32-byte aligned) or plain. With `fill` nothing is read: the table's entry 0 is written everywhere.
+#if defined(__x86_64__)
+__attribute__((target("avx2"))) void convert_avx2(const uint8_t* s, float* d, const float* lut, int64_t b, int64_t e,
+                                                  bool nt, bool fill) {
+  const __m256 zero = _mm256_set1_ps(lut[0]);
+  for (int64_t i = b; i < e; i += 8) {
+    __m256 v = zero;
+    if (!fill) {
+      const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(s + i));
+      v = _mm256_i32gather_ps(lut, _mm256_cvtepu8_epi32(bytes), 4);
+    }
+    if (nt) {
+      _mm256_stream_ps(d + i, v);
+    } else {
+      _mm256_storeu_ps(d + i, v);
+    }
+  }
+  if (nt) _mm_sfence();
+}
+#endif
+
+void tokens_stream(const torch::Tensor& src, torch::Tensor& dst, const torch::Tensor& lut, bool nt, bool fill) {
+  TORCH_CHECK(src.is_contiguous() && dst.is_contiguous() && src.numel() == dst.numel() && src.numel() % 8 == 0 &&
+              reinterpret_cast<uintptr_t>(dst.data_ptr()) % 32 == 0, "uint8 [n], float32 [n], n % 8 == 0, aligned");
+  const uint8_t* s = src.const_data_ptr<uint8_t>();
+  float* d = dst.mutable_data_ptr<float>();
+  const float* t = lut.const_data_ptr<float>();
+  at::parallel_for(0, src.numel() / 8, 4096, [&](int64_t begin, int64_t end) {
+#if defined(__x86_64__)
+    if (__builtin_cpu_supports("avx2")) return convert_avx2(s, d, t, begin * 8, end * 8, nt, fill);
+#endif
+    for (int64_t i = begin * 8; i < end * 8; ++i) d[i] = fill ? t[0] : t[s[i]];
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("stream_copy", &stream_copy);
   m.def("runs", &runs_any);
+  m.def("tokens_stream", &tokens_stream);
 }
 """
 
@@ -189,12 +235,58 @@ def one_round(mod, dtype: torch.dtype, B: int, budget_s: float) -> dict[str, flo
     return shares
 
 
+def tokens_round(mod, B: int, budget_s: float) -> dict[str, float]:
+    """patch_tokens uint8 -> float32 (p = 16, ImageNet statistics) and streaming kernels with its bytes, round-robin;
+    returns name -> share of the tokens' bound (1 byte read + 4 written an element at the float32 copy's bandwidth,
+    as bench_tokens: copy ms x 5 / 8 / ms)."""
+    p, mean, std = 16, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    x = torch.randint(0, 256, (B, 3, 224, 224), dtype=torch.uint8)
+    perm = ppml.random_permutations(B, 196)
+    like = torch.empty(B, 196, 3 * p * p)  # float32, the tokens' size
+    lut = (torch.arange(256, dtype=torch.float32) / 255 - mean[0]) / std[0]
+    bufs = {k: torch.empty_like(like) for k in ("out", "convert", "nt", "plain", "fill_nt", "fill")}
+    flat = x.reshape(-1)
+    mod.tokens_stream(flat, bufs["nt"].view(-1), lut, True, False)
+    if not torch.equal(bufs["nt"].view(-1), lut[flat.long()]):
+        raise RuntimeError("cpu_stream_limit: the streaming conversion does not reproduce the table lookup")
+    op = torch.ops.ppml.patch_tokens.out
+    calls = {
+        "copy": copy_call(like),
+        "patch_tokens_out": lambda: op(x, perm, p, mean, std, torch.float32, out=bufs["out"]),
+        "convert_out": lambda: bufs["convert"].view(x.shape).copy_(x),
+        "stream_convert_nt": lambda: mod.tokens_stream(flat, bufs["nt"].view(-1), lut, True, False),
+        "stream_convert": lambda: mod.tokens_stream(flat, bufs["plain"].view(-1), lut, False, False),
+        "stream_fill_nt": lambda: mod.tokens_stream(flat, bufs["fill_nt"].view(-1), lut, True, True),
+        "stream_fill": lambda: mod.tokens_stream(flat, bufs["fill"].view(-1), lut, False, True),
+    }
+    with CpuContention() as contention:
+        res = time_cpu_interleaved(calls, budget_s=budget_s, warmup=3)
+    bound_ms = res["copy"]["ms"] * 5 / 8
+    shares = {k: bound_ms / r["ms"] for k, r in res.items()}
+    shares["copy_ms"] = res["copy"]["ms"]
+    shares["other_cpu"] = contention.other_share or 0.0
+    return shares
+
+
+def print_rounds(title: str, rounds: list[dict[str, float]], share_of: str) -> None:
+    names = [k for k in rounds[0] if k not in ("copy_ms", "other_cpu")]
+    copy_ms = statistics.median(r["copy_ms"] for r in rounds)
+    others = ", ".join(f"{r['other_cpu']:.0%}" for r in rounds)
+    print(f"\n{title}: copy {copy_ms:.3f} ms (median of {len(rounds)} rounds; CPU taken by others: {others})")
+    print(f"| row | share of {share_of} (median) | per round |")
+    print("|---|---:|---|")
+    for k in names:
+        vals = [r[k] for r in rounds]
+        print(f"| {k} | {statistics.median(vals):.2f} | {' '.join(f'{v:.2f}' for v in vals)} |")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--budget", type=float, default=0.5, help="seconds per row per round")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--ops", default="shuffle,tokens", help="which rows: shuffle (with MI), tokens")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -205,21 +297,13 @@ def main(argv: list[str] | None = None) -> None:
     mod = build()
     print(f"built in {time.perf_counter() - t0:.0f} s")
     print("copy_ GB/s (read + write) by size: " + ", ".join(f"{mb:g} MB {gbs:.0f}" for mb, gbs in llc_knee(0.3)))
-    for dtype in (torch.uint8, torch.float32):
+    ops = args.ops.split(",")
+    for dtype in (torch.uint8, torch.float32) if "shuffle" in ops else ():
         rounds = [one_round(mod, dtype, args.batch, args.budget) for _ in range(args.rounds)]
-        names = [k for k in rounds[0] if k not in ("copy_ms", "other_cpu")]
-        copy_ms = statistics.median(r["copy_ms"] for r in rounds)
-        others = ", ".join(f"{r['other_cpu']:.0%}" for r in rounds)
-        dname = str(dtype).replace("torch.", "")
-        print(
-            f"\n{dname} B={args.batch}: copy {copy_ms:.3f} ms (median of {args.rounds} rounds; "
-            f"CPU taken by others: {others})"
-        )
-        print("| row | share of copy (median) | per round |")
-        print("|---|---:|---|")
-        for k in names:
-            vals = [r[k] for r in rounds]
-            print(f"| {k} | {statistics.median(vals):.2f} | {' '.join(f'{v:.2f}' for v in vals)} |")
+        print_rounds(f"{str(dtype).replace('torch.', '')} B={args.batch}", rounds, "copy")
+    if "tokens" in ops:
+        rounds = [tokens_round(mod, args.batch, args.budget) for _ in range(args.rounds)]
+        print_rounds(f"patch_tokens uint8 -> float32 B={args.batch}", rounds, "the tokens' bound")
 
 
 if __name__ == "__main__":
