@@ -431,3 +431,22 @@ def _reps_within(reps: int, rep_s: float, max_s: float | None, min_reps: int) ->
     if max_s is None or rep_s * reps <= max_s:
         return reps
     return max(min_reps, min(reps, int(max_s / max(rep_s, 1e-9))))
+
+
+def retime_rows(
+    rows_by_name: dict[str, dict],
+    calls: dict[str, Callable[[], object]],
+    *,
+    budget_s: float,
+    warmup: int,
+    scale: dict[str, float] | None = None,
+) -> None:
+    """Times ``calls`` round-robin (:func:`time_cpu_interleaved`) under :class:`CpuContention`, and puts the figures in
+    the rows of the same names (``timing``: ``"interleaved"``); ``scale`` multiplies a row's times (a bound timed as a
+    copy of other bytes)."""
+    with CpuContention() as contention:
+        res = time_cpu_interleaved(calls, budget_s=budget_s, warmup=warmup)
+    for key, r in res.items():
+        k = (scale or {}).get(key, 1.0)
+        rows_by_name[key].update(ms=r["ms"] * k, min_ms=r["min_ms"] * k, reps=r["reps"],
+                                 other_cpu=contention.other_share, timing="interleaved")  # fmt: skip

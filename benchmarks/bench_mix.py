@@ -38,7 +38,7 @@ from _harness import (
     random_images,
     runnable_providers,
 )
-from _timing import CpuContention, copy_bound_ms, copy_call, time_cpu_interleaved
+from _timing import copy_bound_ms, copy_call, retime_rows
 
 import ppml
 from ppml import reference
@@ -231,12 +231,7 @@ def _retime_interleaved(rows: list[dict], runnable: list[Provider], args: tuple,
     if len(calls) < 2:
         return
     scale = {"bound": nbytes / (2 * x.numel() * x.element_size())}
-    with CpuContention() as contention:
-        res = time_cpu_interleaved(calls, budget_s=cfg.budget_s, warmup=cfg.warmup)
-    for key, r in res.items():
-        k = scale.get(key, 1.0)
-        by_name[key].update(ms=r["ms"] * k, min_ms=r["min_ms"] * k, reps=r["reps"], other_cpu=contention.other_share,
-                            timing="interleaved")  # fmt: skip
+    retime_rows(by_name, calls, budget_s=cfg.budget_s, warmup=cfg.warmup, scale=scale)
 
 
 TARGETS: list[Target] = [

@@ -40,7 +40,7 @@ from _harness import (
     random_images,
     runnable_providers,
 )
-from _timing import CpuContention, copy_bound_ms, copy_call, time_cpu_interleaved
+from _timing import copy_bound_ms, copy_call, retime_rows
 
 import ppml
 from ppml import reference
@@ -217,11 +217,7 @@ def retime_interleaved(rows: list[dict], runnable: list[Provider], args: tuple, 
             calls[prov.name] = prov.timed_fn(*args)
     if len(calls) < 2:
         return
-    with CpuContention() as contention:
-        res = time_cpu_interleaved(calls, budget_s=cfg.budget_s, warmup=cfg.warmup)
-    for key, r in res.items():
-        by_name[key].update(ms=r["ms"], min_ms=r["min_ms"], reps=r["reps"], other_cpu=contention.other_share,
-                            timing="interleaved")  # fmt: skip
+    retime_rows(by_name, calls, budget_s=cfg.budget_s, warmup=cfg.warmup)
 
 
 # The baselines of the speedup columns; `clone` is the bound of a fresh output (the "≥ 0.9× torch.clone").

@@ -42,7 +42,7 @@ from _harness import (
     random_images,
     runnable_providers,
 )
-from _timing import CpuContention, copy_bound_ms, copy_call, time_cpu_interleaved
+from _timing import copy_bound_ms, copy_call, retime_rows
 
 import ppml
 from ppml import reference
@@ -180,11 +180,7 @@ def _retime_interleaved(rows: list[dict], runnable: list[Provider], args: tuple,
                  for name in group if name == "copy" or name in timed}  # fmt: skip
         if len(calls) < 2:
             continue
-        with CpuContention() as contention:
-            res = time_cpu_interleaved(calls, budget_s=cfg.budget_s, warmup=cfg.warmup)
-        for key, r in res.items():
-            by_name[key].update(ms=r["ms"], min_ms=r["min_ms"], reps=r["reps"], other_cpu=contention.other_share,
-                                timing="interleaved")  # fmt: skip
+        retime_rows(by_name, calls, budget_s=cfg.budget_s, warmup=cfg.warmup)
 
 
 def _derive(rows: list[dict], elements: int) -> None:
