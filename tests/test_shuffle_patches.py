@@ -254,7 +254,8 @@ for line in open("/proc/self/smaps"):
         in_vma = lo <= inside < hi
     elif in_vma and head == "VmFlags:":
         flags = line.split()[1:]
-print(json.dumps({"hg": "hg" in flags, "equal": bool(torch.equal(y, ppml.reference.shuffle_patches(x, k, 16)))}))
+equal = bool(torch.equal(y, ppml.reference.shuffle_patches(x, k, 16)))
+print(json.dumps({"native": ppml._extension.native_loaded(), "hg": "hg" in flags, "equal": equal}))
 """
 
 
@@ -274,10 +275,14 @@ def test_fresh_cpu_output_huge_page_hint_and_opt_out(setting, hinted):
     env = {k: v for k, v in os.environ.items() if k not in ("PPML_HUGE_PAGES", "THP_MEM_ALLOC_ENABLE")}
     if setting is not None:
         env["PPML_HUGE_PAGES"] = setting
-    res = subprocess.run([sys.executable, "-c", _HUGE_PAGE_FLAG], env=env, capture_output=True, text=True, timeout=300)
+    # cwd: the tests folder, so the child imports the installed ppml (with _C), not a source tree beside it without.
+    here = os.path.dirname(os.path.abspath(__file__))
+    res = subprocess.run(
+        [sys.executable, "-c", _HUGE_PAGE_FLAG], env=env, capture_output=True, text=True, timeout=300, cwd=here
+    )
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    assert out == {"hg": hinted, "equal": True}
+    assert out == {"native": True, "hg": hinted, "equal": True}
 
 
 def test_meta_device_shapes_and_strides():
