@@ -172,7 +172,7 @@ def _retime_interleaved(rows: list[dict], runnable: list[Provider], args: tuple,
     fresh-output targets). One round-robin of all six let the 100 ms eager path (a dozen 38.5 MB temporaries) and
     the fresh outputs' page faults run between the bandwidth calls, flushing the caches and TLB they compete on:
     there ``native_out`` measured 0.66-0.68 of the copy bound, in its own group 0.9-1.0 (Intel Xeon, 2 threads;
-    benchmarks/RESULTS.md, "Tokens: the bandwidth target in its own round-robin")."""
+    benchmarks/RESULTS.md, "Issue 22 closed: ...")."""
     by_name = {r["provider"]: r for r in rows}
     timed = {prov.name: prov for prov in runnable if prov.name in by_name}
     for group in (("copy", "convert_out", "native_out"), ("eager", "to_float", "native")):

@@ -3,7 +3,7 @@
 // Why not torch.library.register_autograd, as the other ops do: that puts a Python function in front of every call of
 // torch.ops.ppml.shuffle_patches, gradients or not. It cost 3 us a call at B = 1 (10.6 vs 7.6 us), and at B = 64
 // uint8 the fresh output came out 0.89-0.91x torch.clone against 0.96x for the same kernel called below autograd
-// (Intel Xeon, 2 threads, round-robin timing; benchmarks/RESULTS.md, "CPU shuffle: the autograd layer"): the Python
+// (Intel Xeon, 2 threads, round-robin timing; benchmarks/RESULTS.md, "Issue 22 closed: ..."): the Python
 // call's own allocations in between change which heap block the next 9.6 MB output gets. torch.clone, which the
 // target compares with, has its autograd in C++ too. When ppml._C is not built, ppml/ops/shuffle_patches.py
 // registers the same backward in Python (ppml/ops/_common.py::autograd_fallback).

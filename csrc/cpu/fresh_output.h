@@ -13,8 +13,8 @@
 // The hint has a tail on VMs that hand free memory back to their host (virtio-balloon free-page reporting, as in
 // Firecracker): the host discards free 2 MiB blocks, and the first touch of one again costs host faults. Measured on
 // such a VM (Intel Xeon, 2 cores): a fresh float32 B = 64 shuffle in 4.5-5.5 ms (1.7-2.1x clone) in most runs, but
-// 47 ms (0.2x clone) in runs straight after a large build freed much memory (benchmarks/RESULTS.md, "Huge pages:
-// the tail"). PPML_HUGE_PAGES=0 turns the hint off; `out=` avoids the question.
+// 47 ms (0.2x clone) in runs straight after a large build freed much memory (benchmarks/RESULTS.md, "Issue 22
+// closed: ..."). PPML_HUGE_PAGES=0 turns the hint off; `out=` avoids the question.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -164,8 +164,8 @@ __attribute__((target("avx2"))) void tokens_u8_f32_avx2(const Geometry& g, const
 #endif
 
 template <typename In, typename Out, typename Acc>
-void tokens_cpu(const at::Tensor& src, bool cl, const int64_t* perm, const int64_t* inverse, at::Tensor& out, const Geometry& g,
-                c10::OptionalArrayRef<double> mean, c10::OptionalArrayRef<double> std) {
+void tokens_cpu(const at::Tensor& src, bool cl, const int64_t* perm, const int64_t* inverse, at::Tensor& out,
+                const Geometry& g, c10::OptionalArrayRef<double> mean, c10::OptionalArrayRef<double> std) {
   const In* s = src.const_data_ptr<In>();
   Out* d = out.mutable_data_ptr<Out>();
   const int64_t p = g.p;
